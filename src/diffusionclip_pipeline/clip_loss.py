@@ -1,0 +1,223 @@
+"""CLIP directional loss of DiffusionCLIP (Kim, Kwon, Ye, CVPR 2022, arXiv 2110.02711, eq. 5).
+
+``L_direction(x_gen, y_tar; x_ref, y_ref) = 1 - <dI, dT> / (|dI| |dT|)`` with ``dI = E_I(x_gen) - E_I(x_ref)`` and
+``dT = E_T(y_tar) - E_T(y_ref)``. The module knows nothing of pipelines: it turns images and texts into a scalar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .templates import IMAGENET_TEMPLATES
+
+# OpenAI CLIP's normalisation constants (also in every `openai/clip-*` preprocessor_config.json).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+LOSS_TYPES = ("cosine", "neg_log")
+
+
+def _features(output) -> torch.Tensor:
+    """transformers 5 returns `BaseModelOutputWithPooling` (projected embedding in ``pooler_output``), 4.x a tensor."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+def direction_loss(image_direction: torch.Tensor, text_direction: torch.Tensor, loss_type: str = "cosine"):
+    """Per-sample directional loss between two sets of directions (need not be normalised).
+
+    Args:
+        image_direction (`torch.Tensor`): ``(batch, dim)`` image-embedding changes.
+        text_direction (`torch.Tensor`): ``(dim,)`` or ``(batch, dim)`` target direction.
+        loss_type (`str`, *optional*, defaults to `"cosine"`): ``"cosine"`` gives ``1 - cos`` in [0, 2] (the
+            paper's eq. 5); ``"neg_log"`` gives ``-log((1 + cos) / 2)``, the form DiffusionCLIP's code trains with.
+
+    Returns:
+        `torch.Tensor`: ``(batch,)`` losses.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"`loss_type` must be one of {LOSS_TYPES}, got {loss_type!r}.")
+    cos = F.cosine_similarity(image_direction, text_direction.expand_as(image_direction), dim=-1, eps=1e-8)
+    if loss_type == "cosine":
+        return 1.0 - cos
+    # clamp only guards log(0) at exactly opposite directions; the value there is +inf in exact arithmetic
+    return -torch.log(((1.0 + cos) / 2.0).clamp_min(1e-12))
+
+
+class CLIPDirectionalLoss(nn.Module):
+    r"""Directional CLIP loss on a frozen transformers `CLIPModel` (DiffusionCLIP, arXiv 2110.02711, eq. 5).
+
+    Images enter in the diffusion model's range [-1, 1] and are preprocessed differentiably: [-1, 1] -> [0, 1] ->
+    bicubic (antialiased) resize to the vision tower's ``image_size`` -> CLIP mean/std normalisation.
+
+    Args:
+        clip_model (`transformers.CLIPModel`): Frozen here (``requires_grad_(False)``, ``eval()``).
+        tokenizer (`transformers.CLIPTokenizer`): The model's tokenizer.
+        templates (`Sequence[str]`, *optional*, defaults to the 79 ImageNet templates): Prompt templates with one
+            ``{}``; the text direction is averaged over them.
+        loss_type (`str`, *optional*, defaults to `"cosine"`): See `direction_loss`.
+        global_weight (`float`, *optional*, defaults to 0.0): Weight of an extra global term
+            ``1 - cos(E_I(x_gen), E_T(target))`` (off in DiffusionCLIP's fine-tuning; its loss class has it).
+        image_mean / image_std (`Sequence[float]`, *optional*): Normalisation; OpenAI CLIP's constants by default.
+
+    Example:
+
+    ```py
+    >>> loss_fn = CLIPDirectionalLoss(clip_model, tokenizer)
+    >>> loss = loss_fn(x0_source, x0_generated, "face", "smiling face")  # images in [-1, 1]
+    ```
+    """
+
+    def __init__(
+        self,
+        clip_model,
+        tokenizer,
+        templates: Sequence[str] = IMAGENET_TEMPLATES,
+        loss_type: str = "cosine",
+        global_weight: float = 0.0,
+        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: Sequence[float] = OPENAI_CLIP_STD,
+    ):
+        super().__init__()
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"`loss_type` must be one of {LOSS_TYPES}, got {loss_type!r}.")
+        templates = tuple(templates)
+        if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
+            raise ValueError(
+                f"`templates` must be a non-empty list of strings with exactly one '{{}}', got {templates}."
+            )
+        if global_weight < 0:
+            raise ValueError(f"`global_weight` must be >= 0, got {global_weight}.")
+        self.clip_model = clip_model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.templates = templates
+        self.loss_type = loss_type
+        self.global_weight = float(global_weight)
+        self.image_size = int(clip_model.config.vision_config.image_size)
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(1, -1, 1, 1), persistent=False)
+        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def train(self, mode: bool = True):
+        # CLIP stays in eval mode whatever the caller does (no dropout noise in the loss).
+        super().train(mode)
+        self.clip_model.eval()
+        return self
+
+    # ---- encoders ----------------------------------------------------------------------------------------------
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Differentiable CLIP preprocessing of ``(batch, 3, H, W)`` images in [-1, 1]."""
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images)
+            raise ValueError(f"`images` must be a (batch, 3, H, W) tensor in [-1, 1], got {shape}.")
+        x = (images + 1.0) / 2.0
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
+        mean = self.image_mean.to(device=x.device, dtype=x.dtype)
+        std = self.image_std.to(device=x.device, dtype=x.dtype)
+        return (x - mean) / std
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised CLIP image embeddings of images in [-1, 1]; differentiable w.r.t. ``images``."""
+        pixel_values = self.preprocess(images).to(self.clip_model.dtype)
+        embeds = _features(self.clip_model.get_image_features(pixel_values=pixel_values))
+        return F.normalize(embeds.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised CLIP text embeddings, one row per text."""
+        device = self.image_mean.device
+        tokens = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        )
+        output = self.clip_model.get_text_features(
+            input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
+        )
+        return F.normalize(_features(output).float(), dim=-1)
+
+    @staticmethod
+    def _check_prompt(prompt, name: str) -> str:
+        if not isinstance(prompt, str):
+            raise TypeError(f"`{name}` must be a string, got {type(prompt).__name__}: {prompt!r}.")
+        if not prompt.strip():
+            raise ValueError(f"`{name}` must be a non-empty string, got {prompt!r}.")
+        return prompt
+
+    def template_embedding(self, prompt: str) -> torch.Tensor:
+        """Mean over templates of the normalised text embeddings of ``prompt`` (not normalised; cached)."""
+        prompt = self._check_prompt(prompt, "prompt")
+        key = ("embedding", prompt)
+        if key not in self._text_cache:
+            self._text_cache[key] = self.encode_texts([t.format(prompt) for t in self.templates]).mean(0)
+        return self._text_cache[key]
+
+    def text_direction(self, source_text: str, target_text: str) -> torch.Tensor:
+        """Unit text direction: mean over templates of ``E_T(target) - E_T(source)``, normalised; cached per pair."""
+        source_text = self._check_prompt(source_text, "source_text")
+        target_text = self._check_prompt(target_text, "target_text")
+        key = ("direction", source_text, target_text)
+        if key not in self._text_cache:
+            # mean of differences == difference of means; each template embedding is normalised first
+            direction = self.template_embedding(target_text) - self.template_embedding(source_text)
+            self._text_cache[key] = F.normalize(direction, dim=-1)
+        return self._text_cache[key]
+
+    def image_set_direction(self, source_images: torch.Tensor, target_images: torch.Tensor) -> torch.Tensor:
+        """Unit direction between two image sets: mean ``E_I(target)`` minus mean ``E_I(source)``, normalised."""
+        with torch.no_grad():
+            direction = self.encode_images(target_images).mean(0) - self.encode_images(source_images).mean(0)
+        return F.normalize(direction, dim=-1)
+
+    # ---- loss --------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        source_image: torch.Tensor,
+        generated_image: torch.Tensor,
+        source_text: str | None = None,
+        target_text: str | None = None,
+        text_direction: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Directional loss of ``generated_image`` against ``source_image`` (both ``(batch, 3, H, W)`` in [-1, 1]).
+
+        Args:
+            source_image (`torch.Tensor`): The reference images ``x_ref`` (no gradient is taken through them).
+            generated_image (`torch.Tensor`): The generated images; gradients flow to them.
+            source_text / target_text (`str`): The prompts defining the text direction.
+            text_direction (`torch.Tensor`, *optional*): A precomputed target direction (e.g. from
+                `image_set_direction`) used instead of the prompts; the global term then needs ``target_text``.
+            reduction (`str`, *optional*, defaults to `"mean"`): ``"mean"`` or ``"none"`` (per-sample losses).
+        """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"`reduction` must be 'mean' or 'none', got {reduction!r}.")
+        if text_direction is None:
+            if source_text is None or target_text is None:
+                raise ValueError("Pass `source_text` and `target_text`, or a `text_direction`.")
+            text_direction = self.text_direction(source_text, target_text)
+        if source_image.shape != generated_image.shape:
+            raise ValueError(
+                f"`source_image` and `generated_image` must have the same shape, got {tuple(source_image.shape)} "
+                f"and {tuple(generated_image.shape)}."
+            )
+        with torch.no_grad():
+            source_embeds = self.encode_images(source_image)
+        generated_embeds = self.encode_images(generated_image)
+        # F.cosine_similarity normalises dI, so |dI| scaling (and the source image's own norm) never matter
+        loss = direction_loss(generated_embeds - source_embeds, text_direction.to(generated_embeds), self.loss_type)
+        if self.global_weight > 0:
+            if target_text is None:
+                raise ValueError("The global term (`global_weight` > 0) needs `target_text`.")
+            target_embedding = self.template_embedding(target_text).to(generated_embeds)
+            loss = loss + self.global_weight * (
+                1.0 - F.cosine_similarity(generated_embeds, target_embedding.expand_as(generated_embeds), dim=-1)
+            )
+        return loss.mean() if reduction == "mean" else loss

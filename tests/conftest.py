@@ -1,0 +1,127 @@
+"""Tiny real components built in-process from configs (random weights, no hub access)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+from diffusionclip_pipeline import DiffusionCLIPPipeline
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-to-printable-character table."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+WORDS = ("a", "photo", "of", "the", "red", "blue", "green", "circle", "square", "face", "smiling")
+
+
+def make_tokenizer(max_length: int = 40) -> CLIPTokenizer:
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = []
+    for word in WORDS:  # merge each word left to right into one token
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            merges.append((current, nxt))
+            current = current + nxt
+            vocab.setdefault(current, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def make_clip(tokenizer: CLIPTokenizer, image_size: int = 16, seed: int = 0) -> CLIPModel:
+    torch.manual_seed(seed)
+    vocab_size = len(tokenizer)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=eos - 1,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=4,
+        ),
+        projection_dim=16,
+    )
+    return CLIPModel(config).eval()
+
+
+def make_unet(sample_size: int = 16, seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+    ).eval()
+
+
+def make_scheduler() -> DDPMScheduler:
+    # as google/ddpm-celebahq-256 ships it: linear betas, clip_sample=True (the pipeline must turn it off)
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+
+def make_pipeline(sample_size: int = 16, seed: int = 0, with_clip: bool = True) -> DiffusionCLIPPipeline:
+    tokenizer = make_tokenizer() if with_clip else None
+    pipe = DiffusionCLIPPipeline(
+        unet=make_unet(sample_size, seed),
+        scheduler=make_scheduler(),
+        clip_model=make_clip(tokenizer, sample_size) if with_clip else None,
+        clip_tokenizer=tokenizer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def pipe() -> DiffusionCLIPPipeline:
+    return make_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> CLIPTokenizer:
+    return make_tokenizer()
+
+
+@pytest.fixture
+def clip_model(tokenizer) -> CLIPModel:
+    return make_clip(tokenizer)
+
+
+def random_images(batch: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, size, size, generator=generator) * 2 - 1

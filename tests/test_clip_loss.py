@@ -1,0 +1,128 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_images
+
+from diffusionclip_pipeline import IMAGENET_TEMPLATES, CLIPDirectionalLoss, direction_loss
+from diffusionclip_pipeline.clip_loss import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+
+@pytest.fixture
+def loss_fn(clip_model, tokenizer):
+    return CLIPDirectionalLoss(clip_model, tokenizer, templates=("a photo of a {}.", "a {}."))
+
+
+def test_79_templates():
+    assert len(IMAGENET_TEMPLATES) == 79 and len(set(IMAGENET_TEMPLATES)) == 79
+    assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES)
+    assert "a photo of many {}." not in IMAGENET_TEMPLATES
+
+
+def test_direction_loss_exact_values():
+    e = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [-3.0, 0.0, 0.0]])
+    text = torch.tensor([1.0, 0.0, 0.0])
+    torch.testing.assert_close(direction_loss(e, text), torch.tensor([0.0, 1.0, 2.0]))
+    # -log((1 + cos) / 2): 0 for parallel, log 2 for orthogonal
+    torch.testing.assert_close(direction_loss(e[:2], text, "neg_log"), torch.tensor([0.0, math.log(2.0)]))
+
+
+def test_direction_loss_scale_invariant():
+    gen = torch.Generator().manual_seed(0)
+    e, t = torch.randn(4, 8, generator=gen), torch.randn(8, generator=gen)
+    torch.testing.assert_close(direction_loss(e, t), direction_loss(17.0 * e, 0.01 * t))
+
+
+def test_direction_loss_rejects_unknown_type():
+    with pytest.raises(ValueError, match="`loss_type`"):
+        direction_loss(torch.ones(1, 2), torch.ones(2), "l2")
+
+
+def test_text_direction_is_normalised_mean_of_differences(loss_fn):
+    d = loss_fn.text_direction("red circle", "blue circle")
+    src = loss_fn.encode_texts(["a photo of a red circle.", "a red circle."])
+    tar = loss_fn.encode_texts(["a photo of a blue circle.", "a blue circle."])
+    expected = F.normalize((tar - src).mean(0), dim=-1)
+    torch.testing.assert_close(d, expected)
+    assert torch.linalg.norm(d).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_text_direction_cached(loss_fn, monkeypatch):
+    first = loss_fn.text_direction("red circle", "blue circle")
+    calls = []
+    original = loss_fn.encode_texts
+    monkeypatch.setattr(loss_fn, "encode_texts", lambda texts: calls.append(texts) or original(texts))
+    assert loss_fn.text_direction("red circle", "blue circle") is first
+    assert calls == []
+    loss_fn.text_direction("red circle", "green circle")  # new pair: only the new prompt is encoded
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("bad, error", [("", ValueError), ("   ", ValueError), (3, TypeError), (None, TypeError)])
+def test_bad_prompts_rejected(loss_fn, bad, error):
+    with pytest.raises(error, match="`target_text`"):
+        loss_fn.text_direction("red circle", bad)
+
+
+def test_bad_templates_rejected(clip_model, tokenizer):
+    with pytest.raises(ValueError, match="`templates`"):
+        CLIPDirectionalLoss(clip_model, tokenizer, templates=("no placeholder",))
+    with pytest.raises(ValueError, match="`loss_type`"):
+        CLIPDirectionalLoss(clip_model, tokenizer, loss_type="mse")
+
+
+def test_preprocess_known_values(loss_fn):
+    x = torch.full((1, 3, 16, 16), -1.0)
+    out = loss_fn.preprocess(x)
+    assert out.shape == (1, 3, loss_fn.image_size, loss_fn.image_size)
+    expected = (0.0 - torch.tensor(OPENAI_CLIP_MEAN)) / torch.tensor(OPENAI_CLIP_STD)
+    torch.testing.assert_close(out[0, :, 0, 0], expected)
+    # a different size is resized to CLIP's image_size
+    assert loss_fn.preprocess(torch.zeros(2, 3, 40, 40)).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="`images`"):
+        loss_fn.preprocess(torch.zeros(2, 1, 16, 16))
+
+
+def test_forward_matches_definition_and_gradients(loss_fn):
+    src, gen = random_images(3, seed=0), random_images(3, seed=1).requires_grad_(True)
+    loss = loss_fn(src, gen, "red circle", "blue circle", reduction="none")
+    d_img = loss_fn.encode_images(gen) - loss_fn.encode_images(src)
+    expected = 1 - F.cosine_similarity(d_img, loss_fn.text_direction("red circle", "blue circle")[None], dim=-1)
+    torch.testing.assert_close(loss, expected)
+    loss.mean().backward()
+    assert gen.grad is not None and gen.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in loss_fn.clip_model.parameters())
+
+
+def test_clip_stays_in_eval_mode(loss_fn):
+    loss_fn.train()
+    assert not loss_fn.clip_model.training
+
+
+def test_global_term(clip_model, tokenizer):
+    plain = CLIPDirectionalLoss(clip_model, tokenizer, templates=("a {}.",))
+    with_global = CLIPDirectionalLoss(clip_model, tokenizer, templates=("a {}.",), global_weight=0.5)
+    src, gen = random_images(2, seed=0), random_images(2, seed=1)
+    target = with_global.template_embedding("blue circle")
+    expected = plain(src, gen, "red circle", "blue circle", reduction="none") + 0.5 * (
+        1 - F.cosine_similarity(with_global.encode_images(gen), target[None], dim=-1)
+    )
+    torch.testing.assert_close(with_global(src, gen, "red circle", "blue circle", reduction="none"), expected)
+
+
+def test_image_set_direction_replaces_text(loss_fn):
+    a, b = random_images(4, seed=2), random_images(4, seed=3)
+    direction = loss_fn.image_set_direction(a, b)
+    assert torch.linalg.norm(direction).item() == pytest.approx(1.0, abs=1e-6)
+    loss = loss_fn(a, b, text_direction=direction)
+    assert 0.0 <= loss.item() < 1.0  # the set direction agrees on average with the pairwise directions
+
+
+def test_forward_validation(loss_fn):
+    with pytest.raises(ValueError, match="same shape"):
+        loss_fn(random_images(2), random_images(3), "red circle", "blue circle")
+    with pytest.raises(ValueError, match="`text_direction`"):
+        loss_fn(random_images(2), random_images(2))
+    with pytest.raises(ValueError, match="`reduction`"):
+        loss_fn(random_images(2), random_images(2), "a", "b", reduction="sum")
