@@ -9,6 +9,9 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from diffusionclip_pipeline import DiffusionCLIPPipeline
 
+# Toy-sized models run fastest on one thread, and the suite must not thrash when the machine is busy.
+torch.set_num_threads(1)
+
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte-to-printable-character table."""

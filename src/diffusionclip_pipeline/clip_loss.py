@@ -59,6 +59,7 @@ class CLIPDirectionalLoss(nn.Module):
         templates (`Sequence[str]`, *optional*, defaults to the 79 ImageNet templates): Prompt templates with one
             ``{}``; the text direction is averaged over them.
         loss_type (`str`, *optional*, defaults to `"cosine"`): See `direction_loss`.
+        direction_weight (`float`, *optional*, defaults to 1.0): Weight of the directional term.
         global_weight (`float`, *optional*, defaults to 0.0): Weight of an extra global term
             ``1 - cos(E_I(x_gen), E_T(target))`` (off in DiffusionCLIP's fine-tuning; its loss class has it).
         image_mean / image_std (`Sequence[float]`, *optional*): Normalisation; OpenAI CLIP's constants by default.
@@ -77,6 +78,7 @@ class CLIPDirectionalLoss(nn.Module):
         tokenizer,
         templates: Sequence[str] = IMAGENET_TEMPLATES,
         loss_type: str = "cosine",
+        direction_weight: float = 1.0,
         global_weight: float = 0.0,
         image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
         image_std: Sequence[float] = OPENAI_CLIP_STD,
@@ -91,10 +93,13 @@ class CLIPDirectionalLoss(nn.Module):
             )
         if global_weight < 0:
             raise ValueError(f"`global_weight` must be >= 0, got {global_weight}.")
+        if direction_weight < 0:
+            raise ValueError(f"`direction_weight` must be >= 0, got {direction_weight}.")
         self.clip_model = clip_model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.templates = templates
         self.loss_type = loss_type
+        self.direction_weight = float(direction_weight)
         self.global_weight = float(global_weight)
         self.image_size = int(clip_model.config.vision_config.image_size)
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, -1, 1, 1), persistent=False)
@@ -212,7 +217,10 @@ class CLIPDirectionalLoss(nn.Module):
             source_embeds = self.encode_images(source_image)
         generated_embeds = self.encode_images(generated_image)
         # F.cosine_similarity normalises dI, so |dI| scaling (and the source image's own norm) never matter
-        loss = direction_loss(generated_embeds - source_embeds, text_direction.to(generated_embeds), self.loss_type)
+        image_direction = generated_embeds - source_embeds
+        loss = self.direction_weight * direction_loss(
+            image_direction, text_direction.to(generated_embeds), self.loss_type
+        )
         if self.global_weight > 0:
             if target_text is None:
                 raise ValueError("The global term (`global_weight` > 0) needs `target_text`.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -10,6 +12,8 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.utils import logging
 
+from . import lora
+from .finetune import FinetuneConfig, FinetuneOutput, finetune
 from .image_processing import postprocess_image, preprocess_image
 from .pipeline_output import DiffusionCLIPInversionOutput, DiffusionCLIPPipelineOutput
 from .schedule import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timesteps
@@ -17,6 +21,8 @@ from .schedule import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timestep
 logger = logging.get_logger(__name__)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
+LORA_FOLDER = "lora"
+LORA_INDEX = "adapters.json"
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 EXAMPLE_DOC_STRING = """
@@ -90,6 +96,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             vae=vae,
         )
         self.clip_model_name_or_path = DEFAULT_CLIP
+        self._lora_settings: dict[str, lora.LoraSettings] = {}
+        self._lora_provenance: dict[str, dict] = {}
+        self._active_adapters: tuple[list[str], list[float]] = ([], [])
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, clip_model_name_or_path: str | None = None, **kwargs):
@@ -104,7 +113,46 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if clip_model_name_or_path is not None:
             pipe.clip_model_name_or_path = clip_model_name_or_path
+        index = os.path.join(str(pretrained_model_name_or_path), LORA_FOLDER, LORA_INDEX)
+        if os.path.isfile(index):  # adapters written next to the base UNet by `save_pretrained`
+            with open(index) as f:
+                saved = json.load(f)
+            for name in saved["adapters"]:
+                pipe.load_lora_weights(os.path.join(str(pretrained_model_name_or_path), LORA_FOLDER, name), name)
+            if saved["active"]:
+                pipe.set_adapters(saved["active"], saved["weights"])
+            if not saved["enabled"]:
+                pipe.disable_lora()
         return pipe
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Saves the pipeline; a UNet with LoRA adapters is saved as its base weights plus the adapters' files.
+
+        (diffusers would write peft's wrapped layers, which `UNet2DModel.from_pretrained` silently re-initialises.)
+        The adapters go to ``save_directory/lora/<name>/pytorch_lora_weights.safetensors`` and are loaded back, with
+        the same active set and weights, by `from_pretrained` of that folder.
+        """
+        names = lora.adapter_names(self.unet)
+        if not names:
+            return super().save_pretrained(save_directory, **kwargs)
+        adapted = self.unet
+        with torch.device("meta"):
+            base = UNet2DModel.from_config(adapted.config)
+        base.load_state_dict(lora.base_state_dict(adapted), assign=True)  # shares the tensors, no copy
+        self.register_modules(unet=base)
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.register_modules(unet=adapted)
+        for name in names:
+            self.save_lora_weights(os.path.join(save_directory, LORA_FOLDER, name), adapter_name=name)
+        active, weights = self._active_adapters
+        enabled = not all(layer.disable_adapters for layer in lora.tuner_layers(adapted))
+        index = {"adapters": names, "active": active, "weights": weights, "enabled": enabled}
+        tmp = os.path.join(save_directory, LORA_FOLDER, LORA_INDEX + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(index, f, indent=2)
+        os.replace(tmp, os.path.join(save_directory, LORA_FOLDER, LORA_INDEX))
 
     # ---- CLIP --------------------------------------------------------------------------------------------------
 
@@ -146,9 +194,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         t = torch.tensor(int(timestep), device=sample.device)
         if adapted:
             return self.unet(sample, t).sample
-        from .lora import adapters_disabled
-
-        with adapters_disabled(self.unet):
+        with lora.adapters_disabled(self.unet):
             return self.unet(sample, t).sample
 
     # ---- validation ------------------------------------------------------------------------------------------
@@ -206,19 +252,19 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
                     f"got {unknown}."
                 )
 
-    def _check_image(self, image) -> None:
+    def _check_image(self, image, name: str = "image") -> None:
         if isinstance(image, (list, tuple)):
             if len(image) == 0:
-                raise ValueError("`image` must not be an empty list.")
+                raise ValueError(f"`{name}` must not be an empty list.")
             shapes = {tuple(i.shape) for i in image if torch.is_tensor(i)}
             if len(shapes) > 1:
-                raise ValueError(f"`image` is a list of tensors of mixed sizes {sorted(shapes)}; resize them first.")
+                raise ValueError(f"`{name}` is a list of tensors of mixed sizes {sorted(shapes)}; resize them first.")
             for item in image:
-                self._check_image(item)
+                self._check_image(item, name)
             return
         if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
             raise TypeError(
-                f"`image` must be a PIL image, a numpy array, a torch tensor or a list of them, got "
+                f"`{name}` must be a PIL image, a numpy array, a torch tensor or a list of them, got "
                 f"{type(image).__name__}: {image!r:.100}."
             )
 
@@ -232,8 +278,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             return image.shape[0]
         return 1
 
-    def _prepare_image(self, image) -> torch.Tensor:
-        x0 = preprocess_image(image, self.unet.config.sample_size, self.unet.config.in_channels)
+    def _prepare_image(self, image, name: str = "image") -> torch.Tensor:
+        x0 = preprocess_image(image, self.unet.config.sample_size, self.unet.config.in_channels, name=name)
         return x0.to(device=self._execution_device, dtype=self.unet.dtype)
 
     # ---- inversion -------------------------------------------------------------------------------------------
@@ -362,3 +408,166 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
     def __call__(self, *args, **kwargs):
         """Same as `edit`."""
         return self.edit(*args, **kwargs)
+
+    # ---- fine-tuning and adapters ----------------------------------------------------------------------------
+
+    def finetune(
+        self,
+        prompt_src: str,
+        prompt_tar: str,
+        images=None,
+        config: FinetuneConfig | None = None,
+        adapter_name: str = "default",
+        identity_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        source_images=None,
+        target_images=None,
+        cache_dir: str | os.PathLike | None = None,
+        **kwargs,
+    ) -> FinetuneOutput:
+        r"""
+        Fine-tunes a LoRA adapter of the UNet so that editing moves images from ``prompt_src`` to ``prompt_tar``
+        (DiffusionCLIP, arXiv 2110.02711, Sec. 3.2: directional CLIP loss + L1 identity term, on precomputed latents).
+
+        Args:
+            prompt_src (`str`): Text describing the source domain, e.g. ``"face"``.
+            prompt_tar (`str`): Text describing the target, e.g. ``"smiling face"``.
+            images (*optional*): Training images (any form `invert` accepts). `None` samples
+                ``config.num_sampled_images`` images from the model itself (seeded DDIM).
+            config ([`FinetuneConfig`], *optional*): Settings; single fields can also be given as keyword arguments
+                (``pipe.finetune(src, tar, num_epochs=5, lora_rank=8)``).
+            adapter_name (`str`, *optional*, defaults to `"default"`): Name of the new adapter; it becomes active.
+            identity_loss (`Callable`, *optional*): ``fn(x0_source, x0_pred) -> per-sample loss`` (e.g. a face
+                identity loss), weighted by ``identity_loss_weight``.
+            source_images / target_images (*optional*): Image-guided direction: the CLIP image embeddings' mean
+                difference (target minus source) replaces the text direction.
+            cache_dir (`str`, *optional*): Folder for the precomputed latents, keyed by image content, ``t0``, step
+                count and the base UNet's weights.
+
+        Returns:
+            [`FinetuneOutput`]: the adapter name and the loss of every optimizer step.
+        """
+        config = FinetuneConfig.from_kwargs(config, **kwargs)
+        if images is not None:
+            self._check_image(images, "images")
+        direction = None
+        if (source_images is None) != (target_images is None):
+            raise ValueError(
+                "Pass both `source_images` and `target_images` for an image-guided direction, or neither."
+            )
+        if source_images is not None:
+            self._require_clip()
+            from .clip_loss import CLIPDirectionalLoss
+
+            loss_fn = CLIPDirectionalLoss(self.clip_model, self.clip_tokenizer).to(self._execution_device)
+            direction = loss_fn.image_set_direction(
+                self._prepare_image(source_images, "source_images"),
+                self._prepare_image(target_images, "target_images"),
+            )
+        output = finetune(
+            self, prompt_src, prompt_tar, images=images, config=config, adapter_name=adapter_name,
+            identity_loss=identity_loss, target_direction=direction, cache_dir=cache_dir,
+        )  # fmt: skip
+        from . import __version__
+
+        self._lora_settings[adapter_name] = config.lora
+        self._lora_provenance[adapter_name] = {
+            "prompt_src": prompt_src,
+            "prompt_tar": prompt_tar,
+            "direction": "images" if direction is not None else "text",
+            "t0": config.t0,
+            "num_inversion_steps": config.num_inversion_steps,
+            "num_train_steps": config.num_train_steps,
+            "num_epochs": config.num_epochs,
+            "learning_rate": config.learning_rate,
+            "scheme": config.scheme,
+            "seed": config.seed,
+            "package_version": __version__,
+        }
+        self._active_adapters = ([adapter_name], [1.0])
+        return output
+
+    def save_lora_weights(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> str:
+        """Writes one adapter as ``save_directory/pytorch_lora_weights.safetensors`` (safetensors only, atomic).
+
+        The metadata holds the LoRA config (rank, alpha, targets), the base UNet's config fingerprint and the
+        provenance (prompts, t0, steps, package version). ``adapter_name`` may be omitted when there is one adapter.
+        Returns the file's path.
+        """
+        names = lora.adapter_names(self.unet)
+        if adapter_name is None:
+            if len(names) != 1:
+                raise ValueError(f"Pass `adapter_name`: the UNet has adapters {names}.")
+            adapter_name = names[0]
+        if adapter_name not in self._lora_settings:
+            raise ValueError(f"No adapter named {adapter_name!r}; the UNet has {names}.")
+        return lora.save_adapter(
+            self.unet, os.fspath(save_directory), adapter_name, self._lora_settings[adapter_name],
+            self._lora_provenance.get(adapter_name, {}),
+        )  # fmt: skip
+
+    def load_lora_weights(self, path: str | os.PathLike, adapter_name: str | None = None) -> str:
+        """Loads an adapter (a folder with ``pytorch_lora_weights.safetensors``, or the file) and activates it alone.
+
+        A file of another format, a truncated or corrupt file, or an adapter trained for a UNet of another config
+        raises `ValueError` and leaves the pipeline unchanged. Returns the adapter's name (default: ``"default"``,
+        or ``"default_<k>"`` if taken).
+        """
+        names = lora.adapter_names(self.unet)
+        if adapter_name is None:
+            adapter_name, k = "default", 1
+            while adapter_name in names:
+                adapter_name, k = f"default_{k}", k + 1
+        settings, provenance = lora.load_adapter(self.unet, os.fspath(path), adapter_name)
+        self._lora_settings[adapter_name] = settings
+        self._lora_provenance[adapter_name] = provenance
+        self._active_adapters = ([adapter_name], [1.0])
+        return adapter_name
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
+        """Activates ``adapter_names`` with ``adapter_weights`` (1.0 each by default): their LoRA deltas are summed,
+        each scaled by its weight (scaling the LoRA weights is the cheap approximation of edit strength)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        known = lora.adapter_names(self.unet)
+        unknown = [n for n in names if n not in known]
+        if not names or unknown:
+            raise ValueError(f"`adapter_names` must name loaded adapters {known}, got {names}.")
+        if adapter_weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(adapter_weights, (int, float)):
+            weights = [float(adapter_weights)] * len(names)
+        else:
+            weights = [float(w) for w in adapter_weights]
+        if len(weights) != len(names):
+            raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
+        lora.activate_adapters(self.unet, names, weights)
+        lora.set_adapters_enabled(self.unet, True)
+        self._active_adapters = (names, weights)
+
+    def disable_lora(self) -> None:
+        """Bypasses every adapter (the original UNet) until `enable_lora`."""
+        lora.set_adapters_enabled(self.unet, False)
+
+    def enable_lora(self) -> None:
+        """Re-enables the active adapters after `disable_lora`."""
+        lora.set_adapters_enabled(self.unet, True)
+
+    def unload_lora_weights(self, adapter_name: str | None = None) -> None:
+        """Removes one adapter (or all, when ``adapter_name`` is None) from the UNet."""
+        names = lora.adapter_names(self.unet)
+        targets = names if adapter_name is None else [adapter_name]
+        if adapter_name is not None and adapter_name not in names:
+            raise ValueError(f"No adapter named {adapter_name!r}; the UNet has {names}.")
+        for name in targets:
+            lora.remove_adapter(self.unet, name)
+            self._lora_settings.pop(name, None)
+            self._lora_provenance.pop(name, None)
+        active, weights = self._active_adapters
+        keep = [(n, w) for n, w in zip(active, weights) if n not in targets]
+        self._active_adapters = ([n for n, _ in keep], [w for _, w in keep])
+        if keep:
+            self.set_adapters(*self._active_adapters)
+
+    @property
+    def lora_adapters(self) -> list[str]:
+        """Names of the adapters loaded into the UNet."""
+        return lora.adapter_names(self.unet)

@@ -1,0 +1,115 @@
+"""Fine-tune a DiffusionCLIP LoRA adapter and save it.
+
+Single process:
+    python examples/finetune.py --model google/ddpm-celebahq-256 --src face --tar "smiling face" \
+        --images faces/ --output smile/
+Data-parallel over the training images (the same script, unchanged):
+    accelerate launch --multi_gpu --num_processes 4 examples/finetune.py ...    # GPUs
+    torchrun --nproc_per_node 2 examples/finetune.py ...                         # CPU (accelerate MULTI_CPU, gloo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+
+import PIL.Image
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Pipeline folder, DDPM repository id/folder, or 'testbed'.")
+    parser.add_argument("--clip", default=None, help="CLIP id or folder when the model folder has none.")
+    parser.add_argument("--src", required=True, help="Source text, e.g. 'face'.")
+    parser.add_argument("--tar", required=True, help="Target text, e.g. 'smiling face'.")
+    parser.add_argument("--images", nargs="*", default=None, help="Image files or folders (default: sample).")
+    parser.add_argument("--output", required=True, help="Folder for pytorch_lora_weights.safetensors.")
+    parser.add_argument("--t0", type=int, default=500)
+    parser.add_argument("--num-inversion-steps", type=int, default=40)
+    parser.add_argument("--num-train-steps", type=int, default=6)
+    parser.add_argument("--num-epochs", type=int, default=10)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lora-rank", type=int, default=4)
+    parser.add_argument("--l1-loss-weight", type=float, default=0.6)
+    parser.add_argument("--scheme", choices=("efficient", "full_chain"), default="efficient")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    parser.add_argument("--num-sampled-images", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=None, help="Folder caching the inverted latents.")
+    return parser.parse_args(argv)
+
+
+def read_images(paths: list[str]) -> list[PIL.Image.Image]:
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith((".png", ".jpg")))
+        else:
+            files.append(path)
+    if not files:
+        raise SystemExit(f"error: no .png/.jpg images found in {paths}")
+    return [PIL.Image.open(f).convert("RGB") for f in files]
+
+
+def load_pipeline(model: str, clip: str | None):
+    from diffusionclip_pipeline import DiffusionCLIPPipeline
+
+    if model == "testbed":
+        from diffusionclip_pipeline.testbed import load_pipeline as load_testbed
+
+        return load_testbed()
+    return DiffusionCLIPPipeline.from_pretrained(model, clip_model_name_or_path=clip)
+
+
+def adapter_digest(pipe, adapter_name: str) -> str:
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(pipe.unet, adapter_name=adapter_name)
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode() + state[key].detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main(argv=None) -> int:
+    from accelerate import PartialState
+
+    args = parse_args(argv)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    pipe = load_pipeline(args.model, args.clip)
+    pipe.set_progress_bar_config(disable=not state.is_main_process)
+    images = read_images(args.images) if args.images else None
+    output = pipe.finetune(
+        args.src,
+        args.tar,
+        images=images,
+        t0=args.t0,
+        num_inversion_steps=args.num_inversion_steps,
+        num_train_steps=args.num_train_steps,
+        num_epochs=args.num_epochs,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        lora_rank=args.lora_rank,
+        lora_alpha=float(args.lora_rank),
+        l1_loss_weight=args.l1_loss_weight,
+        scheme=args.scheme,
+        mixed_precision=args.mixed_precision,
+        num_sampled_images=args.num_sampled_images,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+    )
+    digest = adapter_digest(pipe, output.adapter_name)
+    print(f"rank {state.process_index}/{state.num_processes} adapter-sha256 {digest}")
+    if state.is_main_process:
+        path = pipe.save_lora_weights(args.output)
+        print(f"saved {path}; loss {output.loss_history[0]:.4f} -> {output.loss_history[-1]:.4f}")
+    state.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_pipeline, make_unet, random_images
+from diffusers import UNet2DModel
+from safetensors.torch import save_file
+
+from diffusionclip_pipeline import DiffusionCLIPPipeline
+from diffusionclip_pipeline.finetune import FinetuneConfig, NonFiniteLossError
+from diffusionclip_pipeline.image_processing import postprocess_image
+from diffusionclip_pipeline.lora import base_state_dict, read_adapter_file
+
+TINY = dict(t0=100, num_inversion_steps=3, num_train_steps=2, num_epochs=1, batch_size=2)
+EDIT = dict(t0=100, num_inversion_steps=3, num_inference_steps=3, output_type="pt")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def adapter_state(pipe, name="default"):
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.clone() for k, v in get_peft_model_state_dict(pipe.unet, adapter_name=name).items()}
+
+
+def test_only_adapter_trains_and_base_is_bit_identical(pipe):
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    out = pipe.finetune("red circle", "blue circle", images=random_images(2), **TINY)
+    after = base_state_dict(pipe.unet)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert out.adapter_name == "default" and pipe.lora_adapters == ["default"]
+    lora_b = [v for k, v in adapter_state(pipe).items() if "lora_B" in k]
+    assert any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: it moved
+    assert len(out.loss_history) == 2  # efficient: one optimizer step per generation step
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+def test_loss_decreases_on_fixed_batch():
+    pipe = make_pipeline()
+    out = pipe.finetune(
+        "red circle",
+        "blue circle",
+        images=random_images(2),
+        **{**TINY, "num_epochs": 6, "batch_size": 2},
+        learning_rate=5e-3,
+        l1_loss_weight=0.0,
+    )
+    first, last = out.loss_history[:2], out.loss_history[-2:]
+    assert sum(last) < sum(first) - 0.05
+
+
+def test_same_seed_same_adapter_and_scheme_full_chain():
+    a, b = make_pipeline(), make_pipeline()
+    kw = dict(images=random_images(2), scheme="full_chain", **TINY)
+    out = a.finetune("red circle", "blue circle", **kw)
+    b.finetune("red circle", "blue circle", **kw)
+    assert len(out.loss_history) == 1  # full chain: one optimizer step per batch
+    sa, sb = adapter_state(a), adapter_state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = make_pipeline()
+    c.finetune("red circle", "blue circle", seed=1, **kw)
+    assert any(not torch.equal(sa[k], v) for k, v in adapter_state(c).items())
+
+
+def test_edit_changes_and_save_load_reproduces_exactly(tmp_path):
+    pipe = make_pipeline()
+    x = random_images(1, seed=5)
+    base = pipe.edit(x, **EDIT).images
+    pipe.finetune("red circle", "blue circle", images=random_images(2), learning_rate=2e-2, **TINY)
+    edited = pipe.edit(x, **EDIT).images
+    assert (edited - base).abs().max() > 1e-3
+    path = pipe.save_lora_weights(tmp_path / "adapter")
+    assert os.path.basename(path) == "pytorch_lora_weights.safetensors"
+    assert os.listdir(tmp_path / "adapter") == ["pytorch_lora_weights.safetensors"]  # no temp file left
+
+    fresh = make_pipeline()  # same base weights, new process state
+    assert fresh.load_lora_weights(tmp_path / "adapter") == "default"
+    assert torch.equal(fresh.edit(x, **EDIT).images, edited)
+    fresh.disable_lora()
+    assert torch.equal(fresh.edit(x, **EDIT).images, base)
+    fresh.enable_lora()
+    fresh.unload_lora_weights()
+    assert fresh.lora_adapters == [] and torch.equal(fresh.edit(x, **EDIT).images, base)
+
+    _, metadata = read_adapter_file(path)
+    assert '"prompt_tar": "blue circle"' in metadata["provenance"] and '"rank": 4' in metadata["lora_config"]
+
+
+def test_rejected_adapters_leave_pipeline_unchanged(tmp_path):
+    pipe = make_pipeline()
+    pipe.finetune("red circle", "blue circle", images=random_images(2), **TINY)
+    good = pipe.save_lora_weights(tmp_path / "good")
+
+    other = DiffusionCLIPPipeline(unet=make_unet(sample_size=8), scheduler=pipe.scheduler)
+    other.set_progress_bar_config(disable=True)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(open(good, "rb").read()[:300])
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"down_blocks.0.resnets.0.conv1.lora_A.weight": torch.zeros(4, 8, 3, 3)}, str(foreign))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+
+    target = make_pipeline()
+    before = {k: v.clone() for k, v in target.unet.state_dict().items()}
+    modules_before = [type(m) for m in target.unet.modules()]
+    for path, match in [
+        (truncated, "truncated or corrupt"),
+        (garbage, "truncated or corrupt"),
+        (foreign, "not a DiffusionCLIP LoRA file"),
+        (tmp_path / "missing", "No LoRA weights"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            target.load_lora_weights(path)
+    with pytest.raises(ValueError, match="another UNet"):
+        other.load_lora_weights(good)
+    assert other.lora_adapters == []
+    after = target.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [type(m) for m in target.unet.modules()] == modules_before and target.lora_adapters == []
+
+
+def test_several_adapters_mix_and_unload(tmp_path):
+    pipe = make_pipeline()
+    imgs = random_images(2)
+    pipe.finetune("red circle", "blue circle", images=imgs, adapter_name="blue", learning_rate=2e-2, **TINY)
+    pipe.finetune("red circle", "red square", images=imgs, adapter_name="square", learning_rate=2e-2, **TINY)
+    assert pipe.lora_adapters == ["blue", "square"]
+    x = random_images(1, seed=7)
+    pipe.set_adapters("blue")
+    only_blue = pipe.edit(x, **EDIT).images
+    pipe.set_adapters(["blue", "square"], [1.0, 0.0])
+    torch.testing.assert_close(pipe.edit(x, **EDIT).images, only_blue)
+    pipe.set_adapters(["blue", "square"], [0.5, 0.5])
+    mixed = pipe.edit(x, **EDIT).images
+    assert (mixed - only_blue).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="`adapter_names`"):
+        pipe.set_adapters(["green"])
+    with pytest.raises(ValueError, match="`adapter_weights`"):
+        pipe.set_adapters(["blue", "square"], [1.0])
+    with pytest.raises(ValueError, match="already has an adapter"):
+        pipe.finetune("red circle", "blue circle", images=imgs, adapter_name="blue", **TINY)
+    pipe.unload_lora_weights("square")
+    assert pipe.lora_adapters == ["blue"]
+    pipe.set_adapters("blue")
+    torch.testing.assert_close(pipe.edit(x, **EDIT).images, only_blue)
+
+
+def test_save_pretrained_with_adapter_reloads_base_and_adapter(tmp_path):
+    pipe = make_pipeline()
+    pipe.finetune("red circle", "blue circle", images=random_images(2), learning_rate=2e-2, **TINY)
+    x = random_images(1, seed=5)
+    edited = pipe.edit(x, **EDIT).images
+    pipe.save_pretrained(tmp_path / "pipe")
+    # the UNet on disk is the clean base model (no peft keys, nothing re-initialised)
+    unet = UNet2DModel.from_pretrained(tmp_path / "pipe" / "unet")
+    assert all(torch.equal(v, base_state_dict(pipe.unet)[k]) for k, v in unet.state_dict().items())
+    loaded = DiffusionCLIPPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.lora_adapters == ["default"]
+    assert torch.equal(loaded.edit(x, **EDIT).images, edited)
+    assert pipe.lora_adapters == ["default"] and torch.equal(pipe.edit(x, **EDIT).images, edited)
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_adapter():
+    pipe = make_pipeline()
+    calls, snapshot = [], {}
+
+    def identity_loss(x0, x0_pred):
+        calls.append(1)
+        if len(calls) == 3:  # third optimizer step: remember the adapter, then poison the loss
+            snapshot.update(adapter_state(pipe))
+            return torch.full((x0.shape[0],), float("nan"))
+        return (x0 - x0_pred).abs().mean(dim=(1, 2, 3))
+
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 0, timestep 100"):
+        pipe.finetune(
+            "red circle",
+            "blue circle",
+            images=random_images(2),
+            identity_loss=identity_loss,
+            identity_loss_weight=1.0,
+            **{**TINY, "num_epochs": 3},
+        )
+    final = adapter_state(pipe)
+    assert snapshot and all(torch.equal(final[k], snapshot[k]) for k in final)
+
+
+def test_latent_cache_hit_and_miss(tmp_path):
+    pipe = make_pipeline()
+    imgs = random_images(2)
+    kw = dict(cache_dir=tmp_path, **TINY)
+    assert pipe.finetune("red circle", "blue circle", images=imgs, adapter_name="a", **kw).num_cached_latents == 0
+    assert len(os.listdir(tmp_path)) == 2
+    assert pipe.finetune("red circle", "blue circle", images=imgs, adapter_name="b", **kw).num_cached_latents == 2
+    changed = imgs.clone()
+    changed[1] = -changed[1]
+    assert pipe.finetune("a", "b", images=changed, adapter_name="c", **kw).num_cached_latents == 1
+    assert pipe.finetune("a", "b", images=imgs, adapter_name="d", **{**kw, "t0": 99}).num_cached_latents == 0
+    other = make_pipeline(seed=1)  # other base weights: the cache must not be used
+    assert other.finetune("a", "b", images=imgs, **kw).num_cached_latents == 0
+
+
+def test_sampled_training_images_and_image_direction():
+    pipe = make_pipeline()
+    out = pipe.finetune("red circle", "blue circle", num_sampled_images=2, num_sampling_steps=3, **TINY)
+    assert len(out.loss_history) == 2
+    out = pipe.finetune(
+        "red circle",
+        "blue circle",
+        images=random_images(2),
+        adapter_name="img",
+        source_images=random_images(2, seed=1),
+        target_images=random_images(2, seed=2),
+        **TINY,
+    )
+    assert len(out.loss_history) == 2
+    with pytest.raises(ValueError, match="`source_images` and `target_images`"):
+        pipe.finetune("a", "b", images=random_images(2), source_images=random_images(1), **TINY)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lora_rank=0), "`lora_rank`"),
+        (dict(lora_alpha=-1), "`lora_alpha`"),
+        (dict(learning_rate=0), "`learning_rate`"),
+        (dict(num_epochs=0), "`num_epochs`"),
+        (dict(t0=0), "`t0`"),
+        (dict(t0=1000), "`t0`"),
+        (dict(scheme="fast"), "`scheme`"),
+        (dict(mixed_precision="fp8"), "`mixed_precision`"),
+        (dict(l1_loss_weight=-1), "`l1_loss_weight`"),
+        (dict(clip_loss_type="l2"), "`clip_loss_type`"),
+        (dict(lora_target_modules=()), "`lora_target_modules`"),
+        (dict(identity_loss_weight=1.0), "`identity_loss`"),
+        (dict(images=[]), "`images`"),
+        (dict(prompt_tar=""), "`prompt_tar`"),
+    ],
+)
+def test_finetune_validation(pipe, kwargs, match):
+    args = dict(prompt_src="red circle", prompt_tar="blue circle", images=random_images(2))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        pipe.finetune(**args)
+    assert pipe.lora_adapters == []
+
+
+def test_unknown_setting_is_a_type_error(pipe):
+    with pytest.raises(TypeError, match="num_epoch"):
+        pipe.finetune("a", "b", images=random_images(1), num_epoch=3)
+    assert FinetuneConfig.from_kwargs(FinetuneConfig(num_epochs=3), lora_rank=8).num_epochs == 3
+
+
+def test_two_process_cpu_run_gives_identical_adapters(tmp_path):
+    """`torchrun --nproc_per_node 2 examples/finetune.py`: accelerate's MULTI_CPU mode (gloo), one step."""
+    make_pipeline().save_pretrained(tmp_path / "pipe")
+    (tmp_path / "imgs").mkdir()
+    for i, image in enumerate(postprocess_image(random_images(2))):
+        image.save(tmp_path / "imgs" / f"{i}.png")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        os.path.join(REPO, "examples", "finetune.py"), "--model", str(tmp_path / "pipe"), "--src", "red circle",
+        "--tar", "blue circle", "--images", str(tmp_path / "imgs"), "--output", str(tmp_path / "out"),
+        "--t0", "100", "--num-inversion-steps", "2", "--num-train-steps", "1", "--num-epochs", "1",
+        "--batch-size", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = {line.split()[1]: line.split()[-1] for line in result.stdout.splitlines() if "adapter-sha256" in line}
+    assert set(digests) == {"0/2", "1/2"}
+    assert digests["0/2"] == digests["1/2"]
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
