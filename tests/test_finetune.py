@@ -64,6 +64,35 @@ def test_same_seed_same_adapter_and_scheme_full_chain():
     assert any(not torch.equal(sa[k], v) for k, v in adapter_state(c).items())
 
 
+def test_gradient_checkpointing_gives_the_same_adapter():
+    a, b = make_pipeline(), make_pipeline()
+    a.finetune("red circle", "blue circle", images=random_images(2), **TINY)
+    b.finetune("red circle", "blue circle", images=random_images(2), gradient_checkpointing=True, **TINY)
+    sa, sb = adapter_state(a), adapter_state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not b.unet.is_gradient_checkpointing
+
+
+def test_accumulating_two_batches_of_one_equals_one_batch_of_two():
+    kw = dict(images=random_images(2), scheme="full_chain", **{**TINY, "num_epochs": 1})
+    a, b = make_pipeline(), make_pipeline()
+    a.finetune("red circle", "blue circle", **{**kw, "batch_size": 2})
+    b.finetune("red circle", "blue circle", **{**kw, "batch_size": 1}, gradient_accumulation_steps=2)
+    sa, sb = adapter_state(a), adapter_state(b)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], atol=1e-6, rtol=1e-4)
+
+
+def test_bf16_mixed_precision_after_fp32_in_one_process():
+    pipe = make_pipeline()
+    fp32 = pipe.finetune("red circle", "blue circle", images=random_images(2), adapter_name="a", **TINY)
+    bf16 = pipe.finetune(
+        "red circle", "blue circle", images=random_images(2), adapter_name="b", mixed_precision="bf16", **TINY
+    )
+    assert all(abs(x - y) < 0.05 for x, y in zip(fp32.loss_history, bf16.loss_history))
+    assert pipe.unet.dtype == torch.float32
+
+
 def test_edit_changes_and_save_load_reproduces_exactly(tmp_path):
     pipe = make_pipeline()
     x = random_images(1, seed=5)

@@ -129,7 +129,8 @@ class FinetuneOutput(BaseOutput):
 
     Args:
         adapter_name (`str`): The name of the trained adapter in the UNet.
-        loss_history (`list[float]`): The loss of every optimizer step, in order (local to this process).
+        loss_history (`list[float]`): The loss of every training step, in order (local to this process): one per
+            generation step with ``scheme="efficient"``, one per batch with ``"full_chain"``.
         config (`FinetuneConfig`): The settings used.
         num_cached_latents (`int`): How many training latents came from the on-disk cache.
     """
@@ -230,11 +231,7 @@ def finetune(
 
     if accelerator is None:
         on_cpu = pipe.unet.device.type == "cpu"
-        accelerator = Accelerator(
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            cpu=on_cpu,
-        )
+        accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=on_cpu)
     device = accelerator.device
     pipe.to(device)
     pipe._require_clip()
@@ -288,9 +285,32 @@ def finetune(
             loss = loss + config.identity_loss_weight * identity_loss(x0_src, x0_pred).mean()
         return loss
 
+    # Mixed precision is applied here rather than by `Accelerator(mixed_precision=...)`: accelerate's state is a
+    # process-wide singleton that refuses a second, different precision within one process.
+    amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+    grad_scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
+
     def predict(x, t):
-        with accelerator.autocast():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             return model(x, torch.tensor(t, device=device)).sample.to(x.dtype)
+
+    def optimize(loss, where: str) -> None:
+        """Backward and (at accumulation boundaries) one optimizer step; nothing is applied if anything is NaN/inf."""
+        _check_finite(loss, [], where)
+        accelerator.backward(grad_scaler.scale(loss) if grad_scaler else loss)
+        if not accelerator.sync_gradients:
+            return
+        if grad_scaler:
+            grad_scaler.unscale_(optimizer)
+        _check_finite(loss, params, where)
+        if config.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        if grad_scaler:
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     # 4. Data-parallel shards: every process gets the same number of batches (indices wrap around)
     n, world, rank = x0.shape[0], accelerator.num_processes, accelerator.process_index
@@ -306,32 +326,21 @@ def finetune(
                 idx = order[start : start + config.batch_size]
                 x, x0_src = x_t0[idx], x0[idx]
                 if config.scheme == "efficient":
+                    # one update per generation step, loss on that step's x0_hat; the chain itself is detached
                     for t in grid:
                         with accelerator.accumulate(model):
-                            eps = predict(x, t)
-                            step = scheduler.step(eps, t, x)
+                            step = scheduler.step(predict(x, t), t, x)
                             loss = loss_on(x0_src, step.pred_original_sample)
-                            _check_finite(loss, [], f"epoch {epoch}, batch {b}, timestep {t}")
-                            accelerator.backward(loss)
-                            _check_finite(loss, params, f"epoch {epoch}, batch {b}, timestep {t}")
-                            if config.max_grad_norm is not None and accelerator.sync_gradients:
-                                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                            optimizer.step()
-                            optimizer.zero_grad(set_to_none=True)
+                            optimize(loss, f"epoch {epoch}, batch {b}, timestep {t}")
                         x = step.prev_sample.detach()  # from the pre-update weights, as the official code
                         loss_history.append(loss.item())
                 else:
+                    # backpropagate through the whole generation chain, loss on the final image
                     with accelerator.accumulate(model):
                         for t in grid:
                             x = scheduler.step(predict(x, t), t, x).prev_sample
                         loss = loss_on(x0_src, x)
-                        _check_finite(loss, [], f"epoch {epoch}, batch {b}")
-                        accelerator.backward(loss)
-                        _check_finite(loss, params, f"epoch {epoch}, batch {b}")
-                        if config.max_grad_norm is not None and accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                        optimize(loss, f"epoch {epoch}, batch {b}")
                     loss_history.append(loss.item())
                 progress.set_postfix(epoch=epoch, loss=f"{loss_history[-1]:.4f}")
                 progress.update(1)
