@@ -259,11 +259,27 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str) -> tuple[LoraSe
     return settings, provenance
 
 
-def _active_state(model: nn.Module) -> list[tuple[BaseTunerLayer, list[str], bool]]:
-    return [(layer, list(layer.active_adapters), layer.disable_adapters) for layer in tuner_layers(model)]
+def _active_state(model: nn.Module) -> list[tuple[BaseTunerLayer, list[str], bool, dict]]:
+    return [
+        (layer, list(layer.active_adapters), layer.disable_adapters, dict(layer.scaling))
+        for layer in tuner_layers(model)
+    ]
 
 
 def _restore_active_state(model: nn.Module, state) -> None:
-    for layer, active, disabled in state:
+    for layer, active, disabled, scaling in state:
         layer.set_adapter(active)
+        layer.scaling.update({k: v for k, v in scaling.items() if k in layer.scaling})
         layer.enable_adapters(not disabled)
+
+
+@contextlib.contextmanager
+def using_adapters(model: nn.Module, names: list[str], weights: list[float] | None = None):
+    """Runs the block with exactly ``names`` active (weights 1 by default), then restores the previous state."""
+    state = _active_state(model)
+    try:
+        activate_adapters(model, names, weights or [1.0] * len(names))
+        set_adapters_enabled(model, True)
+        yield model
+    finally:
+        _restore_active_state(model, state)

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
 
 from . import lora
 from .finetune import FinetuneConfig, FinetuneOutput, finetune
 from .image_processing import postprocess_image, preprocess_image
-from .pipeline_output import DiffusionCLIPInversionOutput, DiffusionCLIPPipelineOutput
+from .mixing import MixComponent, build_mix
+from .pipeline_output import (
+    DiffusionCLIPInversionOutput,
+    DiffusionCLIPPipelineOutput,
+    DiffusionCLIPTranslationOutput,
+)
 from .schedule import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timesteps
 
 logger = logging.get_logger(__name__)
@@ -197,6 +206,29 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         with lora.adapters_disabled(self.unet):
             return self.unet(sample, t).sample
 
+    def _mixed_noise(self, sample: torch.Tensor, timestep, mix: list[MixComponent] | None) -> torch.Tensor:
+        """``sum_i m_i w_i(t) eps_i + (1 - sum_i m_i w_i(t)) eps_original`` (see `mixing`); skips zero weights."""
+        if mix is None:
+            return self._predict_noise(sample, timestep, adapted=True)
+        t = int(timestep)
+        noise_pred, total = torch.zeros_like(sample), 0.0
+        for component in mix:
+            weight = component.weight(t)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ValueError(f"Adapter weight at t={t} must be a finite number, got {weight!r}.")
+            if weight == 0:
+                continue
+            names = component.adapter_names
+            context = contextlib.nullcontext() if names is None else lora.using_adapters(self.unet, names)
+            with context:
+                eps = self._predict_noise(sample, t, adapted=True)
+            m = weight if component.mask is None else weight * component.mask.to(sample)
+            noise_pred = noise_pred + m * eps
+            total = total + m
+        if not torch.is_tensor(total) and total == 1.0:
+            return noise_pred  # the original model has weight 0 (the paper's multi-attribute case)
+        return noise_pred + (1.0 - total) * self._predict_noise(sample, t, adapted=False)
+
     # ---- validation ------------------------------------------------------------------------------------------
 
     @property
@@ -340,6 +372,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        strength: float = 1.0,
+        adapters: Mapping[str, float | Callable[[int], float]] | None = None,
+        adapter_masks: Mapping[str, torch.Tensor] | None = None,
     ) -> DiffusionCLIPPipelineOutput | tuple:
         r"""
         Edits ``image``: DDIM-invert it to ``t0`` with the original UNet, then regenerate it with the current
@@ -361,6 +396,15 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
                 every generation step; it may return a dict to replace ``latents``.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to ``["latents"]``): Tensors put
                 in ``callback_kwargs`` (``"latents"``, ``"pred_original_sample"``).
+            strength (`float`, *optional*, defaults to 1.0): Continuous edit strength (paper Sec. 3.4):
+                ``eps = r * eps_adapted + (1 - r) * eps_original`` at every step (two UNet calls per step). 0 gives
+                the reconstruction, 1 the full edit; values outside [0, 1] extrapolate, with a warning. The cheap
+                approximation is scaling the LoRA weights: ``set_adapters(name, r)`` (one call per step).
+            adapters (`dict[str, float | Callable[[int], float]]`, *optional*): Multi-attribute editing (paper Sec.
+                3.4): ``eps = sum_i m_i g_i(t) eps_i + (1 - sum_i m_i g_i(t)) eps_original``, each loaded adapter's
+                weight ``g_i`` a number or a function of the timestep (see `mixing.piecewise_weights`).
+            adapter_masks (`dict[str, torch.Tensor]`, *optional*): Spatial masks ``m_i`` in [0, 1], (H, W) or
+                (B, 1, H, W), for local edits; outside a mask the original model's prediction is kept.
 
         Returns:
             [`DiffusionCLIPPipelineOutput`] or `tuple`: ``(images, latents, timesteps)``.
@@ -377,6 +421,12 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             output_type,
             callback_on_step_end_tensor_inputs,
         )
+        batch_size = self._batch_size(image, latents)
+        mix = build_mix(
+            strength, adapters, adapter_masks, self.lora_adapters, batch_size, self.unet.config.sample_size
+        )
+        if not 0.0 <= strength <= 1.0:
+            warnings.warn(f"`strength`={strength} is outside [0, 1]: extrapolating the edit.", stacklevel=2)
         # 2. Invert to x_t0 with the original model (or take the given latents)
         if latents is None:
             latents = self.invert(image, t0=t0, num_inversion_steps=num_inversion_steps).latents
@@ -386,9 +436,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         timesteps = ddim_timesteps(t0, num_inference_steps, self.num_train_timesteps)
         scheduler = GridDDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(timesteps=timesteps)
-        # 4. Denoising loop with the current (adapted) UNet
+        # 4. Denoising loop with the current (adapted) UNet, or the mix of original and adapted predictions
         for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
-            noise_pred = self._predict_noise(latents, t, adapted=True)
+            noise_pred = self._mixed_noise(latents, t, mix)
             step = scheduler.step(noise_pred, t, latents, eta=eta, generator=generator)
             latents = step.prev_sample
             if callback_on_step_end is not None:
@@ -408,6 +458,77 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
     def __call__(self, *args, **kwargs):
         """Same as `edit`."""
         return self.edit(*args, **kwargs)
+
+    # ---- unseen-domain translation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def translate(
+        self,
+        image,
+        t0: int = 500,
+        n_iter: int = 10,
+        num_denoise_steps: int = 6,
+        edit_t0: int | None = None,
+        num_inversion_steps: int = 40,
+        num_inference_steps: int = 40,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> DiffusionCLIPTranslationOutput | tuple:
+        r"""
+        Unseen-domain translation and stroke-to-image (DiffusionCLIP, arXiv 2110.02711, Sec. 3.3): ``n_iter`` rounds
+        of stochastic forward noising to ``t0`` (``x_t0 = sqrt(a_t0) x0 + sqrt(1 - a_t0) z``) and a few deterministic
+        DDIM steps back with the *original* model pull an out-of-domain image (a stroke drawing, a wrong background)
+        onto the model's domain; then, if an adapter is active, deterministic inversion and the edit (`edit`).
+
+        The official code noises with ``a_{t0-1}`` and then starts generation at ``t0``; here both use ``a_t0``.
+
+        Args:
+            image: The out-of-domain image(s), any form `invert` accepts.
+            t0 (`int`, *optional*, defaults to 500): Noise level of each round.
+            n_iter (`int`, *optional*, defaults to 10): Noising/denoising rounds (the official README: more than 8).
+            num_denoise_steps (`int`, *optional*, defaults to 6): DDIM steps of each round back to 0.
+            edit_t0 (`int`, *optional*): ``t0`` of the final edit (defaults to ``t0``).
+            num_inversion_steps / num_inference_steps (`int`, *optional*, defaults to 40): Of the final edit.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): For the noise of every round.
+            output_type (`str`, *optional*, defaults to `"pil"`): ``"pil"``, ``"np"`` or ``"pt"``.
+            return_dict (`bool`, *optional*, defaults to `True`): Return a dataclass instead of a tuple.
+
+        Returns:
+            [`DiffusionCLIPTranslationOutput`] or `tuple`: ``(images, domain_images)``.
+        """
+        # 1. Check inputs
+        edit_t0 = t0 if edit_t0 is None else edit_t0
+        self.check_inputs(image, t0, num_inversion_steps, num_inference_steps, 0.0, generator, None, output_type)
+        self.check_inputs(image, edit_t0, num_inversion_steps, num_inference_steps)
+        for name, value in (("n_iter", n_iter), ("num_denoise_steps", num_denoise_steps)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        # 2. Preprocess image
+        x0 = self._encode(self._prepare_image(image))
+        alpha_t0 = self.scheduler.alphas_cumprod[t0].to(device=x0.device, dtype=x0.dtype)
+        scheduler = GridDDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(timesteps=ddim_timesteps(t0, num_denoise_steps, self.num_train_timesteps))
+        # 3. Rounds of q-sampling to t0 and deterministic DDIM back with the original model
+        for _ in self.progress_bar(range(n_iter)):
+            noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x = alpha_t0.sqrt() * x0 + (1 - alpha_t0).sqrt() * noise
+            for t in scheduler.timesteps:
+                x = scheduler.step(self._predict_noise(x, t, adapted=False), t, x).prev_sample
+            x0 = x
+        x0 = x0.clamp(-1, 1)  # a generated image, displayed and edited in the valid range (as diffusers' output)
+        # 4. Edit with the active adapters, if any
+        if any(not layer.disable_adapters for layer in lora.tuner_layers(self.unet)):
+            images = self.edit(
+                self._decode(x0), t0=edit_t0, num_inversion_steps=num_inversion_steps,
+                num_inference_steps=num_inference_steps, output_type=output_type,
+            ).images  # fmt: skip
+        else:
+            images = postprocess_image(self._decode(x0), output_type)
+        domain_images = postprocess_image(self._decode(x0), output_type)
+        if not return_dict:
+            return (images, domain_images)
+        return DiffusionCLIPTranslationOutput(images=images, domain_images=domain_images)
 
     # ---- fine-tuning and adapters ----------------------------------------------------------------------------
 

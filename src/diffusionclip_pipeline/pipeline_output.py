@@ -44,3 +44,18 @@ class DiffusionCLIPPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     latents: torch.Tensor
     timesteps: list[int]
+
+
+@dataclass
+class DiffusionCLIPTranslationOutput(BaseOutput):
+    """Output of `DiffusionCLIPPipeline.translate`.
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
+            The final images: edited by the active adapters, or the in-domain images when no adapter is active.
+        domain_images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
+            The inputs pulled onto the model's domain (after the stochastic noising/denoising rounds), before editing.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    domain_images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
