@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 
-import PIL.Image
 import torch
 
 
@@ -43,28 +41,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def read_images(paths: list[str]) -> list[PIL.Image.Image]:
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            files += sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith((".png", ".jpg")))
-        else:
-            files.append(path)
-    if not files:
-        raise SystemExit(f"error: no .png/.jpg images found in {paths}")
-    return [PIL.Image.open(f).convert("RGB") for f in files]
-
-
-def load_pipeline(model: str, clip: str | None):
-    from diffusionclip_pipeline import DiffusionCLIPPipeline
-
-    if model == "testbed":
-        from diffusionclip_pipeline.testbed import load_pipeline as load_testbed
-
-        return load_testbed()
-    return DiffusionCLIPPipeline.from_pretrained(model, clip_model_name_or_path=clip)
-
-
 def adapter_digest(pipe, adapter_name: str) -> str:
     from peft.utils import get_peft_model_state_dict
 
@@ -78,11 +54,13 @@ def adapter_digest(pipe, adapter_name: str) -> str:
 def main(argv=None) -> int:
     from accelerate import PartialState
 
+    from diffusionclip_pipeline.cli import load_pipeline, read_images
+
     args = parse_args(argv)
     state = PartialState(cpu=not torch.cuda.is_available())
     pipe = load_pipeline(args.model, args.clip)
     pipe.set_progress_bar_config(disable=not state.is_main_process)
-    images = read_images(args.images) if args.images else None
+    images = read_images(args.images)[0] if args.images else None
     output = pipe.finetune(
         args.src,
         args.tar,
@@ -103,7 +81,7 @@ def main(argv=None) -> int:
         cache_dir=args.cache_dir,
     )
     digest = adapter_digest(pipe, output.adapter_name)
-    print(f"rank {state.process_index}/{state.num_processes} adapter-sha256 {digest}")
+    print(f"rank {state.process_index}/{state.num_processes} adapter-sha256 {digest}", flush=True)
     if state.is_main_process:
         path = pipe.save_lora_weights(args.output)
         print(f"saved {path}; loss {output.loss_history[0]:.4f} -> {output.loss_history[-1]:.4f}")
