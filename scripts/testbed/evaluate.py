@@ -1,0 +1,126 @@
+"""Measure the test-bed models and print a table.
+
+Measurements (all in float32, on fresh data that training never saw as such):
+
+- CLIP zero-shot accuracy on 256 rendered images (seed 31337): argmax over the 12 prompts
+  "a photo of a {colour} {shape}"; colour, shape and joint accuracy. Also the mean cosine between image and text
+  directions for 64 same-geometry colour swaps (``E_I(b) - E_I(a)`` vs ``E_T("a blue circle") - E_T("a red
+  circle")``).
+- DDPM: fraction of 64 unconditional DDIM samples (50 steps, eta 0, clip_sample=False, noise seed 0) that are
+  one clean shape (``world.is_clean_shape``), with counts per colour / shape of the clean ones.
+- DDIM invert -> regenerate MAE on a [0, 1] scale over 64 rendered images (seed 2025): t0 = 500, 40 + 40 steps
+  on ``round(linspace(0, 500, 41))``, UNet at the source timestep during inversion.
+
+Run time: about 1.5 min on one thread.
+
+Usage::
+
+    python scripts/testbed/evaluate.py                                  # the shipped weights
+    python scripts/testbed/evaluate.py --weights build/testbed/export   # another export
+    python scripts/testbed/evaluate.py --unet build/testbed/ddpm/ema_unet --scheduler build/testbed/ddpm/scheduler \
+        --clip build/testbed/clip/clip --tokenizer build/testbed/clip/tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import batch_to_tensor, ddim_sample, invert_regenerate, save_grid, score_samples, tensor_to_uint8, world  # noqa: E402,I001
+
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src", "diffusionclip_pipeline",
+                               "testbed", "weights")
+
+TARGETS = {"colour_acc": 0.95, "shape_acc": 0.90, "clean_frac": 0.80, "inv_mae": 0.03}
+
+
+def load(args):
+    from diffusers import DDPMScheduler, UNet2DModel
+    from transformers import CLIPModel, CLIPTokenizer
+
+    w = args.weights
+    unet = UNet2DModel.from_pretrained(args.unet or os.path.join(w, "unet")).float().eval()
+    sched = DDPMScheduler.from_pretrained(args.scheduler or os.path.join(w, "scheduler"))
+    clip = CLIPModel.from_pretrained(args.clip or os.path.join(w, "clip")).float().eval()
+    tok = CLIPTokenizer.from_pretrained(args.tokenizer or os.path.join(w, "tokenizer"))
+    return unet, sched, clip, tok
+
+
+@torch.no_grad()
+def eval_clip(clip, tok, n: int = 256, seed: int = 31337) -> dict:
+    from train_clip import evaluate as clip_eval  # same measurement as the training log, other seed
+
+    return clip_eval(clip, tok, clip.config.vision_config.image_size, n=n, seed=seed)
+
+
+@torch.no_grad()
+def eval_ddpm(unet, sched, n_samples: int = 64, n_inv: int = 64, grid: str | None = None) -> dict:
+    samples = tensor_to_uint8(ddim_sample(unet, sched, n_samples, seed=0, num_steps=50))
+    if grid:
+        save_grid(samples, grid)
+    out = score_samples(samples)
+    imgs, _ = world.render_dataset(n_inv, seed=2025, size=unet.config.sample_size)
+    x0 = batch_to_tensor(np.stack([np.asarray(i) for i in imgs]))
+    _, rec = invert_regenerate(unet, sched, x0, t0=500, n_inv=40, n_gen=40)
+    out["inv_mae"] = float(((rec.clamp(-1, 1) - x0).abs() / 2).mean())
+    out["inv_max_abs"] = float(((rec.clamp(-1, 1) - x0).abs() / 2).max())
+    return out
+
+
+def table(res: dict) -> str:
+    rows = [
+        ("CLIP zero-shot colour acc (256 imgs)", f"{res['colour_acc']:.4f}", ">= 0.95", res["colour_acc"] >= 0.95),
+        ("CLIP zero-shot shape acc (256 imgs)", f"{res['shape_acc']:.4f}", ">= 0.90", res["shape_acc"] >= 0.90),
+        ("CLIP zero-shot joint acc (256 imgs)", f"{res['joint_acc']:.4f}", "", None),
+        ("CLIP direction cosine (64 colour swaps)", f"{res['dir_cos']:.3f}", "", None),
+        ("DDPM clean samples (64, DDIM 50)", f"{res['clean_frac']:.3f}", ">= 0.80", res["clean_frac"] >= 0.80),
+        ("  clean per colour", json.dumps(res["clean_colours"]), "", None),
+        ("  clean per shape", json.dumps(res["clean_shapes"]), "", None),
+        ("  failures blob / colour / background", f"{res['fail_blob']} / {res['fail_colour']} / "
+         f"{res['fail_background']}", "", None),
+        ("DDIM invert->regenerate MAE (64, t0=500)", f"{res['inv_mae']:.4f}", "<= 0.03", res["inv_mae"] <= 0.03),
+    ]
+    lines = ["| measurement | value | target | ok |", "|---|---|---|---|"]
+    for name, val, tgt, ok in rows:
+        lines.append(f"| {name} | {val} | {tgt} | {'' if ok is None else ('yes' if ok else 'NO')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS)
+    p.add_argument("--unet")
+    p.add_argument("--scheduler")
+    p.add_argument("--clip")
+    p.add_argument("--tokenizer")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--grid", help="save the 64 DDIM samples as a PNG grid here")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t = time.time()
+    unet, sched, clip, tok = load(args)
+    res = eval_clip(clip, tok)
+    res.update(eval_ddpm(unet, sched, grid=args.grid))
+    res["eval_s"] = round(time.time() - t, 1)
+    res["all_targets_met"] = bool(
+        res["colour_acc"] >= TARGETS["colour_acc"] and res["shape_acc"] >= TARGETS["shape_acc"]
+        and res["clean_frac"] >= TARGETS["clean_frac"] and res["inv_mae"] <= TARGETS["inv_mae"])
+    print(table(res))
+    print(f"\nall targets met: {res['all_targets_met']}  ({res['eval_s']} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
