@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -57,7 +58,9 @@ def _as_deterministic(scheduler, cls):
         return scheduler
     if scheduler.config.get("clip_sample", False):
         logger.info(f"Building {cls.__name__} with clip_sample=False from the {type(scheduler).__name__} config.")
-    return cls.from_config(scheduler.config, clip_sample=False)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    config = {k: v for k, v in scheduler.config.items() if k in accepted}  # e.g. DDPM's variance_type: not DDIM's
+    return cls.from_config(config, clip_sample=False)
 
 
 class DiffusionCLIPPipeline(DiffusionPipeline):
@@ -348,10 +351,11 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         inverse_scheduler.set_timesteps(timesteps=timesteps)
         # 4. DDIM eq. (12) run forward, eps of the original model at the source level
         latents = self._encode(x0)
-        for t in self.progress_bar(inverse_scheduler.timesteps):
-            source_t = max(inverse_scheduler.source_timestep(t), 0)
-            noise_pred = self._predict_noise(latents, source_t, adapted=False)
-            latents = inverse_scheduler.step(noise_pred, t, latents).prev_sample
+        with lora.adapters_disabled(self.unet):  # once for the loop, not per call
+            for t in self.progress_bar(inverse_scheduler.timesteps):
+                source_t = max(inverse_scheduler.source_timestep(t), 0)
+                noise_pred = self._predict_noise(latents, source_t)
+                latents = inverse_scheduler.step(noise_pred, t, latents).prev_sample
         if not return_dict:
             return (latents, timesteps, x0)
         return DiffusionCLIPInversionOutput(latents=latents, timesteps=timesteps, image=x0)

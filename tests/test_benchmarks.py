@@ -1,0 +1,34 @@
+"""The benchmark scripts run (one tiny configuration each); their numbers live in the README, not here."""
+
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture(autouse=True)
+def bench_path(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+
+
+def test_bench_finetune_tiny(capsys):
+    import bench_finetune
+
+    rows = bench_finetune.main(["--tiny", "--threads", "1"])
+    assert [r["scheme"] for r in rows] == ["original", "lora_eff"]
+    full, lora = rows
+    assert lora["trainable"] < full["trainable"] and lora["artefact_bytes"] < full["artefact_bytes"]
+    assert all(r["epoch_s"] > 0 and r["peak_bytes"] > 0 for r in rows)
+    assert "| tiny | 2 | lora_eff |" in capsys.readouterr().out
+
+
+def test_bench_edit_tiny(capsys):
+    import bench_edit
+
+    rows = bench_edit.main(["--tiny", "--threads", "1"])
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["edit_s"] > 0 and r["floor_s"] > 0 for r in rows)
+    assert "edit / floor" in capsys.readouterr().out
+    sys.modules.pop("bench_edit", None)
