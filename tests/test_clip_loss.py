@@ -126,3 +126,29 @@ def test_forward_validation(loss_fn):
         loss_fn(random_images(2), random_images(2))
     with pytest.raises(ValueError, match="`reduction`"):
         loss_fn(random_images(2), random_images(2), "a", "b", reduction="sum")
+
+
+def test_augmented_views_pair_source_and_generated(clip_model, tokenizer):
+    loss_fn = CLIPDirectionalLoss(clip_model, tokenizer, templates=("a {}.",), num_augmentations=3, seed=1)
+    x = random_images(2)
+    src_views, gen_views = loss_fn.augment(x, x.clone())
+    assert src_views.shape == (6, 3, 16, 16)
+    assert torch.equal(src_views, gen_views)  # the same view of source and generated image
+    constant = torch.full((1, 3, 16, 16), 0.3)
+    torch.testing.assert_close(loss_fn.augment(constant, constant)[0], constant.expand(3, -1, -1, -1))
+
+
+def test_augmented_loss_is_seeded_and_per_sample(clip_model, tokenizer):
+    src, gen = random_images(2, seed=0), random_images(2, seed=1)
+
+    def make(seed):
+        return CLIPDirectionalLoss(clip_model, tokenizer, templates=("a {}.",), num_augmentations=4, seed=seed)
+
+    a = make(0)(src, gen, "red circle", "blue circle", reduction="none")
+    b = make(0)(src, gen, "red circle", "blue circle", reduction="none")
+    c = make(1)(src, gen, "red circle", "blue circle", reduction="none")
+    assert a.shape == (2,) and torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="`num_augmentations`"):
+        CLIPDirectionalLoss(clip_model, tokenizer, num_augmentations=-1)
+    with pytest.raises(ValueError, match="`augmentation_shift`"):
+        CLIPDirectionalLoss(clip_model, tokenizer, augmentation_shift=0.7)

@@ -263,6 +263,7 @@ def test_sampled_training_images_and_image_direction():
         (dict(mixed_precision="fp8"), "`mixed_precision`"),
         (dict(l1_loss_weight=-1), "`l1_loss_weight`"),
         (dict(clip_loss_type="l2"), "`clip_loss_type`"),
+        (dict(clip_num_augmentations=-2), "`clip_num_augmentations`"),
         (dict(lora_target_modules=()), "`lora_target_modules`"),
         (dict(identity_loss_weight=1.0), "`identity_loss`"),
         (dict(images=[]), "`images`"),

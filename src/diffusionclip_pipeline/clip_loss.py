@@ -63,6 +63,11 @@ class CLIPDirectionalLoss(nn.Module):
         global_weight (`float`, *optional*, defaults to 0.0): Weight of an extra global term
             ``1 - cos(E_I(x_gen), E_T(target))`` (off in DiffusionCLIP's fine-tuning; its loss class has it).
         image_mean / image_std (`Sequence[float]`, *optional*): Normalisation; OpenAI CLIP's constants by default.
+        num_augmentations (`int`, *optional*, defaults to 0): Random views per sample (same view for source and
+            generated image) over which the loss is averaged; 0 (the official code) encodes the images as they are.
+            Views keep the fine-tuned model from satisfying CLIP with pixel-exact adversarial patterns.
+        augmentation_shift (`float`, *optional*, defaults to 0.125): Largest translation, as a fraction of the size.
+        seed (`int`, *optional*, defaults to 0): Seed of the views.
 
     Example:
 
@@ -82,6 +87,9 @@ class CLIPDirectionalLoss(nn.Module):
         global_weight: float = 0.0,
         image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
         image_std: Sequence[float] = OPENAI_CLIP_STD,
+        num_augmentations: int = 0,
+        augmentation_shift: float = 0.125,
+        seed: int = 0,
     ):
         super().__init__()
         if loss_type not in LOSS_TYPES:
@@ -99,12 +107,41 @@ class CLIPDirectionalLoss(nn.Module):
         self.tokenizer = tokenizer
         self.templates = templates
         self.loss_type = loss_type
+        if isinstance(num_augmentations, bool) or not isinstance(num_augmentations, int) or num_augmentations < 0:
+            raise ValueError(f"`num_augmentations` must be an integer >= 0, got {num_augmentations!r}.")
+        if not 0 <= augmentation_shift < 0.5:
+            raise ValueError(f"`augmentation_shift` must be in [0, 0.5), got {augmentation_shift!r}.")
+        self.num_augmentations = num_augmentations
+        self.augmentation_shift = float(augmentation_shift)
+        self._generator = torch.Generator().manual_seed(seed)
         self.direction_weight = float(direction_weight)
         self.global_weight = float(global_weight)
         self.image_size = int(clip_model.config.vision_config.image_size)
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std).view(1, -1, 1, 1), persistent=False)
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def augment(self, source: torch.Tensor, generated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num_augmentations`` random views of each pair, the same view for source and generated image.
+
+        A view is a random translation by up to ``augmentation_shift`` of the image size (the border pixels
+        repeated) and a random horizontal flip, sampled from the loss's own seeded generator. Stacked view-major:
+        ``(num_augmentations * batch, C, H, W)``.
+        """
+        k, b = self.num_augmentations, source.shape[0]
+        shifts = (torch.rand(k * b, 2, generator=self._generator) * 2 - 1) * self.augmentation_shift * 2
+        flips = torch.rand(k * b, generator=self._generator) < 0.5
+        theta = torch.zeros(k * b, 2, 3)
+        theta[:, 0, 0] = torch.where(flips, -1.0, 1.0)
+        theta[:, 1, 1] = 1.0
+        theta[:, :, 2] = shifts  # affine_grid works in [-1, 1] coordinates: a shift of s image sizes is 2 s
+        theta = theta.to(device=source.device, dtype=source.dtype)
+        grid = F.affine_grid(theta, (k * b, *source.shape[1:]), align_corners=False)
+
+        def view(x):
+            return F.grid_sample(x.repeat(k, 1, 1, 1), grid, padding_mode="border", align_corners=False)
+
+        return view(source), view(generated)
 
     def train(self, mode: bool = True):
         # CLIP stays in eval mode whatever the caller does (no dropout noise in the loss).
@@ -213,6 +250,9 @@ class CLIPDirectionalLoss(nn.Module):
                 f"`source_image` and `generated_image` must have the same shape, got {tuple(source_image.shape)} "
                 f"and {tuple(generated_image.shape)}."
             )
+        if self.num_augmentations > 0:
+            # the same random view of source and generated image, several views per sample (see `augment`)
+            source_image, generated_image = self.augment(source_image, generated_image)
         with torch.no_grad():
             source_embeds = self.encode_images(source_image)
         generated_embeds = self.encode_images(generated_image)
@@ -228,4 +268,6 @@ class CLIPDirectionalLoss(nn.Module):
             loss = loss + self.global_weight * (
                 1.0 - F.cosine_similarity(generated_embeds, target_embedding.expand_as(generated_embeds), dim=-1)
             )
+        if self.num_augmentations > 0:
+            loss = loss.view(self.num_augmentations, -1).mean(0)  # back to one value per sample
         return loss.mean() if reduction == "mean" else loss

@@ -60,6 +60,9 @@ class FinetuneConfig:
     clip_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the directional CLIP loss."})
     clip_loss_type: str = field(default="cosine", metadata={"help": "'cosine' (1 - cos) or 'neg_log'."})
     global_clip_loss_weight: float = field(default=0.0, metadata={"help": "Weight of 1 - cos(E_I(x0_hat), E_T(tar))."})
+    clip_num_augmentations: int = field(
+        default=0, metadata={"help": "Random views (shift + flip) averaged in the CLIP loss; 0: none (official)."}
+    )
     l1_loss_weight: float = field(default=0.6, metadata={"help": "Weight of |x0 - x0_hat| (identity keeping)."})
     identity_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the user's `identity_loss`."})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
@@ -91,6 +94,10 @@ class FinetuneConfig:
             positive_int(name)
         for name in ("clip_loss_weight", "global_clip_loss_weight", "l1_loss_weight", "identity_loss_weight"):
             non_negative(name)
+        if isinstance(self.clip_num_augmentations, bool) or not isinstance(self.clip_num_augmentations, int):
+            raise ValueError(f"`clip_num_augmentations` must be an integer >= 0, got {self.clip_num_augmentations!r}.")
+        if self.clip_num_augmentations < 0:
+            raise ValueError(f"`clip_num_augmentations` must be an integer >= 0, got {self.clip_num_augmentations!r}.")
         if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, (int, float)):
             raise ValueError(f"`learning_rate` must be a positive number, got {self.learning_rate!r}.")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
@@ -238,6 +245,7 @@ def finetune(
     loss_fn = CLIPDirectionalLoss(
         pipe.clip_model, pipe.clip_tokenizer, loss_type=config.clip_loss_type,
         direction_weight=config.clip_loss_weight, global_weight=config.global_clip_loss_weight,
+        num_augmentations=config.clip_num_augmentations, seed=config.seed,
     ).to(device)  # fmt: skip
     if target_direction is None:
         text_direction = loss_fn.text_direction(prompt_src, prompt_tar)
