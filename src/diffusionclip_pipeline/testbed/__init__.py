@@ -1,5 +1,7 @@
 """Offline test-bed world (coloured shapes on white) and the tiny models trained on it."""
 
+from .pipeline import WEIGHTS_DIR, load_pipeline
+from .settings import RECOMMENDED_EDIT, RECOMMENDED_FINETUNE
 from .world import (
     COLOURS,
     SHAPES,
@@ -19,6 +21,10 @@ from .world import (
 )
 
 __all__ = [
+    "RECOMMENDED_EDIT",
+    "RECOMMENDED_FINETUNE",
+    "WEIGHTS_DIR",
+    "load_pipeline",
     "COLOURS",
     "SHAPES",
     "TEMPLATES",

@@ -1,0 +1,38 @@
+"""`load_pipeline()`: a ready `DiffusionCLIPPipeline` from the test-bed weights shipped inside the package."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+
+
+def load_pipeline(weights_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+    """The test-bed pipeline (tiny DDPM + tiny CLIP of the shapes world), loaded offline from ``weights_dir``.
+
+    Args:
+        weights_dir (`str`, *optional*): A folder with ``unet/``, ``scheduler/``, ``clip/`` and ``tokenizer/``
+            (default: the weights shipped in the package).
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): The weights are stored in fp16 and cast.
+
+    Returns:
+        [`DiffusionCLIPPipeline`]: on the CPU, progress bars off.
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from ..pipeline_diffusionclip import DiffusionCLIPPipeline
+
+    root = os.fspath(weights_dir or WEIGHTS_DIR)
+    missing = [d for d in ("unet", "scheduler", "clip", "tokenizer") if not os.path.isdir(os.path.join(root, d))]
+    if missing:
+        raise FileNotFoundError(f"The test-bed weights folder {root!r} lacks {missing}.")
+    unet = UNet2DModel.from_pretrained(os.path.join(root, "unet"), dtype=dtype)
+    scheduler = DDPMScheduler.from_pretrained(os.path.join(root, "scheduler"))
+    clip_model = CLIPModel.from_pretrained(os.path.join(root, "clip"), dtype=dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer"))
+    pipe = DiffusionCLIPPipeline(unet=unet, scheduler=scheduler, clip_model=clip_model, clip_tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
