@@ -29,12 +29,13 @@ import tempfile
 import time
 
 SCHEMES = {
-    # name: (trainable, scheme, gradient checkpointing, batch size multiplier)
-    "original": ("full", "full_chain", False, 1),
-    "original_eff": ("full", "efficient", False, 1),
-    "lora_eff": ("lora", "efficient", False, 1),
-    "lora_eff_gc": ("lora", "efficient", True, 1),
-    "lora_eff_b4": ("lora", "efficient", False, 4),
+    # name: (trainable, scheme, gradient checkpointing, batch size multiplier, bf16 autocast)
+    "original": ("full", "full_chain", False, 1, False),
+    "original_eff": ("full", "efficient", False, 1, False),
+    "lora_eff": ("lora", "efficient", False, 1, False),
+    "lora_eff_gc": ("lora", "efficient", True, 1, False),
+    "lora_eff_b4": ("lora", "efficient", False, 4, False),
+    "lora_eff_b4_bf16": ("lora", "efficient", False, 4, True),
 }
 
 # google/ddpm-celebahq-256's block structure; `div` scales the channels down for the CPU-sized variants.
@@ -53,7 +54,7 @@ def build_unet(model: str):
     if model == "testbed":
         from diffusionclip_pipeline.testbed.pipeline import WEIGHTS_DIR
 
-        config = UNet2DModel.load_config(os.path.join(WEIGHTS_DIR, "unet"))
+        config = UNet2DModel.load_config(os.environ.get("TESTBED_UNET", os.path.join(WEIGHTS_DIR, "unet")))
         return UNet2DModel.from_config(config)  # the test-bed architecture (random weights: cost only)
     if model == "tiny":
         return UNet2DModel(
@@ -90,7 +91,7 @@ def worker(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
-    trainable, scheme, gc, batch_mult = SCHEMES[cfg["scheme"]]
+    trainable, scheme, gc, batch_mult, bf16 = SCHEMES[cfg["scheme"]]
     unet = build_unet(cfg["model"]).to(device)
     clip = build_clip(unet.config.sample_size).to(device).requires_grad_(False)
     if trainable == "lora":
@@ -123,12 +124,16 @@ def worker(cfg: dict) -> dict:
             e_src = embed(src)
         return direction_loss(embed(pred) - e_src, text_direction).mean() + 0.6 * (src - pred).abs().mean()
 
+    def predict(x, t):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return unet(x, t).sample.float()
+
     def epoch():
         for start in range(0, cfg["images"], batch):
             x, src = latents[start : start + batch], x0[start : start + batch]
             if scheme == "efficient":
                 for t in grid[::-1]:
-                    step = scheduler.step(unet(x, t).sample, t, x)
+                    step = scheduler.step(predict(x, t), t, x)
                     loss = loss_on(src, step.pred_original_sample)
                     loss.backward()
                     optimizer.step()
@@ -136,7 +141,7 @@ def worker(cfg: dict) -> dict:
                     x = step.prev_sample.detach()
             else:
                 for t in grid[::-1]:
-                    x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+                    x = scheduler.step(predict(x, t), t, x).prev_sample
                 loss_on(src, x).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -240,7 +245,7 @@ def print_table(rows: list[dict], args) -> None:
     memory = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS"
     machine = platform.processor() or platform.machine()
     print(f"\nfine-tuning cost on {args.device} ({machine}, {args.threads} threads); {args.images} images/epoch, "
-          f"batch {args.batch} (x4 for *_b4); median of {args.epochs} epochs after a warm-up one")  # fmt: skip
+          f"batch {args.batch} (x4 for *_b4*); median of {args.epochs} epochs after a warm-up one")  # fmt: skip
     print("training part = peak minus the memory held before the first epoch (models, data, Python)\n")
     head = ("model", "S_gen", "scheme", "s/epoch", "x orig", "x eff", memory, "training part", "x orig", "trainable",
             "artefact")  # fmt: skip

@@ -119,26 +119,22 @@ def _grid_from(timesteps, num_train_timesteps: int) -> list[int]:
     return grid
 
 
-class GridDDIMScheduler(DDIMScheduler):
-    """`DDIMScheduler` that can also run on an explicit grid: ``set_timesteps(timesteps=[0, ..., t0])``.
-
-    ``timesteps`` is given ascending (as returned by `ddim_timesteps`) and stored descending, like the stock
-    scheduler's. `step` goes from ``t`` to the next lower grid point, and from the lowest to the clean image
-    (``final_alpha_cumprod``). Without ``timesteps`` it behaves exactly as `DDIMScheduler`.
-    """
+class _ExplicitGrid:
+    """What both grid schedulers share: an optional explicit ascending grid and its lower-neighbour lookup."""
 
     _grid: list[int] | None = None
 
-    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
+    def _set_grid(self, num_inference_steps, device, timesteps, descending: bool):
         if timesteps is None:
             self._grid = None
             return super().set_timesteps(num_inference_steps, device=device)
         self._grid = _grid_from(timesteps, self.config.num_train_timesteps)
         self.num_inference_steps = len(self._grid)
-        self.timesteps = torch.tensor(self._grid[::-1], dtype=torch.long, device=device)
+        order = self._grid[::-1] if descending else self._grid
+        self.timesteps = torch.tensor(order, dtype=torch.long, device=device)
 
-    def previous_timestep(self, timestep) -> int:
-        """The grid point the step from ``timestep`` lands on (-1 means the clean image)."""
+    def _grid_below(self, timestep) -> int:
+        """The grid point below ``timestep`` (-1, the clean image, below the lowest); the stock stride without grid."""
         t = int(timestep)
         if self._grid is None:
             return t - self.config.num_train_timesteps // self.num_inference_steps
@@ -146,6 +142,22 @@ class GridDDIMScheduler(DDIMScheduler):
             raise ValueError(f"`timestep` {t} is not on the grid {self._grid}.")
         k = self._grid.index(t)
         return self._grid[k - 1] if k > 0 else -1
+
+
+class GridDDIMScheduler(_ExplicitGrid, DDIMScheduler):
+    """`DDIMScheduler` that can also run on an explicit grid: ``set_timesteps(timesteps=[0, ..., t0])``.
+
+    ``timesteps`` is given ascending (as returned by `ddim_timesteps`) and stored descending, like the stock
+    scheduler's. `step` goes from ``t`` to the next lower grid point, and from the lowest to the clean image
+    (``final_alpha_cumprod``). Without ``timesteps`` it behaves exactly as `DDIMScheduler`.
+    """
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
+        return self._set_grid(num_inference_steps, device, timesteps, descending=True)
+
+    def previous_timestep(self, timestep) -> int:
+        """The grid point the step from ``timestep`` lands on (-1 means the clean image)."""
+        return self._grid_below(timestep)
 
     def step(
         self,
@@ -174,7 +186,7 @@ class GridDDIMScheduler(DDIMScheduler):
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
 
-class GridDDIMInverseScheduler(DDIMInverseScheduler):
+class GridDDIMInverseScheduler(_ExplicitGrid, DDIMInverseScheduler):
     """`DDIMInverseScheduler` that can also run on an explicit ascending grid (``set_timesteps(timesteps=...)``).
 
     As in the stock scheduler, ``step(model_output, timestep, sample)`` takes the *target* ``timestep``; the source
@@ -182,25 +194,12 @@ class GridDDIMInverseScheduler(DDIMInverseScheduler):
     evaluates the model at the source level: use `source_timestep` for the UNet's timestep label.
     """
 
-    _grid: list[int] | None = None
-
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
-        if timesteps is None:
-            self._grid = None
-            return super().set_timesteps(num_inference_steps, device=device)
-        self._grid = _grid_from(timesteps, self.config.num_train_timesteps)
-        self.num_inference_steps = len(self._grid)
-        self.timesteps = torch.tensor(self._grid, dtype=torch.long, device=device)
+        return self._set_grid(num_inference_steps, device, timesteps, descending=False)
 
     def source_timestep(self, timestep) -> int:
         """The grid point a step *to* ``timestep`` starts from (-1 means the clean image)."""
-        t = int(timestep)
-        if self._grid is None:
-            return t - self.config.num_train_timesteps // self.num_inference_steps
-        if t not in self._grid:
-            raise ValueError(f"`timestep` {t} is not on the grid {self._grid}.")
-        k = self._grid.index(t)
-        return self._grid[k - 1] if k > 0 else -1
+        return self._grid_below(timestep)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         if self._grid is None:
