@@ -152,3 +152,16 @@ def test_augmented_loss_is_seeded_and_per_sample(clip_model, tokenizer):
         CLIPDirectionalLoss(clip_model, tokenizer, num_augmentations=-1)
     with pytest.raises(ValueError, match="`augmentation_shift`"):
         CLIPDirectionalLoss(clip_model, tokenizer, augmentation_shift=0.7)
+
+
+def test_precomputed_source_embeddings_give_the_same_loss(loss_fn):
+    src, gen = random_images(2, seed=0), random_images(2, seed=1)
+    reused = loss_fn(src, gen, "red circle", "blue circle", source_embeds=loss_fn.encode_images(src))
+    torch.testing.assert_close(reused, loss_fn(src, gen, "red circle", "blue circle"))
+
+
+def test_source_embeddings_not_reusable_with_augmentations(clip_model, tokenizer):
+    loss_fn = CLIPDirectionalLoss(clip_model, tokenizer, templates=("a {}.",), num_augmentations=2)
+    src = random_images(1)
+    with pytest.raises(ValueError, match="`source_embeds`"):
+        loss_fn(src, src, "a", "b", source_embeds=loss_fn.encode_images(src))

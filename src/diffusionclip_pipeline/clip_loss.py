@@ -228,6 +228,7 @@ class CLIPDirectionalLoss(nn.Module):
         target_text: str | None = None,
         text_direction: torch.Tensor | None = None,
         reduction: str = "mean",
+        source_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Directional loss of ``generated_image`` against ``source_image`` (both ``(batch, 3, H, W)`` in [-1, 1]).
 
@@ -238,6 +239,9 @@ class CLIPDirectionalLoss(nn.Module):
             text_direction (`torch.Tensor`, *optional*): A precomputed target direction (e.g. from
                 `image_set_direction`) used instead of the prompts; the global term then needs ``target_text``.
             reduction (`str`, *optional*, defaults to `"mean"`): ``"mean"`` or ``"none"`` (per-sample losses).
+            source_embeds (`torch.Tensor`, *optional*): ``encode_images(source_image)``, when the caller reuses one
+                source over several calls (fine-tuning's generation steps). Not allowed with augmentations (every
+                call draws new views).
         """
         if reduction not in ("mean", "none"):
             raise ValueError(f"`reduction` must be 'mean' or 'none', got {reduction!r}.")
@@ -251,10 +255,13 @@ class CLIPDirectionalLoss(nn.Module):
                 f"and {tuple(generated_image.shape)}."
             )
         if self.num_augmentations > 0:
+            if source_embeds is not None:
+                raise ValueError("`source_embeds` cannot be reused with augmentations: every call draws new views.")
             # the same random view of source and generated image, several views per sample (see `augment`)
             source_image, generated_image = self.augment(source_image, generated_image)
-        with torch.no_grad():
-            source_embeds = self.encode_images(source_image)
+        if source_embeds is None:
+            with torch.no_grad():
+                source_embeds = self.encode_images(source_image)
         generated_embeds = self.encode_images(generated_image)
         # F.cosine_similarity normalises dI, so |dI| scaling (and the source image's own norm) never matter
         image_direction = generated_embeds - source_embeds

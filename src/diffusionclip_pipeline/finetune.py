@@ -283,10 +283,21 @@ def finetune(
     scheduler.set_timesteps(timesteps=ddim_timesteps(config.t0, config.num_train_steps, T))
     grid = [int(t) for t in scheduler.timesteps]
 
-    def loss_on(x0_src, x0_pred):
+    use_clip = config.clip_loss_weight > 0 or config.global_clip_loss_weight > 0
+
+    def source_embeddings(x0_src):
+        """Once per batch, reused by every generation step (the official code re-encodes the source each step)."""
+        if not use_clip or config.clip_num_augmentations > 0:
+            return None
+        with torch.no_grad():
+            return loss_fn.encode_images(x0_src)
+
+    def loss_on(x0_src, x0_pred, src_embeds):
         loss = x0_pred.new_zeros(())
-        if config.clip_loss_weight > 0 or config.global_clip_loss_weight > 0:
-            loss = loss + loss_fn(x0_src, x0_pred, prompt_src, prompt_tar, text_direction=text_direction)
+        if use_clip:
+            loss = loss + loss_fn(
+                x0_src, x0_pred, prompt_src, prompt_tar, text_direction=text_direction, source_embeds=src_embeds
+            )
         if config.l1_loss_weight > 0:
             loss = loss + config.l1_loss_weight * (x0_src - x0_pred).abs().mean()
         if identity_loss is not None and config.identity_loss_weight > 0:
@@ -333,12 +344,13 @@ def finetune(
             for b, start in enumerate(range(0, per_process, config.batch_size)):
                 idx = order[start : start + config.batch_size]
                 x, x0_src = x_t0[idx], x0[idx]
+                src_embeds = source_embeddings(x0_src)
                 if config.scheme == "efficient":
                     # one update per generation step, loss on that step's x0_hat; the chain itself is detached
                     for t in grid:
                         with accelerator.accumulate(model):
                             step = scheduler.step(predict(x, t), t, x)
-                            loss = loss_on(x0_src, step.pred_original_sample)
+                            loss = loss_on(x0_src, step.pred_original_sample, src_embeds)
                             optimize(loss, f"epoch {epoch}, batch {b}, timestep {t}")
                         x = step.prev_sample.detach()  # from the pre-update weights, as the official code
                         loss_history.append(loss.item())
@@ -347,7 +359,7 @@ def finetune(
                     with accelerator.accumulate(model):
                         for t in grid:
                             x = scheduler.step(predict(x, t), t, x).prev_sample
-                        loss = loss_on(x0_src, x)
+                        loss = loss_on(x0_src, x, src_embeds)
                         optimize(loss, f"epoch {epoch}, batch {b}")
                     loss_history.append(loss.item())
                 progress.set_postfix(epoch=epoch, loss=f"{loss_history[-1]:.4f}")
