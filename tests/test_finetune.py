@@ -114,6 +114,15 @@ def test_edit_changes_and_save_load_reproduces_exactly(tmp_path):
     fresh.unload_lora_weights()
     assert fresh.lora_adapters == [] and torch.equal(fresh.edit(x, **EDIT).images, base)
 
+    half = pipe.save_lora_weights(tmp_path / "half", dtype=torch.float16)
+    assert os.path.getsize(half) < 0.6 * os.path.getsize(path)
+    fresh_half = make_pipeline()
+    fresh_half.load_lora_weights(half)
+    assert fresh_half.unet.dtype == torch.float32
+    torch.testing.assert_close(fresh_half.edit(x, **EDIT).images, edited, atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="`dtype`"):
+        pipe.save_lora_weights(tmp_path / "bad", dtype=torch.int8)
+
     _, metadata = read_adapter_file(path)
     assert '"prompt_tar": "blue circle"' in metadata["provenance"] and '"rank": 4' in metadata["lora_config"]
 

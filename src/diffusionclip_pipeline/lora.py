@@ -167,9 +167,20 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict
 
 
 def save_adapter(
-    model: nn.Module, path: str, adapter_name: str, settings: LoraSettings, provenance: dict | None = None
+    model: nn.Module,
+    path: str,
+    adapter_name: str,
+    settings: LoraSettings,
+    provenance: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> str:
-    """Writes one adapter to ``path`` (a folder gets ``pytorch_lora_weights.safetensors``); returns the file path."""
+    """Writes one adapter to ``path`` (a folder gets ``pytorch_lora_weights.safetensors``); returns the file path.
+
+    ``dtype`` (e.g. ``torch.float16``) stores the weights in that precision (half the file); loading casts them back
+    to the UNet's dtype. By default they are stored as they are, so a reload reproduces edits bit for bit.
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"`dtype` must be a floating-point torch.dtype, got {dtype!r}.")
     if adapter_name not in adapter_names(model):
         raise ValueError(f"No adapter named {adapter_name!r}; the UNet has {adapter_names(model)}.")
     if os.path.isdir(path) or not path.endswith(".safetensors"):
@@ -177,6 +188,8 @@ def save_adapter(
     from . import __version__
 
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

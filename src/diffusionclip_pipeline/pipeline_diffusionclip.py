@@ -611,12 +611,15 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         self._active_adapters = ([adapter_name], [1.0])
         return output
 
-    def save_lora_weights(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> str:
+    def save_lora_weights(
+        self, save_directory: str | os.PathLike, adapter_name: str | None = None, dtype: torch.dtype | None = None
+    ) -> str:
         """Writes one adapter as ``save_directory/pytorch_lora_weights.safetensors`` (safetensors only, atomic).
 
         The metadata holds the LoRA config (rank, alpha, targets), the base UNet's config fingerprint and the
         provenance (prompts, t0, steps, package version). ``adapter_name`` may be omitted when there is one adapter.
-        Returns the file's path.
+        ``dtype=torch.float16`` halves the file (2.4 MB instead of 4.8 MB for `google/ddpm-celebahq-256` at rank 4);
+        by default the weights are stored as trained and reload bit for bit. Returns the file's path.
         """
         names = lora.adapter_names(self.unet)
         if adapter_name is None:
@@ -627,7 +630,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             raise ValueError(f"No adapter named {adapter_name!r}; the UNet has {names}.")
         return lora.save_adapter(
             self.unet, os.fspath(save_directory), adapter_name, self._lora_settings[adapter_name],
-            self._lora_provenance.get(adapter_name, {}),
+            self._lora_provenance.get(adapter_name, {}), dtype=dtype,
         )  # fmt: skip
 
     def load_lora_weights(self, path: str | os.PathLike, adapter_name: str | None = None) -> str:
