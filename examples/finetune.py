@@ -25,17 +25,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tar", required=True, help="Target text, e.g. 'smiling face'.")
     parser.add_argument("--images", nargs="*", default=None, help="Image files or folders (default: sample).")
     parser.add_argument("--output", required=True, help="Folder for pytorch_lora_weights.safetensors.")
-    parser.add_argument("--t0", type=int, default=500)
-    parser.add_argument("--num-inversion-steps", type=int, default=40)
-    parser.add_argument("--num-train-steps", type=int, default=6)
-    parser.add_argument("--num-epochs", type=int, default=10)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lora-rank", type=int, default=4)
-    parser.add_argument("--l1-loss-weight", type=float, default=0.6)
-    parser.add_argument("--scheme", choices=("efficient", "full_chain"), default="efficient")
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    parser.add_argument("--num-sampled-images", type=int, default=8)
+    parser.add_argument("--t0", type=int, default=None)
+    parser.add_argument("--num-inversion-steps", type=int, default=None)
+    parser.add_argument("--num-train-steps", type=int, default=None)
+    parser.add_argument("--num-epochs", type=int, default=None)
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lora-rank", type=int, default=None)
+    parser.add_argument("--l1-loss-weight", type=float, default=None)
+    parser.add_argument("--scheme", choices=("efficient", "full_chain"), default=None)
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None)
+    parser.add_argument("--num-sampled-images", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="Folder caching the inverted latents.")
     return parser.parse_args(argv)
@@ -61,25 +61,16 @@ def main(argv=None) -> int:
     pipe = load_pipeline(args.model, args.clip)
     pipe.set_progress_bar_config(disable=not state.is_main_process)
     images = read_images(args.images)[0] if args.images else None
-    output = pipe.finetune(
-        args.src,
-        args.tar,
-        images=images,
-        t0=args.t0,
-        num_inversion_steps=args.num_inversion_steps,
-        num_train_steps=args.num_train_steps,
-        num_epochs=args.num_epochs,
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        lora_rank=args.lora_rank,
-        lora_alpha=float(args.lora_rank),
-        l1_loss_weight=args.l1_loss_weight,
-        scheme=args.scheme,
-        mixed_precision=args.mixed_precision,
-        num_sampled_images=args.num_sampled_images,
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-    )
+    settings = dict(
+        t0=args.t0, num_inversion_steps=args.num_inversion_steps, num_train_steps=args.num_train_steps,
+        num_epochs=args.num_epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
+        lora_rank=args.lora_rank, l1_loss_weight=args.l1_loss_weight, scheme=args.scheme,
+        mixed_precision=args.mixed_precision, num_sampled_images=args.num_sampled_images, seed=args.seed,
+    )  # fmt: skip
+    if args.lora_rank is not None:
+        settings["lora_alpha"] = float(args.lora_rank)
+    settings = {k: v for k, v in settings.items() if v is not None}  # unset: FinetuneConfig's defaults
+    output = pipe.finetune(args.src, args.tar, images=images, cache_dir=args.cache_dir, **settings)
     digest = adapter_digest(pipe, output.adapter_name)
     print(f"rank {state.process_index}/{state.num_processes} adapter-sha256 {digest}", flush=True)
     if state.is_main_process:
