@@ -1,0 +1,40 @@
+"""The example scripts run offline on the shipped test-bed (their real-model paths need the hub)."""
+
+import os
+import runpy
+
+import pytest
+
+from diffusionclip_pipeline.testbed import RECOMMENDED_FINETUNE
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.fixture
+def one_epoch(monkeypatch):
+    # wiring, not quality: the end-to-end quality test runs the full recommended settings
+    monkeypatch.setitem(RECOMMENDED_FINETUNE, "num_epochs", 1)
+
+
+def load(name):
+    return runpy.run_path(os.path.join(EXAMPLES, name), run_name="example")
+
+
+def test_showcase_runs_on_testbed(tmp_path, one_epoch, capsys):
+    assert load("showcase.py")["main"](["--edit", "smiling", "--testbed", "--output", str(tmp_path)]) == 0
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    assert "edited 8 images" in capsys.readouterr().out
+
+
+def test_showcase_real_model_needs_images(tmp_path):
+    with pytest.raises(SystemExit, match="--images is needed"):
+        load("showcase.py")["main"](["--edit", "gothic", "--output", str(tmp_path)])
+
+
+def test_evaluate_runs_on_testbed(one_epoch, capsys):
+    results = load("evaluate.py")["main"](["--testbed"])
+    assert set(results) == {
+        "S_dir (edit)", "MAE (reconstruction)", "SSIM (reconstruction)", "MAE (edit vs input)", "SSIM (edit vs input)",
+    }  # fmt: skip
+    assert results["MAE (reconstruction)"] < 0.03 and results["SSIM (reconstruction)"] > 0.9
+    assert "| S_dir (edit) |" in capsys.readouterr().out
