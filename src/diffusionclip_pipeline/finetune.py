@@ -30,6 +30,7 @@ from .lora import (
     LoraSettings,
     adapter_names,
     adapter_parameters,
+    adapters_disabled,
     add_adapter,
     atomic_save_file,
     weights_fingerprint,
@@ -259,9 +260,10 @@ def finetune(
     if images is None:
         shape = (config.num_sampled_images, pipe.unet.config.in_channels) + (pipe.unet.config.sample_size,) * 2
         noise = torch.randn(shape, generator=generator).to(device, pipe.unet.dtype)
-        x0 = pipe.edit(
-            latents=noise, t0=T - 1, num_inference_steps=config.num_sampling_steps, output_type="pt"
-        ).images * 2 - 1  # fmt: skip
+        with adapters_disabled(pipe.unet):  # samples of the original model, whatever adapters are loaded
+            x0 = pipe.edit(
+                latents=noise, t0=T - 1, num_inference_steps=config.num_sampling_steps, output_type="pt"
+            ).images * 2 - 1  # fmt: skip
     else:
         x0 = pipe._prepare_image(images, name="images")
     x0 = x0.to(device=device, dtype=pipe.unet.dtype)
