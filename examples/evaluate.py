@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
         "MAE (edit vs input)": mean_absolute_error(edited, images),
         "SSIM (edit vs input)": ssim(edited, images),
     }
-    print(f"\n'{src}' -> '{tar}' on {len(images)} images, t0 {kwargs.get('t0')}\n")
+    print(f"\n'{src}' -> '{tar}' on {len(images)} images, t0 {kwargs.get('t0', 500)}\n")
     print("| metric | value |\n|---|---|")
     for name, value in results.items():
         print(f"| {name} | {value:.4f} |")
