@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline, UNet2DModel
-from diffusers.utils import logging
+from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import lora
@@ -327,7 +327,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         Deterministic DDIM inversion (the DDIM ODE run forward, eta = 0) of ``image`` from t = 0 to ``t0``.
 
         Runs `DDIMInverseScheduler` steps (extended to explicit grids, see `schedule.GridDDIMInverseScheduler`)
-        over DiffusionCLIP's grid ``int(linspace(0, t0, num_inversion_steps))``, with the original (adapter-free)
+        over DiffusionCLIP's grid ``int(linspace(0, 1, num_inversion_steps) * t0)``, with the original (adapter-free)
         UNet evaluated at the *source* (lower) timestep of each step, as DiffusionCLIP does.
 
         Args:
@@ -363,6 +363,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
     # ---- editing ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def edit(
         self,
         image=None,
@@ -409,6 +410,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
                 weight ``g_i`` a number or a function of the timestep (see `mixing.piecewise_weights`).
             adapter_masks (`dict[str, torch.Tensor]`, *optional*): Spatial masks ``m_i`` in [0, 1], (H, W) or
                 (B, 1, H, W), for local edits; outside a mask the original model's prediction is kept.
+
+        Examples:
 
         Returns:
             [`DiffusionCLIPPipelineOutput`] or `tuple`: ``(images, latents, timesteps)``.
