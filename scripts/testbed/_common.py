@@ -21,6 +21,23 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def jsonl_logger(out_dir: str):
+    """A ``log(dict)`` that appends the record, time-stamped, to ``out_dir/log.jsonl`` and prints it."""
+    import json
+    import time
+
+    os.makedirs(out_dir, exist_ok=True)
+    logf = open(os.path.join(out_dir, "log.jsonl"), "a")
+
+    def log(d):
+        d["time"] = time.strftime("%H:%M:%S")
+        logf.write(json.dumps(d) + "\n")
+        logf.flush()
+        print(json.dumps(d), flush=True)
+
+    return log
+
+
 def batch_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

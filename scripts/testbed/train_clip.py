@@ -32,7 +32,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, world  # noqa: E402
+from _common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, jsonl_logger, world  # noqa: E402
 
 TEMPLATE_WORDS = ("a", "an", "the", "photo", "picture", "image", "drawing", "of", "on", "white", "shape", "thing",
                   "colored", "coloured", "in", "with", "background", "small", "large", "big")
@@ -245,14 +244,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
-    logf = open(os.path.join(args.out, "log.jsonl"), "a")
-
-    def log(d):
-        d["time"] = time.strftime("%H:%M:%S")
-        logf.write(json.dumps(d) + "\n")
-        logf.flush()
-        print(json.dumps(d), flush=True)
+    log = jsonl_logger(args.out)
 
     torch.manual_seed(args.seed)
     tok = build_tokenizer()

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import signal
@@ -53,7 +52,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import batch_to_tensor, ddim_sample, invert_regenerate, save_grid, score_samples, tensor_to_uint8, world  # noqa: E402,I001
+from _common import (  # noqa: E402,I001
+    batch_to_tensor, ddim_sample, invert_regenerate, jsonl_logger, save_grid, score_samples, tensor_to_uint8, world,
+)  # fmt: skip
 
 
 def build_unet(size: int):
@@ -142,14 +143,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
-    logf = open(os.path.join(args.out, "log.jsonl"), "a")
-
-    def log(d):
-        d["time"] = time.strftime("%H:%M:%S")
-        logf.write(json.dumps(d) + "\n")
-        logf.flush()
-        print(json.dumps(d), flush=True)
+    log = jsonl_logger(args.out)
 
     torch.manual_seed(args.seed)
     model = build_unet(args.size)
