@@ -38,7 +38,6 @@ from .lora import (
 from .schedule import GridDDIMScheduler, ddim_timesteps
 
 SCHEMES = ("efficient", "full_chain")
-LOSS_REFERENCES = ("image", "original")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -68,10 +67,6 @@ class FinetuneConfig:
         default=4, metadata={"help": "Random views (shift + flip) averaged in the CLIP loss; 0: none (official)."}
     )
     l1_loss_weight: float = field(default=0.6, metadata={"help": "Weight of |x0 - x0_hat| (identity keeping)."})
-    loss_reference: str = field(
-        default="image",
-        metadata={"help": "What x0_hat is compared with: 'image' (the source, paper) or 'original' (see below)."},
-    )
     identity_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the user's `identity_loss`."})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (scale alpha / r)."})
@@ -110,8 +105,6 @@ class FinetuneConfig:
             raise ValueError(f"`learning_rate` must be a positive number, got {self.learning_rate!r}.")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
             raise ValueError(f"`learning_rate` must be a positive number, got {self.learning_rate!r}.")
-        if self.loss_reference not in LOSS_REFERENCES:
-            raise ValueError(f"`loss_reference` must be one of {LOSS_REFERENCES}, got {self.loss_reference!r}.")
         if self.scheme not in SCHEMES:
             raise ValueError(f"`scheme` must be one of {SCHEMES}, got {self.scheme!r}.")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -324,12 +317,6 @@ def finetune(
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             return model(x, torch.tensor(t, device=device)).sample.to(x.dtype)
 
-    @torch.no_grad()
-    def original_prediction(x, t):
-        """eps of the original model (every adapter bypassed) at the same state; no gradient, no DDP sync."""
-        with adapters_disabled(unet), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return unet(x, torch.tensor(t, device=device)).sample.to(x.dtype)
-
     def optimize(loss, where: str) -> None:
         """Backward and (at accumulation boundaries) one optimizer step; nothing is applied if anything is NaN/inf."""
         _check_finite(loss, [], where)
@@ -361,28 +348,18 @@ def finetune(
             for b, start in enumerate(range(0, per_process, config.batch_size)):
                 idx = order[start : start + config.batch_size]
                 x, x0_src = x_t0[idx], x0[idx]
-                by_original = config.loss_reference == "original"
-                src_embeds = None if by_original else source_embeddings(x0_src)
+                src_embeds = source_embeddings(x0_src)
                 if config.scheme == "efficient":
                     # one update per generation step, loss on that step's x0_hat; the chain itself is detached
                     for t in grid:
                         with accelerator.accumulate(model):
                             step = scheduler.step(predict(x, t), t, x)
-                            if by_original:  # the original model's x0_hat from the same x_t
-                                ref = scheduler.step(original_prediction(x, t), t, x).pred_original_sample
-                                loss = loss_on(ref, step.pred_original_sample, source_embeddings(ref))
-                            else:
-                                loss = loss_on(x0_src, step.pred_original_sample, src_embeds)
+                            loss = loss_on(x0_src, step.pred_original_sample, src_embeds)
                             optimize(loss, f"epoch {epoch}, batch {b}, timestep {t}")
                         x = step.prev_sample.detach()  # from the pre-update weights, as the official code
                         loss_history.append(loss.item())
                 else:
                     # backpropagate through the whole generation chain, loss on the final image
-                    if by_original:  # the original model's image from the same x_t0
-                        ref = x
-                        for t in grid:
-                            ref = scheduler.step(original_prediction(ref, t), t, ref).prev_sample
-                        x0_src, src_embeds = ref, source_embeddings(ref)
                     with accelerator.accumulate(model):
                         for t in grid:
                             x = scheduler.step(predict(x, t), t, x).prev_sample
