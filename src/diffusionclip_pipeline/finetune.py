@@ -67,6 +67,9 @@ class FinetuneConfig:
         default=4, metadata={"help": "Random views (shift + flip) averaged in the CLIP loss; 0: none (official)."}
     )
     l1_loss_weight: float = field(default=0.6, metadata={"help": "Weight of |x0 - x0_hat| (identity keeping)."})
+    sparse_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of mean(sqrt(|x0 - x0_hat| + eps) - sqrt(eps)): change few pixels."}
+    )
     identity_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the user's `identity_loss`."})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (scale alpha / r)."})
@@ -95,8 +98,11 @@ class FinetuneConfig:
             "gradient_accumulation_steps", "num_sampled_images", "num_sampling_steps",
         ):  # fmt: skip
             positive_int(name)
-        for name in ("clip_loss_weight", "global_clip_loss_weight", "l1_loss_weight", "identity_loss_weight"):
+        weights = ("clip_loss_weight", "global_clip_loss_weight", "l1_loss_weight", "sparse_loss_weight")
+        for name in weights + ("identity_loss_weight",):
             non_negative(name)
+        if not any(getattr(self, name) > 0 for name in weights + ("identity_loss_weight",)):
+            raise ValueError(f"Nothing to train: every loss weight is 0 ({', '.join(weights)}, identity_loss_weight).")
         if isinstance(self.clip_num_augmentations, bool) or not isinstance(self.clip_num_augmentations, int):
             raise ValueError(f"`clip_num_augmentations` must be an integer >= 0, got {self.clip_num_augmentations!r}.")
         if self.clip_num_augmentations < 0:
@@ -198,6 +204,19 @@ def precompute_latents(pipe, x0: torch.Tensor, t0: int, num_inversion_steps: int
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------
+
+
+SPARSE_EPS = 0.01
+
+
+def sparse_change(x0_src: torch.Tensor, x0_pred: torch.Tensor, eps: float = SPARSE_EPS) -> torch.Tensor:
+    """Per-pixel ``sqrt(|x0_src - x0_pred| + eps) - sqrt(eps)`` (images in [-1, 1]); 0 where nothing changed.
+
+    A concave penalty: the same total change costs more spread thinly over many pixels (a tint) than concentrated
+    on a few (the edited object). A change of 0.06 everywhere costs 0.165 per pixel, a full 1.4 change 1.08: a
+    ratio of 6.5, where L1 has 23.
+    """
+    return torch.sqrt((x0_src - x0_pred).abs() + eps) - eps**0.5
 
 
 def _check_finite(loss: torch.Tensor, params, where: str) -> None:
@@ -304,6 +323,8 @@ def finetune(
             )
         if config.l1_loss_weight > 0:
             loss = loss + config.l1_loss_weight * (x0_src - x0_pred).abs().mean()
+        if config.sparse_loss_weight > 0:
+            loss = loss + config.sparse_loss_weight * sparse_change(x0_src, x0_pred).mean()
         if identity_loss is not None and config.identity_loss_weight > 0:
             loss = loss + config.identity_loss_weight * identity_loss(x0_src, x0_pred).mean()
         return loss
