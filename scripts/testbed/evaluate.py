@@ -56,9 +56,11 @@ def load(args):
 
 @torch.no_grad()
 def eval_clip(clip, tok, n: int = 256, seed: int = 31337) -> dict:
+    from train_clip import colour_peak
     from train_clip import evaluate as clip_eval  # same measurement as the training log, other seed
 
-    return clip_eval(clip, tok, clip.config.vision_config.image_size, n=n, seed=seed)
+    size = clip.config.vision_config.image_size
+    return {**clip_eval(clip, tok, size, n=n, seed=seed), **colour_peak(clip, tok, size, seed=seed + 1)}
 
 
 @torch.no_grad()
@@ -81,6 +83,10 @@ def table(res: dict) -> str:
         ("CLIP zero-shot shape acc (256 imgs)", f"{res['shape_acc']:.4f}", ">= 0.90", res["shape_acc"] >= 0.90),
         ("CLIP zero-shot joint acc (256 imgs)", f"{res['joint_acc']:.4f}", "", None),
         ("CLIP direction cosine (64 colour swaps)", f"{res['dir_cos']:.3f}", "", None),
+        ("CLIP text score: palette colour above off-palette / 25-50 % towards another palette colour / "
+         "over-saturated / background tinted 6 % (128 scenes each)",
+         " / ".join(f"{res['peak_vs_' + k]:.2f}" for k in ("off_palette", "mixed", "saturated", "tinted_background")),
+         "", None),
         ("DDPM clean samples (64, DDIM 50)", f"{res['clean_frac']:.3f}", ">= 0.80", res["clean_frac"] >= 0.80),
         ("  clean per colour", json.dumps(res["clean_colours"]), "", None),
         ("  clean per shape", json.dumps(res["clean_shapes"]), "", None),
