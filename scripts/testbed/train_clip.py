@@ -9,9 +9,11 @@ pools at the first eos).
 Training data is rendered on the fly (batch 128). Captions: a random template with "{colour} {shape}"; 15 %
 name only the colour ("a red shape") and 10 % only the shape ("a circle"). Optional (``--mix-frac``): blended
 colours ``lerp(c1, c2, lam)`` with a soft colour label. The shipped CLIP is trained with ``--mix-frac 0
---off-frac 0.3 --tint-frac 0.25``: 30 % of the images are drawn in a random colour at RGB distance >= 70 from
-every palette colour and captioned with the nearest of 14 extra colour names (orange, purple, pink, ...), and 25 %
-get a background tinted 2-15 % towards a random colour with the caption unchanged. Without them (the first shipped
+--off-frac 0.3 --tint-frac 0.25``: 30 % of the images are drawn in a random colour at RGB distance >= 50 from
+every palette colour (the jitter reaches 17; half of them uniform in the RGB cube, half just outside a palette
+colour: darker, paler, over-saturated or shifted shades) and captioned with the nearest of 14 extra colour names (orange,
+purple, pink, ...), and 25 % get a background tinted 2-15 % towards the object's own or a random colour, their
+colour label weighted 0.3 (for a colour caption, the untinted scene is the better match). Without them (the first shipped
 CLIP: blends, no extra colours) the text "a red square" scored an over-saturated red above the palette red for
 58 % of scenes and a pink-tinted background above a white one for 91 % (`colour_peak`), and DiffusionCLIP
 fine-tuning climbed exactly there: brownish or orange colours and tinted backgrounds.
@@ -80,7 +82,10 @@ EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {
     "maroon": (120, 10, 20), "navy": (10, 20, 110), "lime": (150, 255, 50), "violet": (180, 100, 255),
     "teal": (0, 128, 128), "magenta": (255, 0, 255),
 }  # fmt: skip
-OFF_PALETTE_MIN_DISTANCE = 70.0  # RGB distance from every palette colour (and from white) of an off-palette colour
+OFF_PALETTE_MIN_DISTANCE = 50.0  # RGB distance from every palette colour (and from white) of an off-palette colour
+# A tinted-background image still shows its caption's colour, but less purely: its colour label weighs 0.3, so
+# for the text "a red square" (the text-side softmax) a white background scores higher than a tinted one.
+TINT_LABEL_WEIGHT = 0.3
 
 
 def world_words() -> list[str]:
@@ -167,10 +172,19 @@ NA = len(ALL_COLOURS)
 
 def off_palette_colours(rng: np.random.Generator, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``k`` random RGB colours at distance >= OFF_PALETTE_MIN_DISTANCE from every palette colour and from white,
-    and the index (into ALL_COLOURS) of the nearest extra colour name of each."""
+    and the index (into ALL_COLOURS) of the nearest extra colour name of each.
+
+    Half are uniform in the RGB cube, half lie just outside a palette colour (50-100 away in a random direction,
+    clipped to the cube: darker, paler, over-saturated or shifted shades), where fine-tuning looks first."""
     out = np.empty((0, 3))
     while len(out) < k:
         c = rng.uniform(0, 255, (4 * k, 3))
+        near = rng.random(4 * k) < 0.5
+        d = rng.normal(size=(int(near.sum()), 3))
+        d *= rng.uniform(OFF_PALETTE_MIN_DISTANCE, 2 * OFF_PALETTE_MIN_DISTANCE, (len(d), 1)) / np.linalg.norm(
+            d, axis=1, keepdims=True
+        )
+        c[near] = np.clip(_PAL[rng.integers(0, NC, len(d))] + d, 0, 255)
         far = np.linalg.norm(c[:, None] - np.vstack([_PAL, [[255, 255, 255]]])[None], axis=-1).min(1)
         out = np.vstack([out, c[far >= OFF_PALETTE_MIN_DISTANCE]])
     out = out[:k]
@@ -184,8 +198,8 @@ def make_batch(rng: np.random.Generator, n: int, size: int, mix_frac: float, noi
     (colour id or -1, shape id or -1).
 
     ``off_frac`` of the images are drawn in an off-palette colour, labelled with its nearest extra colour name;
-    ``tint_frac`` have their background tinted 2-15 % towards a random colour, captions unchanged (a tint is not
-    evidence of any colour, so fine-tuning gains nothing by tinting)."""
+    ``tint_frac`` have their background tinted 2-15 % towards the object's own or a random colour; their colour
+    label weighs TINT_LABEL_WEIGHT, so a colour caption prefers the untinted scene (fine-tuning loses by tinting)."""
     p = world.sample_batch(rng, n, size)
     col = np.eye(NA)[p["colour_id"]]
     mix = rng.random(n) < mix_frac
@@ -207,9 +221,11 @@ def make_batch(rng: np.random.Generator, n: int, size: int, mix_frac: float, noi
         k = int(tint.sum())
         bg = (imgs[tint] == world.WHITE).all(-1, keepdims=True)
         lam = rng.uniform(0.02, 0.15, (k, 1, 1, 1))
-        colour = rng.uniform(0, 255, (k, 1, 1, 3))
-        tinted = np.rint(world.WHITE * (1 - lam) + colour * lam).astype(np.uint8)
+        own = rng.random(k) < 0.5  # half towards the object's own colour: the tint fine-tuning finds
+        colour = np.where(own[:, None], p["rgb"][tint].astype(np.float64), rng.uniform(0, 255, (k, 3)))
+        tinted = np.rint(world.WHITE * (1 - lam) + colour[:, None, None, :] * lam).astype(np.uint8)
         imgs[tint] = np.where(bg, tinted, imgs[tint])
+        col[tint] *= TINT_LABEL_WEIGHT
     noisy = rng.random(n) < noise_frac
     if noisy.any():
         sig = rng.uniform(0, 8, (int(noisy.sum()), 1, 1, 1))
