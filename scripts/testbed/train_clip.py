@@ -6,20 +6,19 @@ same with ``</w>``, whole-word merges for colours, shapes and template words, ``
 ``<|endoftext|>``; pad = eos, and the text config's ``eos_token_id`` is the tokenizer's eos id because CLIP
 pools at the first eos).
 
-Training data is rendered on the fly (batch 128). Captions: a random template with "{colour} {shape}"; 15 %
-name only the colour ("a red shape") and 10 % only the shape ("a circle"). Optional (``--mix-frac``): blended
-colours ``lerp(c1, c2, lam)`` with a soft colour label. The shipped CLIP is trained with ``--mix-frac 0
---off-frac 0.3 --tint-frac 0.25``: 30 % of the images are drawn in a random colour at RGB distance >= 50 from
-every palette colour (the jitter reaches 17; half of them uniform in the RGB cube, half just outside a palette
-colour: darker, paler, over-saturated or shifted shades) and captioned with the nearest of 14 extra colour names (orange,
-purple, pink, ...), and 25 % get a background tinted 2-15 % towards the object's own or a random colour, their
-colour label weighted 0.3 (for a colour caption, the untinted scene is the better match). Without them (the first shipped
-CLIP: blends, no extra colours) the text "a red square" scored an over-saturated red above the palette red for
-58 % of scenes and a pink-tinted background above a white one for 91 % (`colour_peak`), and DiffusionCLIP
-fine-tuning climbed exactly there: brownish or orange colours and tinted backgrounds.
-Loss: symmetric contrastive cross-entropy with *multi-positive*
-soft targets -- the target weight of (image i, text j) is the product of the image's label mass on the colour
-and on the shape the text names (1 for an attribute the text does not name), normalised per row / column.
+Training data is rendered on the fly (batch 128). Captions: a random template with "{colour} {shape}"; 15 % name
+only the colour ("a red shape") and 10 % only the shape ("a circle"). Optional (``--mix-frac``): blended colours
+``lerp(c1, c2, lam)`` with a soft colour label. The shipped CLIP is trained with ``--mix-frac 0 --off-frac 0.3
+--tint-frac 0.25``: 30 % of the images are drawn in a random colour at RGB distance >= 50 from every palette colour
+(the jitter reaches 17; half of them uniform in the RGB cube, half just outside a palette colour: darker, paler,
+over-saturated or shifted shades) and captioned with the nearest of 14 extra colour names (orange, purple, pink,
+...); 25 % get a background tinted 2-15 % towards the object's own or a random colour, their colour label weighted
+0.3 (for a colour caption, the untinted scene is the better match). Without them (the first shipped CLIP: blends,
+no extra colours) the text "a red square" scored an over-saturated red above the palette red for 58 % of scenes and
+a pink-tinted background above a white one for 91 % (`colour_peak`), and DiffusionCLIP fine-tuning climbed exactly
+there: brownish or orange colours and tinted backgrounds. Loss: symmetric contrastive cross-entropy with *multi-
+positive* soft targets -- the target weight of (image i, text j) is the product of the image's label mass on the
+colour and on the shape the text names (1 for an attribute the text does not name), normalised per row / column.
 Images enter at world size in [0, 1], normalised with the OpenAI CLIP mean/std.
 
 Evaluation every `--eval-every` steps on 256 fresh images (seed 4242): zero-shot argmax over the 12 prompts
