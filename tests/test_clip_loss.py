@@ -138,6 +138,20 @@ def test_augmented_views_pair_source_and_generated(clip_model, tokenizer):
     torch.testing.assert_close(loss_fn.augment(constant, constant)[0], constant.expand(3, -1, -1, -1))
 
 
+def test_augmentation_noise_is_paired_and_has_the_given_std(clip_model, tokenizer):
+    kw = dict(templates=("a {}.",), num_augmentations=8, augmentation_shift=0.0, seed=2)
+    noisy = CLIPDirectionalLoss(clip_model, tokenizer, augmentation_noise=0.25, **kw)
+    constant = torch.full((4, 3, 16, 16), 0.3)
+    src_views, gen_views = noisy.augment(constant, constant + 0.5)
+    torch.testing.assert_close(gen_views - src_views, torch.full_like(gen_views, 0.5))  # same noise on both
+    noise = src_views - 0.3
+    assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 0.25) < 0.01
+    plain = CLIPDirectionalLoss(clip_model, tokenizer, **kw).augment(constant, constant)[0]
+    torch.testing.assert_close(plain, constant.repeat(8, 1, 1, 1))
+    with pytest.raises(ValueError, match="`augmentation_noise`"):
+        CLIPDirectionalLoss(clip_model, tokenizer, augmentation_noise=-0.1)
+
+
 def test_augmented_loss_is_seeded_and_per_sample(clip_model, tokenizer):
     src, gen = random_images(2, seed=0), random_images(2, seed=1)
 

@@ -298,6 +298,7 @@ def test_sampled_training_images_and_image_direction():
         (dict(sparse_loss_weight=float("nan")), "`sparse_loss_weight`"),
         (dict(clip_loss_type="l2"), "`clip_loss_type`"),
         (dict(clip_num_augmentations=-2), "`clip_num_augmentations`"),
+        (dict(clip_augmentation_noise=-0.1), "`clip_augmentation_noise`"),
         (dict(lora_target_modules=()), "`lora_target_modules`"),
         (dict(identity_loss_weight=1.0), "`identity_loss`"),
         (dict(images=[]), "`images`"),

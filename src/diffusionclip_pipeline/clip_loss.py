@@ -89,6 +89,7 @@ class CLIPDirectionalLoss(nn.Module):
         image_std: Sequence[float] = OPENAI_CLIP_STD,
         num_augmentations: int = 0,
         augmentation_shift: float = 0.125,
+        augmentation_noise: float = 0.0,
         seed: int = 0,
     ):
         super().__init__()
@@ -111,8 +112,11 @@ class CLIPDirectionalLoss(nn.Module):
             raise ValueError(f"`num_augmentations` must be an integer >= 0, got {num_augmentations!r}.")
         if not 0 <= augmentation_shift < 0.5:
             raise ValueError(f"`augmentation_shift` must be in [0, 0.5), got {augmentation_shift!r}.")
+        if not isinstance(augmentation_noise, (int, float)) or not 0 <= augmentation_noise < 2:
+            raise ValueError(f"`augmentation_noise` must be in [0, 2), got {augmentation_noise!r}.")
         self.num_augmentations = num_augmentations
         self.augmentation_shift = float(augmentation_shift)
+        self.augmentation_noise = float(augmentation_noise)
         self._generator = torch.Generator().manual_seed(seed)
         self.direction_weight = float(direction_weight)
         self.global_weight = float(global_weight)
@@ -125,7 +129,8 @@ class CLIPDirectionalLoss(nn.Module):
         """``num_augmentations`` random views of each pair, the same view for source and generated image.
 
         A view is a random translation by up to ``augmentation_shift`` of the image size (the border pixels
-        repeated) and a random horizontal flip, sampled from the loss's own seeded generator. Stacked view-major:
+        repeated) and a random horizontal flip, plus Gaussian pixel noise of std ``augmentation_noise`` (the same
+        noise on both images of a pair), sampled from the loss's own seeded generator. Stacked view-major:
         ``(num_augmentations * batch, C, H, W)``.
         """
         k, b = self.num_augmentations, source.shape[0]
@@ -138,8 +143,14 @@ class CLIPDirectionalLoss(nn.Module):
         theta = theta.to(device=source.device, dtype=source.dtype)
         grid = F.affine_grid(theta, (k * b, *source.shape[1:]), align_corners=False)
 
+        noise = None
+        if self.augmentation_noise > 0:
+            noise = torch.randn((k * b, *source.shape[1:]), generator=self._generator) * self.augmentation_noise
+            noise = noise.to(device=source.device, dtype=source.dtype)
+
         def view(x):
-            return F.grid_sample(x.repeat(k, 1, 1, 1), grid, padding_mode="border", align_corners=False)
+            x = F.grid_sample(x.repeat(k, 1, 1, 1), grid, padding_mode="border", align_corners=False)
+            return x if noise is None else x + noise
 
         return view(source), view(generated)
 

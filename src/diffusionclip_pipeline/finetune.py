@@ -66,6 +66,9 @@ class FinetuneConfig:
     clip_num_augmentations: int = field(
         default=4, metadata={"help": "Random views (shift + flip) averaged in the CLIP loss; 0: none (official)."}
     )
+    clip_augmentation_noise: float = field(
+        default=0.0, metadata={"help": "Std of the Gaussian pixel noise added to each CLIP view ([-1, 1] scale)."}
+    )
     l1_loss_weight: float = field(default=0.6, metadata={"help": "Weight of |x0 - x0_hat| (identity keeping)."})
     sparse_loss_weight: float = field(
         default=0.0, metadata={"help": "Weight of mean(sqrt(|x0 - x0_hat| + eps) - sqrt(eps)): change few pixels."}
@@ -103,6 +106,9 @@ class FinetuneConfig:
             non_negative(name)
         if not any(getattr(self, name) > 0 for name in weights + ("identity_loss_weight",)):
             raise ValueError(f"Nothing to train: every loss weight is 0 ({', '.join(weights)}, identity_loss_weight).")
+        noise = self.clip_augmentation_noise
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < 2:
+            raise ValueError(f"`clip_augmentation_noise` must be a number in [0, 2), got {noise!r}.")
         if isinstance(self.clip_num_augmentations, bool) or not isinstance(self.clip_num_augmentations, int):
             raise ValueError(f"`clip_num_augmentations` must be an integer >= 0, got {self.clip_num_augmentations!r}.")
         if self.clip_num_augmentations < 0:
@@ -267,7 +273,8 @@ def finetune(
     loss_fn = CLIPDirectionalLoss(
         pipe.clip_model, pipe.clip_tokenizer, loss_type=config.clip_loss_type,
         direction_weight=config.clip_loss_weight, global_weight=config.global_clip_loss_weight,
-        num_augmentations=config.clip_num_augmentations, seed=config.seed,
+        num_augmentations=config.clip_num_augmentations, augmentation_noise=config.clip_augmentation_noise,
+        seed=config.seed,
     ).to(device)  # fmt: skip
     if target_direction is None:
         text_direction = loss_fn.text_direction(prompt_src, prompt_tar)
