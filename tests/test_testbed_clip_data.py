@@ -49,3 +49,15 @@ def test_colour_peak_reports_fractions():
     out = train_clip.colour_peak(clip, tok, 32, n=8)
     assert set(out) == {"peak_vs_off_palette", "peak_vs_mixed", "peak_vs_saturated", "peak_vs_tinted_background"}
     assert all(0.0 <= v <= 1.0 for v in out.values())
+
+
+def test_default_tokenizer_is_the_shipped_one_and_extra_colours_extend_it():
+    from transformers import CLIPTokenizer
+
+    from diffusionclip_pipeline.testbed import WEIGHTS_DIR
+
+    shipped = CLIPTokenizer.from_pretrained(os.path.join(WEIGHTS_DIR, "tokenizer"))
+    assert train_clip.build_tokenizer().get_vocab() == shipped.get_vocab()
+    extended = train_clip.build_tokenizer(extra_colours=True).get_vocab()
+    assert len(extended) > len(shipped.get_vocab())
+    assert "orange</w>" in extended and "orange</w>" not in shipped.get_vocab()
