@@ -6,26 +6,12 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # the GPT-2 / CLIP byte table
 
 from diffusionclip_pipeline import DiffusionCLIPPipeline
 
 # Toy-sized models run fastest on one thread, and the suite must not thrash when the machine is busy.
 torch.set_num_threads(1)
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-to-printable-character table."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
 
 
 WORDS = ("a", "photo", "of", "the", "red", "blue", "green", "circle", "square", "face", "smiling")

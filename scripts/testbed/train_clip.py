@@ -51,6 +51,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # the GPT-2 / CLIP byte table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,20 +61,6 @@ TEMPLATE_WORDS = ("a", "an", "the", "photo", "picture", "image", "drawing", "of"
                   "colored", "coloured", "in", "with", "background", "small", "large", "big")
 COLOUR_ONLY = ("a {} shape", "a {} thing", "something {}")
 SHAPE_ONLY = ("a {}", "a photo of a {}", "a drawing of a {}")
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte -> printable unicode character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 # Colours the world never draws but a CLIP must know, so that "red" does not also mean every shade near red:

@@ -101,11 +101,14 @@ class FinetuneConfig:
             "gradient_accumulation_steps", "num_sampled_images", "num_sampling_steps",
         ):  # fmt: skip
             positive_int(name)
-        weights = ("clip_loss_weight", "global_clip_loss_weight", "l1_loss_weight", "sparse_loss_weight")
-        for name in weights + ("identity_loss_weight",):
+        weights = (
+            "clip_loss_weight", "global_clip_loss_weight", "l1_loss_weight",
+            "sparse_loss_weight", "identity_loss_weight",
+        )  # fmt: skip
+        for name in weights:
             non_negative(name)
-        if not any(getattr(self, name) > 0 for name in weights + ("identity_loss_weight",)):
-            raise ValueError(f"Nothing to train: every loss weight is 0 ({', '.join(weights)}, identity_loss_weight).")
+        if not any(getattr(self, name) > 0 for name in weights):
+            raise ValueError(f"Nothing to train: every loss weight is 0 ({', '.join(weights)}).")
         noise = self.clip_augmentation_noise
         if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < 2:
             raise ValueError(f"`clip_augmentation_noise` must be a number in [0, 2), got {noise!r}.")

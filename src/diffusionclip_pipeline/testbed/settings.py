@@ -3,11 +3,12 @@
 Chosen by measurement on the test-bed (the README's test-bed section has the numbers). First on red -> blue circles
 (16 training and 32 held-out images, several DDPM checkpoints): the global CLIP term is what turns "it changed
 colour" into "it is the target colour" with the tiny CLIP; 15 epochs fixed wrong-hue (green) results that 10 left,
-20 over-trained into impure colours; a lighter L1 weight (0.3) gave purer colour without losing the shape. Then over
-one colour edit per source colour: global weight 0.5 instead of 1.0 raised every colour edit at data seed 0
-(64 held-out: red -> blue 83 -> 88 %, green -> yellow 27 -> 48 %, blue -> red 3 -> 6 %, yellow -> green
-61 -> 77 %) and the mean at seed 5 (32 held-out, three edits: 28 -> 41 %; blue -> red fell 12 -> 6 % there). The sparse change penalty, noisy CLIP views, t0 400
-and a retrained CLIP did not help reliably. t0 500 and the other settings are the library defaults.
+20 over-trained into impure colours; a lighter L1 weight (0.3) gave purer colour without losing the shape. Then
+over one colour edit per source colour: global weight 0.5 instead of 1.0 raised every colour edit at data seed 0
+(64 held-out: red -> blue 83 -> 88 %, green -> yellow 27 -> 48 %, blue -> red 3 -> 6 %, yellow -> green 61 -> 77 %)
+and the mean at seed 5 (32 held-out, three edits: 28 -> 41 %; blue -> red fell 12 -> 6 % there). The sparse change
+penalty, noisy CLIP views, t0 400 and a retrained CLIP did not help reliably. t0 500 and the other settings are the
+library defaults.
 """
 
 RECOMMENDED_FINETUNE: dict = dict(global_clip_loss_weight=0.5, num_epochs=15, l1_loss_weight=0.3)
