@@ -7,6 +7,7 @@ with `testbed.edit_success`. About 80-100 s per edit of 64 images on one CPU thr
     python scripts/testbed/edits.py                                   # RECOMMENDED_FINETUNE, seed 0, 64 images
     python scripts/testbed/edits.py --set global_clip_loss_weight=1.0 # one setting changed on top of it
     python scripts/testbed/edits.py --edits red:blue:circle green:yellow:triangle
+    python scripts/testbed/edits.py --seed 5 --num-test 32 --set global_clip_loss_weight=1.0   # a README sweep row
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> None:
     p.add_argument("--num-test", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--weights", help="another test-bed weights folder (default: the shipped one)")
     p.add_argument("--json", help="also append the results here (JSON lines)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,7 +66,7 @@ def main() -> None:
             p.error(f"--edits takes source:target:shape[:target_shape], got {spec!r}")
         source, target, shape = parts[:3]
         target_shape = parts[3] if len(parts) == 4 else None
-        pipe = load_pipeline()
+        pipe = load_pipeline(args.weights)
         pipe.set_progress_bar_config(disable=True)
         start = time.perf_counter()
         result = run_edit_experiment(
