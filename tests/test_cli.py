@@ -26,7 +26,8 @@ def test_finetune_then_edit_with_adapter(setup, capsys):
                  "--num-epochs", "1"]) == 0  # fmt: skip
     assert (setup / "ada" / "pytorch_lora_weights.safetensors").is_file()
     argv = ["edit", "--model", model, "--images", str(setup / "imgs"), "--lora", str(setup / "ada"),
-            "--output", str(setup / "out"), *FAST, "--num-inference-steps", "2", "--strength", "0.5"]  # fmt: skip
+            "--output", str(setup / "out"), *FAST, "--num-inference-steps", "2", "--strength", "0.5",
+            "--num-fixed-point-iterations", "1"]  # fmt: skip
     assert main(argv) == 0
     files = sorted(os.listdir(setup / "out"))
     assert files == ["grid.png", "img0_edited.png", "img1_edited.png", "img2_edited.png"]
@@ -46,6 +47,8 @@ def test_translate_writes_three_row_grid(setup):
         (["edit", "--images", "nowhere.png", "--output", "o"], "no such image file or folder: nowhere.png"),
         (["edit", "--images", "{imgs}", "--output", "{tmp}/o", "--t0", "0"], "`t0` must be an integer"),
         (["edit", "--images", "{imgs}", "--output", "{tmp}/o", "--lora", "{tmp}/none"], "No LoRA weights"),
+        (["edit", "--images", "{imgs}", "--output", "{tmp}/o", "--num-fixed-point-iterations", "-1"],
+         "`num_fixed_point_iterations` must be"),
     ],
 )
 def test_bad_arguments_give_one_line(setup, capsys, argv, message):

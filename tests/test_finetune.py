@@ -261,6 +261,9 @@ def test_latent_cache_hit_and_miss(tmp_path):
     changed[1] = -changed[1]
     assert pipe.finetune("a", "b", images=changed, adapter_name="c", **kw).num_cached_latents == 1
     assert pipe.finetune("a", "b", images=imgs, adapter_name="d", **{**kw, "t0": 99}).num_cached_latents == 0
+    fixed_point = {**kw, "num_fixed_point_iterations": 1}  # other latents: another key
+    assert pipe.finetune("a", "b", images=imgs, adapter_name="e", **fixed_point).num_cached_latents == 0
+    assert pipe.finetune("a", "b", images=imgs, adapter_name="f", **fixed_point).num_cached_latents == 2
     other = make_pipeline(seed=1)  # other base weights: the cache must not be used
     assert other.finetune("a", "b", images=imgs, **kw).num_cached_latents == 0
 
@@ -292,6 +295,8 @@ def test_sampled_training_images_and_image_direction():
         (dict(num_epochs=0), "`num_epochs`"),
         (dict(t0=0), "`t0`"),
         (dict(t0=1000), "`t0`"),
+        (dict(num_fixed_point_iterations=-1), "`num_fixed_point_iterations`"),
+        (dict(num_fixed_point_iterations=0.5), "`num_fixed_point_iterations`"),
         (dict(scheme="fast"), "`scheme`"),
         (dict(mixed_precision="fp8"), "`mixed_precision`"),
         (dict(l1_loss_weight=-1), "`l1_loss_weight`"),

@@ -88,6 +88,7 @@ def _finetune(args) -> None:
         t0=args.t0, num_inversion_steps=args.num_inversion_steps, num_train_steps=args.num_train_steps,
         num_epochs=args.num_epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
         lora_rank=args.lora_rank, l1_loss_weight=args.l1_loss_weight, scheme=args.scheme, seed=args.seed,
+        num_fixed_point_iterations=args.num_fixed_point_iterations,
     )  # fmt: skip
     if args.model == "testbed":
         from .testbed import RECOMMENDED_FINETUNE
@@ -111,14 +112,20 @@ def _edit(args) -> None:
     images, names = read_images(args.images)
     pipe = load_pipeline(args.model, args.clip, args.device)
     _load_adapters(pipe, args.lora, args.lora_weights)
+    settings = dict(
+        t0=args.t0, num_inversion_steps=args.num_inversion_steps, num_inference_steps=args.num_inference_steps,
+        num_fixed_point_iterations=args.num_fixed_point_iterations,
+    )  # fmt: skip
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if args.model == "testbed":
+        from .testbed import RECOMMENDED_EDIT
+
+        settings = {**RECOMMENDED_EDIT, **settings}
     os.makedirs(args.output, exist_ok=True)
     rows = []
     for start in range(0, len(images), args.batch_size):
         batch = images[start : start + args.batch_size]
-        edited = pipe.edit(
-            batch, t0=args.t0, num_inversion_steps=args.num_inversion_steps,
-            num_inference_steps=args.num_inference_steps, strength=args.strength,
-        ).images  # fmt: skip
+        edited = pipe.edit(batch, strength=args.strength, **settings).images
         for name, source, out in zip(names[start:], batch, edited):
             save_atomic(out, os.path.join(args.output, os.path.splitext(name)[0] + "_edited.png"))
             rows.append([source.resize(out.size), out])
@@ -177,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in [
         ("--t0", int), ("--num-inversion-steps", int), ("--num-train-steps", int), ("--num-epochs", int),
         ("--learning-rate", float), ("--batch-size", int), ("--lora-rank", int), ("--l1-loss-weight", float),
-        ("--seed", int),
+        ("--seed", int), ("--num-fixed-point-iterations", int),
     ]:  # fmt: skip
         p.add_argument(flag, type=kind, default=None, help="see FinetuneConfig (default: its value)")
     p.add_argument("--scheme", choices=("efficient", "full_chain"), default=None)
@@ -189,9 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", nargs="*", help="adapter folders/files (mixed with --lora-weights)")
     p.add_argument("--lora-weights", nargs="*", type=float, help="one weight per --lora adapter")
     p.add_argument("--output", required=True)
-    p.add_argument("--t0", type=int, default=500)
-    p.add_argument("--num-inversion-steps", type=int, default=40)
-    p.add_argument("--num-inference-steps", type=int, default=40)
+    for flag in ("--t0", "--num-inversion-steps", "--num-inference-steps", "--num-fixed-point-iterations"):
+        p.add_argument(flag, type=int, default=None, help="see `edit` (default: its value; testbed: RECOMMENDED_EDIT)")
     p.add_argument("--strength", type=float, default=1.0, help="edit strength r (0: reconstruction, 1: full edit)")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=_edit)

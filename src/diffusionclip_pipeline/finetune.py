@@ -55,6 +55,9 @@ class FinetuneConfig:
 
     t0: int = field(default=500, metadata={"help": "Inversion depth (timestep of the latents), in [1, T-1]."})
     num_inversion_steps: int = field(default=40, metadata={"help": "DDIM steps to precompute x_t0."})
+    num_fixed_point_iterations: int = field(
+        default=0, metadata={"help": "Fixed-point refinements per inversion step of x_t0 (see `pipe.invert`)."}
+    )
     num_train_steps: int = field(default=6, metadata={"help": "DDIM generation steps per image during training."})
     num_epochs: int = field(default=10, metadata={"help": "Passes over the training images."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Adam learning rate of the LoRA weights."})
@@ -105,6 +108,9 @@ class FinetuneConfig:
             "clip_loss_weight", "global_clip_loss_weight", "l1_loss_weight",
             "sparse_loss_weight", "identity_loss_weight",
         )  # fmt: skip
+        k = self.num_fixed_point_iterations
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"`num_fixed_point_iterations` must be an integer >= 0, got {k!r}.")
         for name in weights:
             non_negative(name)
         if not any(getattr(self, name) > 0 for name in weights):
@@ -173,18 +179,24 @@ class NonFiniteLossError(FloatingPointError):
 # ---- latents -------------------------------------------------------------------------------------------------
 
 
-def _latent_cache_key(x0: torch.Tensor, t0: int, steps: int, unet_fingerprint: str) -> str:
+def _latent_cache_key(x0: torch.Tensor, t0: int, steps: int, unet_fingerprint: str, fixed_point: int = 0) -> str:
     digest = hashlib.sha256()
     digest.update(x0.detach().float().cpu().contiguous().numpy().tobytes())
     digest.update(f"|{tuple(x0.shape)}|t0={t0}|steps={steps}|unet={unet_fingerprint}".encode())
+    if fixed_point:  # keys of plain inversion stay as they were
+        digest.update(f"|fixed_point={fixed_point}".encode())
     return digest.hexdigest()
 
 
-def precompute_latents(pipe, x0: torch.Tensor, t0: int, num_inversion_steps: int, batch_size: int, cache_dir=None):
+def precompute_latents(
+    pipe, x0: torch.Tensor, t0: int, num_inversion_steps: int, batch_size: int, cache_dir=None,
+    num_fixed_point_iterations: int = 0,
+):  # fmt: skip
     """``x_t0`` of every image by deterministic inversion with the original UNet (no grad), optionally cached.
 
-    The cache holds one safetensors file per image, keyed by the image's content, ``t0``, the step count and the
-    base UNet's config and weights, so a cache entry can never be used for other inputs or another model.
+    The cache holds one safetensors file per image, keyed by the image's content, ``t0``, the step count, the
+    fixed-point iterations and the base UNet's config and weights, so a cache entry can never be used for other
+    inputs, settings or another model.
 
     Returns:
         `tuple[torch.Tensor, int]`: the latents and how many came from the cache.
@@ -195,7 +207,7 @@ def precompute_latents(pipe, x0: torch.Tensor, t0: int, num_inversion_steps: int
     if cache_dir is not None:
         fingerprint = weights_fingerprint(pipe.unet)
         for i in range(x0.shape[0]):
-            keys[i] = _latent_cache_key(x0[i], t0, num_inversion_steps, fingerprint)
+            keys[i] = _latent_cache_key(x0[i], t0, num_inversion_steps, fingerprint, num_fixed_point_iterations)
             path = os.path.join(cache_dir, f"latent-{keys[i]}.safetensors")
             if os.path.isfile(path):
                 latents[i] = load_file(path)["latents"].to(x0)
@@ -203,7 +215,10 @@ def precompute_latents(pipe, x0: torch.Tensor, t0: int, num_inversion_steps: int
     todo = [i for i in range(x0.shape[0]) if latents[i] is None]
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
-        out = pipe.invert(x0[idx], t0=t0, num_inversion_steps=num_inversion_steps).latents
+        out = pipe.invert(
+            x0[idx], t0=t0, num_inversion_steps=num_inversion_steps,
+            num_fixed_point_iterations=num_fixed_point_iterations,
+        ).latents  # fmt: skip
         for j, i in enumerate(idx):
             latents[i] = out[j : j + 1]
             if cache_dir is not None:
@@ -298,7 +313,10 @@ def finetune(
     x0 = x0.to(device=device, dtype=pipe.unet.dtype)
 
     # 2. Latents x_t0, once per image (no grad), reused across epochs
-    x_t0, hits = precompute_latents(pipe, x0, config.t0, config.num_inversion_steps, config.batch_size, cache_dir)
+    x_t0, hits = precompute_latents(
+        pipe, x0, config.t0, config.num_inversion_steps, config.batch_size, cache_dir,
+        num_fixed_point_iterations=config.num_fixed_point_iterations,
+    )  # fmt: skip
 
     # 3. LoRA adapter and optimizer (identical init on every process: same seed)
     unet = pipe.unet

@@ -249,6 +249,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         latents=None,
         output_type="pil",
         callback_on_step_end_tensor_inputs=None,
+        num_fixed_point_iterations=0,
     ) -> None:
         """Fails early, with the argument's name and value, on anything `invert`/`edit` cannot use."""
         T = self.num_train_timesteps
@@ -260,6 +261,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         ):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        k = num_fixed_point_iterations
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f"`num_fixed_point_iterations` must be an integer >= 0, got {k!r}.")
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
             raise ValueError(f"`eta` must be a number >= 0, got {eta!r}.")
         if output_type not in OUTPUT_TYPES:
@@ -321,7 +325,12 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def invert(
-        self, image, t0: int = 500, num_inversion_steps: int = 40, return_dict: bool = True
+        self,
+        image,
+        t0: int = 500,
+        num_inversion_steps: int = 40,
+        num_fixed_point_iterations: int = 0,
+        return_dict: bool = True,
     ) -> DiffusionCLIPInversionOutput | tuple:
         r"""
         Deterministic DDIM inversion (the DDIM ODE run forward, eta = 0) of ``image`` from t = 0 to ``t0``.
@@ -330,19 +339,30 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         over DiffusionCLIP's grid ``int(linspace(0, 1, num_inversion_steps) * t0)``, with the original (adapter-free)
         UNet evaluated at the *source* (lower) timestep of each step, as DiffusionCLIP does.
 
+        That step is only approximately the inverse of the generation step (which evaluates the UNet at the upper
+        timestep), and with a small or imperfect model the error adds up: an image regenerated from ``x_t0`` can
+        come back in another colour or shape. ``num_fixed_point_iterations = k > 0`` refines each step's result
+        ``x_t`` by ``k`` fixed-point iterations ``x_t <- step(eps(x_t, t), x_s)`` (fixed-point inversion, Pan et al.,
+        arXiv 2309.04907; ReNoise, Garibi et al., arXiv 2403.14602), so that each step converges to the exact
+        inverse of the DDIM generation step at the same grid points; regenerating with ``num_inference_steps ==
+        num_inversion_steps`` then returns the input up to the iterations' residual. Each iteration costs one more
+        UNet call per step.
+
         Args:
             image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
                 Images to invert: PIL (any mode), numpy HWC/NHWC uint8 or float in [0, 1], or torch CHW/NCHW in
                 [-1, 1]. Other sizes are centre-cropped to a square and resized to ``unet.config.sample_size``.
             t0 (`int`, *optional*, defaults to 500): The timestep to invert to, in [1, T - 1].
             num_inversion_steps (`int`, *optional*, defaults to 40): Steps (UNet evaluations) from 0 to ``t0``.
+            num_fixed_point_iterations (`int`, *optional*, defaults to 0): Refinements of every step (see above);
+                0 is DiffusionCLIP's inversion.
             return_dict (`bool`, *optional*, defaults to `True`): Return a dataclass instead of a tuple.
 
         Returns:
             [`DiffusionCLIPInversionOutput`] or `tuple`: ``(latents, timesteps, image)``.
         """
         # 1. Check inputs
-        self.check_inputs(image, t0, num_inversion_steps)
+        self.check_inputs(image, t0, num_inversion_steps, num_fixed_point_iterations=num_fixed_point_iterations)
         # 2. Preprocess image to [-1, 1] and into model space
         x0 = self._prepare_image(image)
         # 3. Inversion grid [0, ..., t0] on the inverse scheduler
@@ -355,7 +375,12 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             for t in self.progress_bar(inverse_scheduler.timesteps):
                 source_t = max(inverse_scheduler.source_timestep(t), 0)
                 noise_pred = self._predict_noise(latents, source_t)
-                latents = inverse_scheduler.step(noise_pred, t, latents).prev_sample
+                next_latents = inverse_scheduler.step(noise_pred, t, latents).prev_sample
+                # fixed-point refinement (k > 0): eps at the target level, as the generation step evaluates it
+                for _ in range(num_fixed_point_iterations):
+                    noise_pred = self._predict_noise(next_latents, t)
+                    next_latents = inverse_scheduler.step(noise_pred, t, latents).prev_sample
+                latents = next_latents
         if not return_dict:
             return (latents, timesteps, x0)
         return DiffusionCLIPInversionOutput(latents=latents, timesteps=timesteps, image=x0)
@@ -380,6 +405,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         strength: float = 1.0,
         adapters: Mapping[str, float | Callable[[int], float]] | None = None,
         adapter_masks: Mapping[str, torch.Tensor] | None = None,
+        num_fixed_point_iterations: int = 0,
     ) -> DiffusionCLIPPipelineOutput | tuple:
         r"""
         Edits ``image``: DDIM-invert it to ``t0`` with the original UNet, then regenerate it with the current
@@ -410,6 +436,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
                 weight ``g_i`` a number or a function of the timestep (see `mixing.piecewise_weights`).
             adapter_masks (`dict[str, torch.Tensor]`, *optional*): Spatial masks ``m_i`` in [0, 1], (H, W) or
                 (B, 1, H, W), for local edits; outside a mask the original model's prediction is kept.
+            num_fixed_point_iterations (`int`, *optional*, defaults to 0): Fixed-point refinements of every
+                inversion step (see `invert`; ignored with ``latents``). With ``num_inference_steps ==
+                num_inversion_steps`` they make the unedited regeneration match the input.
 
         Examples:
 
@@ -427,6 +456,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             latents,
             output_type,
             callback_on_step_end_tensor_inputs,
+            num_fixed_point_iterations,
         )
         batch_size = self._batch_size(image, latents)
         mix = build_mix(
@@ -436,7 +466,10 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             warnings.warn(f"`strength`={strength} is outside [0, 1]: extrapolating the edit.", stacklevel=2)
         # 2. Invert to x_t0 with the original model (or take the given latents)
         if latents is None:
-            latents = self.invert(image, t0=t0, num_inversion_steps=num_inversion_steps).latents
+            latents = self.invert(
+                image, t0=t0, num_inversion_steps=num_inversion_steps,
+                num_fixed_point_iterations=num_fixed_point_iterations,
+            ).latents  # fmt: skip
         latents = latents.to(device=self._execution_device, dtype=self.unet.dtype)
         x_t0 = latents
         # 3. Generation grid [t0, ..., 0] on the scheduler
@@ -481,6 +514,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        num_fixed_point_iterations: int = 0,
     ) -> DiffusionCLIPTranslationOutput | tuple:
         r"""
         Unseen-domain translation and stroke-to-image (DiffusionCLIP, arXiv 2110.02711, Sec. 3.3): ``n_iter`` rounds
@@ -500,6 +534,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): For the noise of every round.
             output_type (`str`, *optional*, defaults to `"pil"`): ``"pil"``, ``"np"`` or ``"pt"``.
             return_dict (`bool`, *optional*, defaults to `True`): Return a dataclass instead of a tuple.
+            num_fixed_point_iterations (`int`, *optional*, defaults to 0): Of the final edit's inversion (`invert`).
 
         Returns:
             [`DiffusionCLIPTranslationOutput`] or `tuple`: ``(images, domain_images)``.
@@ -507,7 +542,10 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         # 1. Check inputs
         edit_t0 = t0 if edit_t0 is None else edit_t0
         self.check_inputs(image, t0, num_inversion_steps, num_inference_steps, 0.0, generator, None, output_type)
-        self.check_inputs(image, edit_t0, num_inversion_steps, num_inference_steps)
+        self.check_inputs(
+            image, edit_t0, num_inversion_steps, num_inference_steps,
+            num_fixed_point_iterations=num_fixed_point_iterations,
+        )  # fmt: skip
         for name, value in (("n_iter", n_iter), ("num_denoise_steps", num_denoise_steps)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -529,6 +567,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             images = self.edit(
                 self._decode(x0), t0=edit_t0, num_inversion_steps=num_inversion_steps,
                 num_inference_steps=num_inference_steps, output_type=output_type,
+                num_fixed_point_iterations=num_fixed_point_iterations,
             ).images  # fmt: skip
         else:
             images = postprocess_image(self._decode(x0), output_type)
@@ -604,6 +643,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             "direction": "images" if direction is not None else "text",
             "t0": config.t0,
             "num_inversion_steps": config.num_inversion_steps,
+            "num_fixed_point_iterations": config.num_fixed_point_iterations,
             "num_train_steps": config.num_train_steps,
             "num_epochs": config.num_epochs,
             "learning_rate": config.learning_rate,
