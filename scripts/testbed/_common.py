@@ -80,10 +80,11 @@ def _ddim_move(x, eps, a_from, a_to):
 
 @torch.no_grad()
 def invert_regenerate(unet, scheduler, x0: torch.Tensor, t0: int = 500, n_inv: int = 40, n_gen: int = 40,
-                      batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                      batch: int = 64, fixed_point: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """DiffusionCLIP-style round trip: deterministic DDIM inversion 0 -> t0 (UNet at the *source* timestep),
     then deterministic DDIM generation t0 -> 0. Grids are ``round(linspace(0, t0, n + 1))``; the image is
-    taken as x at t = 0 (alpha_cumprod[0]), as in DiffusionCLIP. Returns (x_t0, regenerated)."""
+    taken as x at t = 0 (alpha_cumprod[0]), as in DiffusionCLIP. ``fixed_point`` refines every inversion step
+    ``x_t <- move(x_s, eps(x_t, t))`` (the pipeline's ``num_fixed_point_iterations``). Returns (x_t0, regenerated)."""
     a = alphas(scheduler).float()
     inv = np.rint(np.linspace(0, t0, n_inv + 1)).astype(int)
     gen = np.rint(np.linspace(0, t0, n_gen + 1)).astype(int)[::-1]
@@ -92,7 +93,9 @@ def invert_regenerate(unet, scheduler, x0: torch.Tensor, t0: int = 500, n_inv: i
         x = x0[i:i + batch].float()
         for s, t in zip(inv[:-1], inv[1:]):
             eps = unet(x, int(s)).sample
-            x = _ddim_move(x, eps, a[s], a[t])
+            x_s, x = x, _ddim_move(x, eps, a[s], a[t])
+            for _ in range(fixed_point):
+                x = _ddim_move(x_s, unet(x, int(t)).sample, a[s], a[t])
         lat.append(x)
         for t, s in zip(gen[:-1], gen[1:]):
             eps = unet(x, int(t)).sample

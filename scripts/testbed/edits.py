@@ -8,6 +8,7 @@ with `testbed.edit_success`. About 80-100 s per edit of 64 images on one CPU thr
     python scripts/testbed/edits.py --set global_clip_loss_weight=1.0 # one setting changed on top of it
     python scripts/testbed/edits.py --edits red:blue:circle green:yellow:triangle
     python scripts/testbed/edits.py --seed 5 --num-test 32 --set global_clip_loss_weight=1.0   # a README sweep row
+    python scripts/testbed/edits.py --edit-set num_fixed_point_iterations=1       # exact inversion when editing
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
-from diffusionclip_pipeline.testbed import RECOMMENDED_FINETUNE, load_pipeline  # noqa: E402
+from diffusionclip_pipeline.testbed import RECOMMENDED_EDIT, RECOMMENDED_FINETUNE, load_pipeline  # noqa: E402
 from diffusionclip_pipeline.testbed.demo import run_edit_experiment  # noqa: E402
 
 # one edit per source colour, each on a different shape, plus the shape edit the issue asks for
@@ -42,6 +43,7 @@ def main() -> None:
     p.add_argument("--edits", nargs="+", default=DEFAULT_EDITS,
                    help="source:target:shape[:target_shape]; target == source: a shape edit")  # fmt: skip
     p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="finetune settings over RECOMMENDED")
+    p.add_argument("--edit-set", nargs="*", default=[], metavar="NAME=VALUE", help="edit settings over RECOMMENDED")
     p.add_argument("--num-test", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -49,14 +51,20 @@ def main() -> None:
     p.add_argument("--json", help="also append the results here (JSON lines)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set takes NAME=VALUE, got {item!r}")
-        overrides[name] = parse_value(value)
+
+    def parse_settings(items):
+        out = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep:
+                p.error(f"--set/--edit-set take NAME=VALUE, got {item!r}")
+            out[name] = parse_value(value)
+        return out
+
+    overrides, edit_overrides = parse_settings(args.set), parse_settings(args.edit_set)
     settings = {**RECOMMENDED_FINETUNE, **overrides}
-    print(f"settings: {settings}; seed {args.seed}; {args.num_test} held-out images per edit\n")
+    edit_settings = {**RECOMMENDED_EDIT, **edit_overrides}
+    print(f"settings: {settings}; edit: {edit_settings}; seed {args.seed}; {args.num_test} held-out images per edit\n")
     header = "edit | success | colour | ≥ 75 % target-coloured | IoU ≥ 0.7 | shape | background ≤ 0.03 | mean bg"
     print(f"| {header} |")
     print("|---|---|---|---|---|---|---|---|")
@@ -71,7 +79,7 @@ def main() -> None:
         start = time.perf_counter()
         result = run_edit_experiment(
             pipe, source, None if target == source else target, shape=shape, target_shape=target_shape,
-            num_test=args.num_test, seed=args.seed, finetune_kwargs=overrides,
+            num_test=args.num_test, seed=args.seed, finetune_kwargs=overrides, edit_kwargs=edit_overrides,
         )  # fmt: skip
         c = result["criteria"]
         bg = sum(r["background"] for r in result["reports"]) / len(result["reports"])
@@ -84,9 +92,9 @@ def main() -> None:
               f"{pct('fraction_ok')} | {pct('iou_ok')} | {pct('shape_ok')} | {pct('background_ok')} | {bg:.3f} |",
               flush=True)  # fmt: skip
         if args.json:
-            record = dict(edit=name, settings=settings, seed=args.seed, num_test=args.num_test,
-                          success=result["success_rate"], criteria=c, mean_background_change=bg,
-                          seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+            record = dict(edit=name, settings=settings, edit_settings=edit_settings, seed=args.seed,
+                          num_test=args.num_test, success=result["success_rate"], criteria=c,
+                          mean_background_change=bg, seconds=round(time.perf_counter() - start, 1))  # fmt: skip
             with open(args.json, "a") as f:
                 f.write(json.dumps(record) + "\n")
 

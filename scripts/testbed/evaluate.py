@@ -74,15 +74,18 @@ def eval_ddpm(unet, sched, n_samples: int = 64, n_inv: int = 64, grid: str | Non
     imgs, _ = world.render_dataset(n_inv, seed=2025, size=unet.config.sample_size)
     x0 = batch_to_tensor(np.stack([np.asarray(i) for i in imgs]))
     src = [np.asarray(i) for i in imgs]
-    for t0 in (500, 400, 300):
-        _, rec = invert_regenerate(unet, sched, x0, t0=t0, n_inv=40, n_gen=40)
-        suffix = "" if t0 == 500 else f"_{t0}"
+    for t0, k in ((500, 0), (400, 0), (300, 0), (500, 1)):
+        _, rec = invert_regenerate(unet, sched, x0, t0=t0, n_inv=40, n_gen=40, fixed_point=k)
+        fp = f"_fp{k}" if k else ""
+        suffix = ("" if t0 == 500 else f"_{t0}") + fp
         out["inv_mae" + suffix] = float(((rec.clamp(-1, 1) - x0).abs() / 2).mean())
         out["inv_max_abs" + suffix] = float(((rec.clamp(-1, 1) - x0).abs() / 2).max())
-        # a mean can hide a few images regenerated as another shape: count the ones that keep their mask
-        ious = [world.mask_iou(world.foreground_mask(a), world.foreground_mask(b))
-                for a, b in zip(src, tensor_to_uint8(rec))]  # fmt: skip
-        out[f"inv_iou_ok_{t0}"] = float(np.mean(np.array(ious) >= 0.7))
+        # a mean can hide a few images regenerated as another shape or colour: count the ones that keep them
+        rec_u8 = tensor_to_uint8(rec)
+        ious = [world.mask_iou(world.foreground_mask(a), world.foreground_mask(b)) for a, b in zip(src, rec_u8)]
+        out[f"inv_iou_ok_{t0}{fp}"] = float(np.mean(np.array(ious) >= 0.7))
+        kept = [world.dominant_colour(a) == world.dominant_colour(b) for a, b in zip(src, rec_u8)]
+        out[f"inv_colour_kept_{t0}{fp}"] = float(np.mean(kept))
     return out
 
 
@@ -105,6 +108,11 @@ def table(res: dict) -> str:
         ("  same at t0 = 400 / 300", f"{res['inv_mae_400']:.4f} / {res['inv_mae_300']:.4f}", "", None),
         ("  regenerated foreground mask IoU >= 0.7, t0 = 500 / 400 / 300",
          " / ".join(f"{res[f'inv_iou_ok_{t}']:.3f}" for t in (500, 400, 300)), "", None),
+        ("  regenerated foreground keeps its palette colour, t0 = 500 / 400 / 300",
+         " / ".join(f"{res[f'inv_colour_kept_{t}']:.3f}" for t in (500, 400, 300)), "", None),
+        ("  t0 = 500 with one fixed-point iteration per inversion step: MAE / IoU >= 0.7 / colour kept",
+         f"{res['inv_mae_fp1']:.4f} / {res['inv_iou_ok_500_fp1']:.3f} / {res['inv_colour_kept_500_fp1']:.3f}",
+         "", None),
     ]
     lines = ["| measurement | value | target | ok |", "|---|---|---|---|"]
     for name, val, tgt, ok in rows:
