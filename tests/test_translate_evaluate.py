@@ -30,6 +30,14 @@ def test_translate_edits_with_active_adapter():
     pipe.disable_lora()
     plain = pipe.translate(random_images(1), generator=torch.Generator().manual_seed(0), **KW)
     torch.testing.assert_close(plain.domain_images, out.domain_images)
+    # the final edit's inversion takes the fixed-point refinements: the same as editing the domain images so
+    pipe.enable_lora()
+    refined = pipe.translate(random_images(1), generator=torch.Generator().manual_seed(0),
+                             num_fixed_point_iterations=2, **KW)  # fmt: skip
+    edit_kw = {k: KW[k] for k in ("t0", "num_inversion_steps", "num_inference_steps", "output_type")}
+    expected = pipe.edit(refined.domain_images * 2 - 1, num_fixed_point_iterations=2, **edit_kw).images
+    torch.testing.assert_close(refined.images, expected)
+    assert not torch.allclose(refined.images, out.images)
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(n_iter=0), "`n_iter`"), (dict(num_denoise_steps=-1), "`num_denoise")])
