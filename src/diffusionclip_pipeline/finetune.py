@@ -104,13 +104,13 @@ class FinetuneConfig:
             "gradient_accumulation_steps", "num_sampled_images", "num_sampling_steps",
         ):  # fmt: skip
             positive_int(name)
+        k = self.num_fixed_point_iterations
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"`num_fixed_point_iterations` must be an integer >= 0, got {k!r}.")
         weights = (
             "clip_loss_weight", "global_clip_loss_weight", "l1_loss_weight",
             "sparse_loss_weight", "identity_loss_weight",
         )  # fmt: skip
-        k = self.num_fixed_point_iterations
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"`num_fixed_point_iterations` must be an integer >= 0, got {k!r}.")
         for name in weights:
             non_negative(name)
         if not any(getattr(self, name) > 0 for name in weights):
