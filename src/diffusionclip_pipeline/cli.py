@@ -81,6 +81,16 @@ def save_atomic(image: PIL.Image.Image, path: str) -> None:
 # ---- sub-commands ------------------------------------------------------------------------------------------------
 
 
+def _with_testbed_defaults(model: str, settings: dict, recommended: str) -> dict:
+    """The options given (``None``: not given) over the test-bed's ``recommended`` settings for ``--model testbed``."""
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if model != "testbed":
+        return settings
+    from . import testbed
+
+    return {**getattr(testbed, recommended), **settings}
+
+
 def _finetune(args) -> None:
     images = read_images(args.images)[0] if args.images else None
     pipe = load_pipeline(args.model, args.clip, args.device)
@@ -90,11 +100,8 @@ def _finetune(args) -> None:
         lora_rank=args.lora_rank, l1_loss_weight=args.l1_loss_weight, scheme=args.scheme, seed=args.seed,
         num_fixed_point_iterations=args.num_fixed_point_iterations,
     )  # fmt: skip
-    if args.model == "testbed":
-        from .testbed import RECOMMENDED_FINETUNE
-
-        settings = {**RECOMMENDED_FINETUNE, **{k: v for k, v in settings.items() if v is not None}}
-    output = pipe.finetune(args.src, args.tar, images=images, **{k: v for k, v in settings.items() if v is not None})
+    settings = _with_testbed_defaults(args.model, settings, "RECOMMENDED_FINETUNE")
+    output = pipe.finetune(args.src, args.tar, images=images, **settings)
     path = pipe.save_lora_weights(args.output)
     print(f"saved {path} (loss {output.loss_history[0]:.4f} -> {output.loss_history[-1]:.4f})")
 
@@ -116,11 +123,7 @@ def _edit(args) -> None:
         t0=args.t0, num_inversion_steps=args.num_inversion_steps, num_inference_steps=args.num_inference_steps,
         num_fixed_point_iterations=args.num_fixed_point_iterations,
     )  # fmt: skip
-    settings = {k: v for k, v in settings.items() if v is not None}
-    if args.model == "testbed":
-        from .testbed import RECOMMENDED_EDIT
-
-        settings = {**RECOMMENDED_EDIT, **settings}
+    settings = _with_testbed_defaults(args.model, settings, "RECOMMENDED_EDIT")
     os.makedirs(args.output, exist_ok=True)
     rows = []
     for start in range(0, len(images), args.batch_size):
