@@ -72,14 +72,14 @@ def eval_ddpm(unet, sched, n_samples: int = 64, n_inv: int = 64, grid: str | Non
         save_grid(samples, grid)
     out = score_samples(samples)
     imgs, _ = world.render_dataset(n_inv, seed=2025, size=unet.config.sample_size)
-    x0 = batch_to_tensor(np.stack([np.asarray(i) for i in imgs]))
     src = [np.asarray(i) for i in imgs]
+    x0 = batch_to_tensor(np.stack(src))
     for t0, k in ((500, 0), (400, 0), (300, 0), (500, 1)):
         _, rec = invert_regenerate(unet, sched, x0, t0=t0, n_inv=40, n_gen=40, fixed_point=k)
         fp = f"_fp{k}" if k else ""
         suffix = ("" if t0 == 500 else f"_{t0}") + fp
-        out["inv_mae" + suffix] = float(((rec.clamp(-1, 1) - x0).abs() / 2).mean())
-        out["inv_max_abs" + suffix] = float(((rec.clamp(-1, 1) - x0).abs() / 2).max())
+        error = (rec.clamp(-1, 1) - x0).abs() / 2
+        out["inv_mae" + suffix], out["inv_max_abs" + suffix] = float(error.mean()), float(error.max())
         # a mean can hide a few images regenerated as another shape or colour: count the ones that keep them
         rec_u8 = tensor_to_uint8(rec)
         ious = [world.mask_iou(world.foreground_mask(a), world.foreground_mask(b)) for a, b in zip(src, rec_u8)]
