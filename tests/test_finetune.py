@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_pipeline, make_unet, random_images
+from conftest import make_clip, make_pipeline, make_tokenizer, make_unet, random_images
 from diffusers import UNet2DModel
 from safetensors.torch import save_file
 
@@ -224,6 +224,50 @@ def test_save_pretrained_with_adapter_reloads_base_and_adapter(tmp_path):
     assert loaded.lora_adapters == ["default"]
     assert torch.equal(loaded.edit(x, **EDIT).images, edited)
     assert pipe.lora_adapters == ["default"] and torch.equal(pipe.edit(x, **EDIT).images, edited)
+
+
+def with_second_clip(pipe, seed):
+    tokenizer = make_tokenizer()
+    pipe.register_modules(clip_model_2=make_clip(tokenizer, seed=seed), clip_tokenizer_2=tokenizer)
+    return pipe
+
+
+def test_second_clip_averages_the_clip_loss():
+    # first step (LoRA B = 0: every pipeline predicts the same x0_hat): loss = L1 term + mean of the CLIP losses
+    single, only_second = make_pipeline(), make_pipeline()
+    both, doubled = with_second_clip(make_pipeline(), seed=1), make_pipeline()
+    only_second.register_modules(clip_model=both.clip_model_2, clip_tokenizer=both.clip_tokenizer_2)
+    doubled.register_modules(clip_model_2=doubled.clip_model, clip_tokenizer_2=doubled.clip_tokenizer)
+    kw = dict(images=random_images(2), learning_rate=1e-2, **TINY)
+    out = {name: p.finetune("red circle", "blue circle", **kw) for name, p in
+           dict(single=single, only_second=only_second, both=both, doubled=doubled).items()}  # fmt: skip
+    assert [o.num_clip_models for o in out.values()] == [1, 1, 2, 2]
+    first = {name: o.loss_history[0] for name, o in out.items()}
+    assert first["both"] == pytest.approx((first["single"] + first["only_second"]) / 2, rel=1e-6)
+    assert first["doubled"] == pytest.approx(first["single"], rel=1e-6)
+    assert abs(first["single"] - first["only_second"]) > 1e-3  # the two CLIPs do disagree
+    # and the training follows the average: a different adapter than with either CLIP alone
+    sa, sb = adapter_state(single), adapter_state(both)
+    assert any(not torch.allclose(sa[k], sb[k]) for k in sa)
+    # the image-guided direction is taken in each CLIP's own embedding space
+    out = both.finetune(
+        "red circle", "blue circle", adapter_name="img", source_images=random_images(2, seed=1),
+        target_images=random_images(2, seed=2), **kw,
+    )  # fmt: skip
+    assert out.num_clip_models == 2 and len(out.loss_history) == 2
+
+
+def test_second_clip_needs_its_tokenizer_and_survives_save_pretrained(tmp_path):
+    pipe = make_pipeline()
+    with pytest.raises(ValueError, match="`clip_model_2` and `clip_tokenizer_2`"):
+        DiffusionCLIPPipeline(unet=pipe.unet, scheduler=pipe.scheduler, clip_model_2=pipe.clip_model)
+    with_second_clip(pipe, seed=1).save_pretrained(tmp_path / "pipe")
+    loaded = DiffusionCLIPPipeline.from_pretrained(tmp_path / "pipe")
+    assert len(loaded.clip_models) == 2
+    for name in ("clip_model", "clip_model_2"):
+        saved, restored = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    assert loaded.clip_tokenizer_2("a red circle").input_ids == pipe.clip_tokenizer_2("a red circle").input_ids
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_adapter():

@@ -164,12 +164,14 @@ class FinetuneOutput(BaseOutput):
             generation step with ``scheme="efficient"``, one per batch with ``"full_chain"``.
         config (`FinetuneConfig`): The settings used.
         num_cached_latents (`int`): How many training latents came from the on-disk cache.
+        num_clip_models (`int`): Over how many CLIP models the CLIP loss was averaged (2 with `clip_model_2`).
     """
 
     adapter_name: str
     loss_history: list[float]
     config: FinetuneConfig
     num_cached_latents: int = 0
+    num_clip_models: int = 1
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -259,7 +261,7 @@ def finetune(
     config: FinetuneConfig | None = None,
     adapter_name: str = "default",
     identity_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    target_direction: torch.Tensor | None = None,
+    direction_images: tuple[torch.Tensor, torch.Tensor] | None = None,
     cache_dir: str | os.PathLike | None = None,
     accelerator=None,
 ) -> FinetuneOutput:
@@ -287,17 +289,21 @@ def finetune(
         accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=on_cpu)
     device = accelerator.device
     pipe.to(device)
-    pipe._require_clip()
-    loss_fn = CLIPDirectionalLoss(
-        pipe.clip_model, pipe.clip_tokenizer, loss_type=config.clip_loss_type,
-        direction_weight=config.clip_loss_weight, global_weight=config.global_clip_loss_weight,
-        num_augmentations=config.clip_num_augmentations, augmentation_noise=config.clip_augmentation_noise,
-        seed=config.seed,
-    ).to(device)  # fmt: skip
-    if target_direction is None:
-        text_direction = loss_fn.text_direction(prompt_src, prompt_tar)
-    else:
-        text_direction = target_direction.to(device)
+    # one loss per CLIP model (the pipeline's CLIP and the optional `clip_model_2`), averaged in `loss_on`
+    loss_fns = [
+        CLIPDirectionalLoss(
+            clip_model, clip_tokenizer, loss_type=config.clip_loss_type,
+            direction_weight=config.clip_loss_weight, global_weight=config.global_clip_loss_weight,
+            num_augmentations=config.clip_num_augmentations, augmentation_noise=config.clip_augmentation_noise,
+            seed=config.seed,
+        ).to(device)
+        for clip_model, clip_tokenizer in pipe.clip_models
+    ]  # fmt: skip
+    if direction_images is None:
+        text_directions = [fn.text_direction(prompt_src, prompt_tar) for fn in loss_fns]
+    else:  # image-guided: the mean embedding change between the two image sets, in each CLIP's own space
+        source_set, target_set = (x.to(device) for x in direction_images)
+        text_directions = [fn.image_set_direction(source_set, target_set) for fn in loss_fns]
 
     # 1. Training images: given, or sampled from the original model (seeded DDIM from pure noise)
     generator = torch.Generator().manual_seed(config.seed)
@@ -339,16 +345,18 @@ def finetune(
     def source_embeddings(x0_src):
         """Once per batch, reused by every generation step (the official code re-encodes the source each step)."""
         if not use_clip or config.clip_num_augmentations > 0:
-            return None
+            return [None] * len(loss_fns)
         with torch.no_grad():
-            return loss_fn.encode_images(x0_src)
+            return [fn.encode_images(x0_src) for fn in loss_fns]
 
     def loss_on(x0_src, x0_pred, src_embeds):
         loss = x0_pred.new_zeros(())
         if use_clip:
-            loss = loss + loss_fn(
-                x0_src, x0_pred, prompt_src, prompt_tar, text_direction=text_direction, source_embeds=src_embeds
-            )
+            clip_losses = [
+                fn(x0_src, x0_pred, prompt_src, prompt_tar, text_direction=direction, source_embeds=embeds)
+                for fn, direction, embeds in zip(loss_fns, text_directions, src_embeds)
+            ]
+            loss = loss + sum(clip_losses) / len(clip_losses)
         if config.l1_loss_weight > 0:
             loss = loss + config.l1_loss_weight * (x0_src - x0_pred).abs().mean()
         if config.sparse_loss_weight > 0:
@@ -429,4 +437,7 @@ def finetune(
         for p in params:
             p.requires_grad_(False)
         accelerator.wait_for_everyone()
-    return FinetuneOutput(adapter_name=adapter_name, loss_history=loss_history, config=config, num_cached_latents=hits)
+    return FinetuneOutput(
+        adapter_name=adapter_name, loss_history=loss_history, config=config, num_cached_latents=hits,
+        num_clip_models=len(loss_fns),
+    )  # fmt: skip

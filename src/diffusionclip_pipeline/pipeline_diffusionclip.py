@@ -79,11 +79,18 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         clip_model ([`~transformers.CLIPModel`], *optional*): CLIP for the directional loss; loaded lazily from
             `clip_model_name_or_path` (default ``"openai/clip-vit-base-patch16"``) when fine-tuning needs it.
         clip_tokenizer ([`~transformers.CLIPTokenizer`], *optional*): CLIP's tokenizer.
+        clip_model_2 ([`~transformers.CLIPModel`], *optional*): A second CLIP. Fine-tuning then averages the CLIP
+            loss over both models (an ensemble, as StyleGAN-NADA's ViT-B/32 + ViT-B/16): an edit must satisfy two
+            embedding spaces, so it cannot exploit the blind spots of one. Never loaded implicitly.
+        clip_tokenizer_2 ([`~transformers.CLIPTokenizer`], *optional*): The second CLIP's tokenizer (both or
+            neither).
         vae (*optional*): Reserved for latent models (encode/decode seam); must be `None` for now.
     """
 
     model_cpu_offload_seq = "unet"
-    _optional_components = ["inverse_scheduler", "clip_model", "clip_tokenizer", "vae"]
+    _optional_components = [
+        "inverse_scheduler", "clip_model", "clip_tokenizer", "clip_model_2", "clip_tokenizer_2", "vae"
+    ]  # fmt: skip
 
     def __init__(
         self,
@@ -93,10 +100,17 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         clip_model=None,
         clip_tokenizer=None,
         vae=None,
+        clip_model_2=None,
+        clip_tokenizer_2=None,
     ):
         super().__init__()
         if vae is not None:
             raise NotImplementedError("Latent (VAE) models are not supported yet: pass `vae=None`.")
+        if (clip_model_2 is None) != (clip_tokenizer_2 is None):
+            raise ValueError(
+                "Pass both `clip_model_2` and `clip_tokenizer_2` for a second CLIP, or neither; got "
+                f"clip_model_2={type(clip_model_2).__name__}, clip_tokenizer_2={type(clip_tokenizer_2).__name__}."
+            )
         scheduler = _as_deterministic(scheduler, DDIMScheduler)
         inverse_scheduler = _as_deterministic(inverse_scheduler or scheduler, DDIMInverseScheduler)
         self.register_modules(
@@ -106,6 +120,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             clip_model=clip_model,
             clip_tokenizer=clip_tokenizer,
             vae=vae,
+            clip_model_2=clip_model_2,
+            clip_tokenizer_2=clip_tokenizer_2,
         )
         self.clip_model_name_or_path = DEFAULT_CLIP
         self._lora_settings: dict[str, lora.LoraSettings] = {}
@@ -188,6 +204,16 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
     def _require_clip(self) -> None:
         if self.clip_model is None or self.clip_tokenizer is None:
             self.load_clip()
+
+    @property
+    def clip_models(self) -> list[tuple]:
+        """The ``(clip_model, clip_tokenizer)`` pairs the CLIP loss averages over: the first CLIP, then the optional
+        second one (`clip_model_2`). Loads the first one if needed."""
+        self._require_clip()
+        pairs = [(self.clip_model, self.clip_tokenizer)]
+        if getattr(self, "clip_model_2", None) is not None and getattr(self, "clip_tokenizer_2", None) is not None:
+            pairs.append((self.clip_model_2, self.clip_tokenizer_2))
+        return pairs
 
     # ---- the encode/decode seam of latent models -------------------------------------------------------------
 
@@ -616,23 +642,19 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         config = FinetuneConfig.from_kwargs(config, **kwargs)
         if images is not None:
             self._check_image(images, "images")
-        direction = None
+        direction_images = None
         if (source_images is None) != (target_images is None):
             raise ValueError(
                 "Pass both `source_images` and `target_images` for an image-guided direction, or neither."
             )
         if source_images is not None:
-            self._require_clip()
-            from .clip_loss import CLIPDirectionalLoss
-
-            loss_fn = CLIPDirectionalLoss(self.clip_model, self.clip_tokenizer).to(self._execution_device)
-            direction = loss_fn.image_set_direction(
+            direction_images = (
                 self._prepare_image(source_images, "source_images"),
                 self._prepare_image(target_images, "target_images"),
             )
         output = finetune(
             self, prompt_src, prompt_tar, images=images, config=config, adapter_name=adapter_name,
-            identity_loss=identity_loss, target_direction=direction, cache_dir=cache_dir,
+            identity_loss=identity_loss, direction_images=direction_images, cache_dir=cache_dir,
         )  # fmt: skip
         from . import __version__
 
@@ -640,7 +662,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         self._lora_provenance[adapter_name] = {
             "prompt_src": prompt_src,
             "prompt_tar": prompt_tar,
-            "direction": "images" if direction is not None else "text",
+            "direction": "images" if direction_images is not None else "text",
+            "num_clip_models": output.num_clip_models,
             "t0": config.t0,
             "num_inversion_steps": config.num_inversion_steps,
             "num_fixed_point_iterations": config.num_fixed_point_iterations,
