@@ -2,10 +2,11 @@ import os
 
 import PIL.Image
 import pytest
-from conftest import make_pipeline, random_images
+from conftest import make_clip, make_pipeline, make_tokenizer, random_images
 
 from diffusionclip_pipeline.cli import image_grid, main
 from diffusionclip_pipeline.image_processing import postprocess_image
+from diffusionclip_pipeline.lora import read_adapter_file
 
 FAST = ["--t0", "50", "--num-inversion-steps", "2"]
 
@@ -33,6 +34,19 @@ def test_finetune_then_edit_with_adapter(setup, capsys):
     assert files == ["grid.png", "img0_edited.png", "img1_edited.png", "img2_edited.png"]
     assert PIL.Image.open(setup / "out" / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)
     assert "wrote 3 edited images" in capsys.readouterr().out
+
+
+def test_finetune_with_a_second_clip(setup, capsys):
+    tokenizer = make_tokenizer()
+    make_clip(tokenizer, seed=1).save_pretrained(setup / "clip2")
+    tokenizer.save_pretrained(setup / "clip2")
+    argv = ["finetune", "--model", str(setup / "pipe"), "--src", "red circle", "--tar", "blue circle", "--images",
+            str(setup / "imgs"), "--output", str(setup / "ada"), *FAST, "--num-train-steps", "1", "--num-epochs", "1"]
+    assert main([*argv, "--clip-2", str(setup / "clip2")]) == 0  # fmt: skip
+    provenance = read_adapter_file(str(setup / "ada"))[1]["provenance"]
+    assert '"num_clip_models": 2' in provenance
+    assert main([*argv, "--clip-2", str(setup / "nowhere")]) == 2
+    assert "cannot load --clip-2" in capsys.readouterr().err
 
 
 def test_translate_writes_three_row_grid(setup):

@@ -44,8 +44,8 @@ def read_images(paths: list[str]) -> tuple[list[PIL.Image.Image], list[str]]:
     return images, [os.path.basename(f) for f in files]
 
 
-def load_pipeline(model: str, clip: str | None = None, device: str | None = None):
-    """A `DiffusionCLIPPipeline` from a hub id, a folder, or ``"testbed"``."""
+def load_pipeline(model: str, clip: str | None = None, device: str | None = None, clip_2: str | None = None):
+    """A `DiffusionCLIPPipeline` from a hub id, a folder, or ``"testbed"``; ``clip_2`` sets its second CLIP."""
     from .pipeline_diffusionclip import DiffusionCLIPPipeline
 
     if model == "testbed":
@@ -54,6 +54,14 @@ def load_pipeline(model: str, clip: str | None = None, device: str | None = None
         pipe = load_testbed()
     else:
         pipe = DiffusionCLIPPipeline.from_pretrained(model, clip_model_name_or_path=clip)
+    if clip_2:
+        from transformers import CLIPModel, CLIPTokenizer
+
+        try:
+            clip_model_2, clip_tokenizer_2 = CLIPModel.from_pretrained(clip_2), CLIPTokenizer.from_pretrained(clip_2)
+        except OSError as error:
+            raise CLIError(f"cannot load --clip-2 {clip_2!r}: {error}") from error
+        pipe.register_modules(clip_model_2=clip_model_2, clip_tokenizer_2=clip_tokenizer_2)
     if device:
         pipe.to(device)
     return pipe
@@ -93,7 +101,7 @@ def _with_testbed_defaults(model: str, settings: dict, recommended: str) -> dict
 
 def _finetune(args) -> None:
     images = read_images(args.images)[0] if args.images else None
-    pipe = load_pipeline(args.model, args.clip, args.device)
+    pipe = load_pipeline(args.model, args.clip, args.device, clip_2=args.clip_2)
     settings = dict(
         t0=args.t0, num_inversion_steps=args.num_inversion_steps, num_train_steps=args.num_train_steps,
         num_epochs=args.num_epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
@@ -184,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tar", required=True, help="target text, e.g. 'smiling face'")
     p.add_argument("--images", nargs="*", help="training image files/folders (default: sampled from the model)")
     p.add_argument("--output", required=True, help="folder for pytorch_lora_weights.safetensors")
+    p.add_argument("--clip-2", default=None,
+                   help="a second CLIP (id or folder): the CLIP loss is averaged over both (e.g. ViT-B/32 + B/16)")
     for flag, kind in [
         ("--t0", int), ("--num-inversion-steps", int), ("--num-train-steps", int), ("--num-epochs", int),
         ("--learning-rate", float), ("--batch-size", int), ("--lora-rank", int), ("--l1-loss-weight", float),
