@@ -23,10 +23,14 @@ def test_shipped_weights_are_small_and_load_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(WEIGHTS_DIR) for f in fs)
     assert total <= 10 * 1024**2
-    with safe_open(os.path.join(WEIGHTS_DIR, "unet", "diffusion_pytorch_model.safetensors"), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    for path in (("unet", "diffusion_pytorch_model.safetensors"), ("clip_2", "model.safetensors")):
+        with safe_open(os.path.join(WEIGHTS_DIR, *path), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     pipe = load_pipeline()
     assert pipe.unet.dtype == torch.float32 and pipe.unet.config.sample_size == 32
+    # two CLIPs, computing in float32; `second_clip=False` leaves the second one out
+    assert [model.dtype for model, _ in pipe.clip_models] == [torch.float32, torch.float32]
+    assert len(load_pipeline(second_clip=False).clip_models) == 1
     assert not pipe.scheduler.config.clip_sample
     FinetuneConfig.from_kwargs(**RECOMMENDED_FINETUNE)  # the recommended settings are valid
     pipe.check_inputs(image=torch.zeros(1, 3, 32, 32), **RECOMMENDED_EDIT)

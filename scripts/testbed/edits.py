@@ -9,6 +9,7 @@ with `testbed.edit_success`. About 80-100 s per edit of 64 images on one CPU thr
     python scripts/testbed/edits.py --edits red:blue:circle green:yellow:triangle
     python scripts/testbed/edits.py --seed 5 --num-test 32 --set global_clip_loss_weight=1.0   # a README sweep row
     python scripts/testbed/edits.py --edit-set num_fixed_point_iterations=1       # exact inversion when editing
+    python scripts/testbed/edits.py --single-clip                     # the shipped CLIP alone (no clip_2/)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--weights", help="another test-bed weights folder (default: the shipped one)")
+    p.add_argument("--single-clip", action="store_true", help="leave out the second CLIP (clip_2/): one CLIP loss")
     p.add_argument("--json", help="also append the results here (JSON lines)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,7 +66,9 @@ def main() -> None:
     overrides, edit_overrides = parse_settings(args.set), parse_settings(args.edit_set)
     settings = {**RECOMMENDED_FINETUNE, **overrides}
     edit_settings = {**RECOMMENDED_EDIT, **edit_overrides}
-    print(f"settings: {settings}; edit: {edit_settings}; seed {args.seed}; {args.num_test} held-out images per edit\n")
+    clips = "the shipped CLIP only" if args.single_clip else "both CLIPs if the weights have two"
+    print(f"settings: {settings}; edit: {edit_settings}; {clips}; seed {args.seed}; {args.num_test} held-out images "
+          "per edit\n")  # fmt: skip
     header = "edit | success | colour | ≥ 75 % target-coloured | IoU ≥ 0.7 | shape | background ≤ 0.03 | mean bg"
     print(f"| {header} |")
     print("|---|---|---|---|---|---|---|---|")
@@ -74,7 +78,7 @@ def main() -> None:
             p.error(f"--edits takes source:target:shape[:target_shape], got {spec!r}")
         source, target, shape = parts[:3]
         target_shape = parts[3] if len(parts) == 4 else None
-        pipe = load_pipeline(args.weights)
+        pipe = load_pipeline(args.weights, second_clip=not args.single_clip)
         pipe.set_progress_bar_config(disable=True)
         start = time.perf_counter()
         result = run_edit_experiment(
@@ -93,6 +97,7 @@ def main() -> None:
               flush=True)  # fmt: skip
         if args.json:
             record = dict(edit=name, settings=settings, edit_settings=edit_settings, seed=args.seed,
+                          clip_models=len(pipe.clip_models),
                           num_test=args.num_test, success=result["success_rate"], criteria=c,
                           mean_background_change=bg, seconds=round(time.perf_counter() - start, 1))  # fmt: skip
             with open(args.json, "a") as f:

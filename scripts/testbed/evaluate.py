@@ -5,7 +5,7 @@ Measurements (all in float32, on fresh data that training never saw as such):
 - CLIP zero-shot accuracy on 256 rendered images (seed 31337): argmax over the 12 prompts
   "a photo of a {colour} {shape}"; colour, shape and joint accuracy. Also the mean cosine between image and text
   directions for 64 same-geometry colour swaps (``E_I(b) - E_I(a)`` vs ``E_T("a blue circle") - E_T("a red
-  circle")``).
+  circle")``). The same for the second CLIP (``clip_2/``) when the weights folder has one.
 - DDPM: fraction of 64 unconditional DDIM samples (50 steps, eta 0, clip_sample=False, noise seed 0) that are
   one clean shape (``world.is_clean_shape``), with counts per colour / shape of the clean ones.
 - DDIM invert -> regenerate MAE on a [0, 1] scale over 64 rendered images (seed 2025): t0 = 500, 40 + 40 steps
@@ -53,7 +53,11 @@ def load(args):
     sched = DDPMScheduler.from_pretrained(args.scheduler or os.path.join(w, "scheduler"))
     clip = CLIPModel.from_pretrained(args.clip or os.path.join(w, "clip")).float().eval()
     tok = CLIPTokenizer.from_pretrained(args.tokenizer or os.path.join(w, "tokenizer"))
-    return unet, sched, clip, tok
+    second = None
+    if not (args.clip or args.tokenizer) and os.path.isdir(os.path.join(w, "clip_2")):
+        second = (CLIPModel.from_pretrained(os.path.join(w, "clip_2")).float().eval(),
+                  CLIPTokenizer.from_pretrained(os.path.join(w, "tokenizer_2")))
+    return unet, sched, clip, tok, second
 
 
 @torch.no_grad()
@@ -99,6 +103,18 @@ def table(res: dict) -> str:
          "over-saturated / background tinted 6 % (128 scenes each)",
          " / ".join(f"{res['peak_vs_' + k]:.2f}" for k in ("off_palette", "mixed", "saturated", "tinted_background")),
          "", None),
+    ]
+    if "clip2_colour_acc" in res:
+        rows += [
+            ("Second CLIP (clip_2): zero-shot colour / shape / joint acc (256 imgs)",
+             f"{res['clip2_colour_acc']:.4f} / {res['clip2_shape_acc']:.4f} / {res['clip2_joint_acc']:.4f}",
+             ">= 0.95 / >= 0.90", res["clip2_colour_acc"] >= 0.95 and res["clip2_shape_acc"] >= 0.90),
+            ("Second CLIP: direction cosine (64 colour swaps)", f"{res['clip2_dir_cos']:.3f}", "", None),
+            ("Second CLIP: text score palette colour above off-palette / mixed / over-saturated / tinted background",
+             " / ".join(f"{res['clip2_peak_vs_' + k]:.2f}"
+                        for k in ("off_palette", "mixed", "saturated", "tinted_background")), "", None),
+        ]
+    rows += [
         ("DDPM clean samples (64, DDIM 50)", f"{res['clean_frac']:.3f}", ">= 0.80", res["clean_frac"] >= 0.80),
         ("  clean per colour", json.dumps(res["clean_colours"]), "", None),
         ("  clean per shape", json.dumps(res["clean_shapes"]), "", None),
@@ -133,13 +149,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t = time.time()
-    unet, sched, clip, tok = load(args)
+    unet, sched, clip, tok, second = load(args)
     res = eval_clip(clip, tok)
+    if second is not None:  # the optional second CLIP (`clip_2/`), same measurements, keys prefixed "clip2_"
+        res.update({f"clip2_{k}": v for k, v in eval_clip(*second).items()})
     res.update(eval_ddpm(unet, sched, grid=args.grid))
     res["eval_s"] = round(time.time() - t, 1)
     res["all_targets_met"] = bool(
         res["colour_acc"] >= TARGETS["colour_acc"] and res["shape_acc"] >= TARGETS["shape_acc"]
-        and res["clean_frac"] >= TARGETS["clean_frac"] and res["inv_mae"] <= TARGETS["inv_mae"])
+        and res["clean_frac"] >= TARGETS["clean_frac"] and res["inv_mae"] <= TARGETS["inv_mae"]
+        and res.get("clip2_colour_acc", 1.0) >= TARGETS["colour_acc"]
+        and res.get("clip2_shape_acc", 1.0) >= TARGETS["shape_acc"])
     print(table(res))
     print(f"\nall targets met: {res['all_targets_met']}  ({res['eval_s']} s)")
     if args.json:

@@ -7,6 +7,8 @@ Layout written (diffusers / transformers ``save_pretrained``, safetensors)::
                                                                                1000 steps, clip_sample=False)
     weights/clip/        config.json + model.safetensors                     (float32)
     weights/tokenizer/   tokenizer.json + tokenizer_config.json
+    weights/clip_2/      config.json + model.safetensors                     (second CLIP, fp16 storage)
+    weights/tokenizer_2/ tokenizer.json + tokenizer_config.json
     weights/METRICS.md   measured numbers (scripts/testbed/evaluate.py on the exported files) + commands
 
 The export is staged in ``--stage`` (default ``build/testbed/export``), measured there with ``evaluate.py``
@@ -20,6 +22,7 @@ Usage::
 
     python scripts/testbed/export.py
     python scripts/testbed/export.py --unet build/testbed/ddpm/ema_unet --clip-dir build/testbed/clip --force
+    python scripts/testbed/export.py --clip-2-dir ""          # without the second CLIP
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ def main(argv=None):
     p.add_argument("--ddpm-dir", default="build/testbed/ddpm")
     p.add_argument("--unet", help="defaults to <ddpm-dir>/ema_unet")
     p.add_argument("--clip-dir", default="build/testbed/clip")
+    p.add_argument("--clip-2-dir", default="build/testbed/clip2",
+                   help="the second CLIP (train_clip.py --mix-frac 0 --off-frac 0.3 --tint-frac 0.25); '' for none")
     p.add_argument("--stage", default="build/testbed/export")
     p.add_argument("--out", default=ev.DEFAULT_WEIGHTS)
     p.add_argument("--no-fp16", action="store_true", help="store the UNet in float32")
@@ -81,6 +86,12 @@ def main(argv=None):
     clip.save_pretrained(os.path.join(stage, "clip"), safe_serialization=True)
     CLIPTokenizer.from_pretrained(os.path.join(args.clip_dir, "tokenizer")).save_pretrained(
         os.path.join(stage, "tokenizer"))
+    clip_2 = None
+    if args.clip_2_dir:  # stored in fp16 to stay under 10 MB; loaded (and measured) in float32
+        clip_2 = CLIPModel.from_pretrained(os.path.join(args.clip_2_dir, "clip"), dtype=torch.float16)
+        clip_2.save_pretrained(os.path.join(stage, "clip_2"), safe_serialization=True)
+        CLIPTokenizer.from_pretrained(os.path.join(args.clip_2_dir, "tokenizer")).save_pretrained(
+            os.path.join(stage, "tokenizer_2"))
     size = dir_bytes(stage)
     if size > MAX_BYTES:
         raise SystemExit(f"export is {size / 1e6:.2f} MB > 10 MB")
@@ -89,7 +100,9 @@ def main(argv=None):
                    "--grid", os.path.join(stage, "..", "export_samples.png"), "--threads", str(args.threads)])
     ddpm_done = last_log(os.path.join(os.path.dirname(os.path.abspath(unet_dir)), "log.jsonl"), "eval") or {}
     clip_done = last_log(os.path.join(args.clip_dir, "log.jsonl"), "eval") or {}
-    sizes = {d: dir_bytes(os.path.join(stage, d)) for d in ("unet", "scheduler", "clip", "tokenizer")}
+    parts = ("unet", "scheduler", "clip", "tokenizer") + (("clip_2", "tokenizer_2") if clip_2 is not None else ())
+    sizes = {d: dir_bytes(os.path.join(stage, d)) for d in parts}
+    clip_2_done = (last_log(os.path.join(args.clip_2_dir, "log.jsonl"), "eval") or {}) if clip_2 is not None else {}
     cmd = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
     md = [
         "# Test-bed weights: measured metrics",
@@ -107,6 +120,11 @@ def main(argv=None):
         f"{'float32' if args.no_fp16 else 'float16'}).",
         f"- CLIP: {clip_done.get('step', '?')} steps of `scripts/testbed/train_clip.py` "
         f"({sum(q.numel() for q in clip.parameters())} parameters, float32).",
+    ] + ([
+        f"- Second CLIP (`clip_2/`): {clip_2_done.get('step', '?')} steps of `scripts/testbed/train_clip.py "
+        f"--mix-frac 0 --off-frac 0.3 --tint-frac 0.25` ({sum(q.numel() for q in clip_2.parameters())} parameters, "
+        "stored float16).",
+    ] if clip_2 is not None else []) + [
         "- Sizes (bytes): " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + f"; total {sum(sizes.values())}.",
         "",
         "## Commands",

@@ -9,13 +9,18 @@ import torch
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
 
-def load_pipeline(weights_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+def load_pipeline(
+    weights_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, second_clip: bool = True
+):
     """The test-bed pipeline (tiny DDPM + tiny CLIP of the shapes world), loaded offline from ``weights_dir``.
 
     Args:
-        weights_dir (`str`, *optional*): A folder with ``unet/``, ``scheduler/``, ``clip/`` and ``tokenizer/``
-            (default: the weights shipped in the package).
-        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): The weights are stored in fp16 and cast.
+        weights_dir (`str`, *optional*): A folder with ``unet/``, ``scheduler/``, ``clip/`` and ``tokenizer/``, and
+            optionally ``clip_2/`` + ``tokenizer_2/`` (default: the weights shipped in the package).
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): Some weights are stored in fp16; all are
+            cast to ``dtype``.
+        second_clip (`bool`, *optional*, defaults to `True`): Load the second CLIP (``clip_2/``) if the folder has
+            one; fine-tuning then averages the CLIP loss over both (see the README's test-bed section for why).
 
     Returns:
         [`DiffusionCLIPPipeline`]: on the CPU, progress bars off.
@@ -33,6 +38,13 @@ def load_pipeline(weights_dir: str | os.PathLike | None = None, dtype: torch.dty
     scheduler = DDPMScheduler.from_pretrained(os.path.join(root, "scheduler"))
     clip_model = CLIPModel.from_pretrained(os.path.join(root, "clip"), dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer"))
-    pipe = DiffusionCLIPPipeline(unet=unet, scheduler=scheduler, clip_model=clip_model, clip_tokenizer=tokenizer)
+    clip_model_2 = tokenizer_2 = None
+    if second_clip and os.path.isdir(os.path.join(root, "clip_2")):
+        clip_model_2 = CLIPModel.from_pretrained(os.path.join(root, "clip_2"), dtype=dtype)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer_2"))
+    pipe = DiffusionCLIPPipeline(
+        unet=unet, scheduler=scheduler, clip_model=clip_model, clip_tokenizer=tokenizer,
+        clip_model_2=clip_model_2, clip_tokenizer_2=tokenizer_2,
+    )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
