@@ -290,6 +290,7 @@ def finetune(
     device = accelerator.device
     pipe.to(device)
     # one loss per CLIP model (the pipeline's CLIP and the optional `clip_model_2`), averaged in `loss_on`
+    pipe._require_clip()
     loss_fns = [
         CLIPDirectionalLoss(
             clip_model, clip_tokenizer, loss_type=config.clip_loss_type,

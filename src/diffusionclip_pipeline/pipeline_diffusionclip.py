@@ -208,12 +208,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
     @property
     def clip_models(self) -> list[tuple]:
         """The ``(clip_model, clip_tokenizer)`` pairs the CLIP loss averages over: the first CLIP, then the optional
-        second one (`clip_model_2`). Loads the first one if needed."""
-        self._require_clip()
-        pairs = [(self.clip_model, self.clip_tokenizer)]
-        if getattr(self, "clip_model_2", None) is not None and getattr(self, "clip_tokenizer_2", None) is not None:
-            pairs.append((self.clip_model_2, self.clip_tokenizer_2))
-        return pairs
+        second one (`clip_model_2`); only those present (nothing is loaded here)."""
+        pairs = [(self.clip_model, self.clip_tokenizer), (self.clip_model_2, self.clip_tokenizer_2)]
+        return [(model, tokenizer) for model, tokenizer in pairs if model is not None and tokenizer is not None]
 
     # ---- the encode/decode seam of latent models -------------------------------------------------------------
 
