@@ -3,6 +3,7 @@
 Single process:
     python examples/finetune.py --model google/ddpm-celebahq-256 --src face --tar "smiling face" \
         --images faces/ --output smile/
+    ... --clip-2 openai/clip-vit-base-patch32     # average the CLIP loss over two CLIPs (B/16 + B/32)
 Data-parallel over the training images (the same script, unchanged):
     accelerate launch --multi_gpu --num_processes 4 examples/finetune.py ...    # GPUs
     torchrun --nproc_per_node 2 examples/finetune.py ...                         # CPU (accelerate MULTI_CPU, gloo)
@@ -21,6 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Pipeline folder, DDPM repository id/folder, or 'testbed'.")
     parser.add_argument("--clip", default=None, help="CLIP id or folder when the model folder has none.")
+    parser.add_argument("--clip-2", default=None, help="A second CLIP (id or folder); the CLIP loss averages both.")
     parser.add_argument("--src", required=True, help="Source text, e.g. 'face'.")
     parser.add_argument("--tar", required=True, help="Target text, e.g. 'smiling face'.")
     parser.add_argument("--images", nargs="*", default=None, help="Image files or folders (default: sample).")
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     state = PartialState(cpu=not torch.cuda.is_available())
-    pipe = load_pipeline(args.model, args.clip)
+    pipe = load_pipeline(args.model, args.clip, clip_2=args.clip_2)
     pipe.set_progress_bar_config(disable=not state.is_main_process)
     images = read_images(args.images)[0] if args.images else None
     settings = dict(
