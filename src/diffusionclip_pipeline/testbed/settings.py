@@ -20,7 +20,8 @@ colour, >= 75 % target-coloured) reached 94-100 % on the four colour edits at da
 rose at five of six data seeds (mean 74 -> 84 %); the remaining failures are shape and background changes. With both
 CLIPs the library defaults did as well on the colour edits (mean of 12 cells 68 % for both), so these settings mainly
 made up for the first CLIP; they stay because they were not worse and keep the shape edit's squares (92 % classified
-square against 34 %). L1 0.45 and the sparse penalty 0.5 were not better with both CLIPs (seeds 5 and 7).
+square against 34 %). L1 0.45, the sparse penalty 0.5 and global weight 0.25 were not better with both CLIPs
+(seeds 5 and 7).
 """
 
 RECOMMENDED_FINETUNE: dict = dict(
