@@ -224,6 +224,15 @@ def test_load_clip_from_local_folder(tmp_path, clip_model, tokenizer):
         pipe.clip_model.get_text_features(input_ids=ids).pooler_output,
         clip_model.get_text_features(input_ids=ids).pooler_output,
     )
+    assert len(pipe.clip_models) == 1
+    pipe.load_clip(str(tmp_path), second=True)  # the same weights as the second CLIP
+    assert len(pipe.clip_models) == 2 and pipe.clip_model_2 is not pipe.clip_model
+    torch.testing.assert_close(
+        pipe.clip_model_2.get_text_features(input_ids=ids).pooler_output,
+        clip_model.get_text_features(input_ids=ids).pooler_output,
+    )
+    with pytest.raises(ValueError, match="`second=True` needs a `clip_model_name_or_path`"):
+        pipe.load_clip(second=True)
 
 
 # ---- check_inputs: every branch -----------------------------------------------------------------------------

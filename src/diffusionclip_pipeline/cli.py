@@ -55,13 +55,10 @@ def load_pipeline(model: str, clip: str | None = None, device: str | None = None
     else:
         pipe = DiffusionCLIPPipeline.from_pretrained(model, clip_model_name_or_path=clip)
     if clip_2:
-        from transformers import CLIPModel, CLIPTokenizer
-
         try:
-            clip_model_2, clip_tokenizer_2 = CLIPModel.from_pretrained(clip_2), CLIPTokenizer.from_pretrained(clip_2)
+            pipe.load_clip(clip_2, second=True)
         except OSError as error:
             raise CLIError(f"cannot load --clip-2 {clip_2!r}: {error}") from error
-        pipe.register_modules(clip_model_2=clip_model_2, clip_tokenizer_2=clip_tokenizer_2)
     if device:
         pipe.to(device)
     return pipe

@@ -184,10 +184,16 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
 
     # ---- CLIP --------------------------------------------------------------------------------------------------
 
-    def load_clip(self, clip_model_name_or_path: str | None = None, **kwargs) -> None:
-        """Loads CLIP and its tokenizer (``clip_model_name_or_path`` or the pipeline's default) into the pipeline."""
+    def load_clip(self, clip_model_name_or_path: str | None = None, second: bool = False, **kwargs) -> None:
+        """Loads CLIP and its tokenizer (``clip_model_name_or_path`` or the pipeline's default) into the pipeline.
+
+        With ``second=True`` they become the second CLIP (`clip_model_2`, averaged with the first in fine-tuning);
+        its name or path must then be given.
+        """
         from transformers import CLIPModel, CLIPTokenizer
 
+        if second and not clip_model_name_or_path:
+            raise ValueError(f"`second=True` needs a `clip_model_name_or_path`, got {clip_model_name_or_path!r}.")
         name = clip_model_name_or_path or self.clip_model_name_or_path
         try:
             clip_model = CLIPModel.from_pretrained(name, **kwargs)
@@ -199,7 +205,10 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
                 "clip_tokenizer=CLIPTokenizer.from_pretrained('/local/clip'))`, or `pipe.load_clip('/local/clip')`, "
                 "or `clip_model_name_or_path='/local/clip'`."
             ) from error
-        self.register_modules(clip_model=clip_model.to(self._execution_device), clip_tokenizer=clip_tokenizer)
+        slot = "_2" if second else ""
+        self.register_modules(
+            **{f"clip_model{slot}": clip_model.to(self._execution_device), f"clip_tokenizer{slot}": clip_tokenizer}
+        )
 
     def _require_clip(self) -> None:
         if self.clip_model is None or self.clip_tokenizer is None:
