@@ -1,3 +1,4 @@
+import json
 import os
 
 import PIL.Image
@@ -45,6 +46,9 @@ def test_finetune_with_a_second_clip(setup, capsys):
     assert main([*argv, "--clip-2", str(setup / "clip2")]) == 0  # fmt: skip
     provenance = read_adapter_file(str(setup / "ada"))[1]["provenance"]
     assert '"num_clip_models": 2' in provenance
+    assert main([*argv, "--lora-rank", "2"]) == 0  # alpha follows the rank: the scale stays 1
+    lora_config = json.loads(read_adapter_file(str(setup / "ada"))[1]["lora_config"])
+    assert (lora_config["rank"], lora_config["alpha"]) == (2, 2.0)
     assert main([*argv, "--clip-2", str(setup / "nowhere")]) == 2
     assert "cannot load --clip-2" in capsys.readouterr().err
 

@@ -105,6 +105,8 @@ def _finetune(args) -> None:
         lora_rank=args.lora_rank, l1_loss_weight=args.l1_loss_weight, scheme=args.scheme, seed=args.seed,
         num_fixed_point_iterations=args.num_fixed_point_iterations,
     )  # fmt: skip
+    if args.lora_rank is not None:  # keep the LoRA scale alpha / r at 1, as the defaults and the test-bed's settings
+        settings["lora_alpha"] = float(args.lora_rank)
     settings = _with_testbed_defaults(args.model, settings, "RECOMMENDED_FINETUNE")
     output = pipe.finetune(args.src, args.tar, images=images, **settings)
     path = pipe.save_lora_weights(args.output)
@@ -196,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--learning-rate", float), ("--batch-size", int), ("--lora-rank", int), ("--l1-loss-weight", float),
         ("--seed", int), ("--num-fixed-point-iterations", int),
     ]:  # fmt: skip
-        p.add_argument(flag, type=kind, default=None, help="see FinetuneConfig (default: its value)")
+        note = "; LoRA alpha is set to it (scale 1)" if flag == "--lora-rank" else ""
+        p.add_argument(flag, type=kind, default=None, help=f"see FinetuneConfig (default: its value){note}")
     p.add_argument("--scheme", choices=("efficient", "full_chain"), default=None)
     p.set_defaults(func=_finetune)
 
