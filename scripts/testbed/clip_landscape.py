@@ -11,6 +11,7 @@ loss (direction + ``--global-weight`` x global term, no random views) of the sam
 Rows for each shipped CLIP and for their average (what fine-tuning with both minimises). About 1 min on one thread.
 
     python scripts/testbed/clip_landscape.py
+    python scripts/testbed/clip_landscape.py --weights DIR   # other CLIPs (a folder laid out like the shipped one)
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--global-weight", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--weights", help="another test-bed weights folder (default: the shipped one)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline()
+    pipe = load_pipeline(args.weights)
     loss_fns = [CLIPDirectionalLoss(model, tokenizer) for model, tokenizer in pipe.clip_models]
     levels = np.arange(16, 256, 32)
     grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
