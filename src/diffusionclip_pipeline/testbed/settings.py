@@ -21,7 +21,7 @@ rose at five of six data seeds (mean 74 -> 84 %); the remaining failures are sha
 CLIPs the library defaults did as well on the colour edits (mean of 12 cells 68 % for both), so these settings mainly
 made up for the first CLIP; they stay because they were not worse and keep the shape edit's squares (92 % classified
 square against 34 %). L1 0.45, the sparse penalty 0.5 and global weight 0.25 were not better with both CLIPs
-(seeds 5 and 7).
+(seeds 5 and 7; LoRA rank 4 with ``time_emb_proj`` then).
 
 Then the adapter's shape: the failures left were background tints (pink behind blue -> red squares) and grown or
 shrunk shapes. The tint did not come from the CLIP: a first CLIP retrained to prefer white backgrounds
