@@ -33,7 +33,10 @@ blue -> red 22 -> 78 %); red -> blue averaged 86.5 % over six data seeds (84 % b
 ``time_emb_proj`` gave 74 % (seeds 5 and 7), rank 16 + L1 0.6 75 %, rank 8 alone 68.5 %, rank 2 62 %.
 """
 
-TARGET_MODULES_WITHOUT_TIME_EMBEDDING = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+from ..lora import DEFAULT_TARGET_MODULES
+
+# the library's LoRA targets less the ResNet blocks' time-embedding projection (see above)
+TARGET_MODULES_WITHOUT_TIME_EMBEDDING = tuple(m for m in DEFAULT_TARGET_MODULES if m != "time_emb_proj")
 
 RECOMMENDED_FINETUNE: dict = dict(
     global_clip_loss_weight=0.5,
