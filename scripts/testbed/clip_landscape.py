@@ -12,6 +12,7 @@ Rows for each shipped CLIP and for their average (what fine-tuning with both min
 
     python scripts/testbed/clip_landscape.py
     python scripts/testbed/clip_landscape.py --weights DIR   # other CLIPs (a folder laid out like the shipped one)
+    python scripts/testbed/clip_landscape.py --edits blue:yellow:circle   # other edits (source:target:shape)
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from diffusionclip_pipeline.clip_loss import CLIPDirectionalLoss  # noqa: E402
 from diffusionclip_pipeline.testbed import load_pipeline, world  # noqa: E402
 
-EDITS = [("red", "blue", "circle"), ("blue", "red", "square"), ("green", "yellow", "triangle"),
-         ("yellow", "green", "circle")]  # fmt: skip
+EDITS = ["red:blue:circle", "blue:red:square", "green:yellow:triangle", "yellow:green:circle"]
 PATH = np.linspace(0.05, 1.0, 8)
 
 
@@ -56,7 +56,14 @@ def main() -> None:
     p.add_argument("--global-weight", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--weights", help="another test-bed weights folder (default: the shipped one)")
+    p.add_argument("--edits", nargs="+", default=EDITS, metavar="SRC:TAR:SHAPE", help="colour edits to score")
     args = p.parse_args()
+    edits = [spec.split(":") for spec in args.edits]
+    for spec, parts in zip(args.edits, edits):
+        if len(parts) != 3 or parts[0] not in world.COLOURS or parts[1] not in world.COLOURS:
+            p.error(f"--edits: expected colour:colour:shape, colours from {list(world.COLOURS)}, got {spec!r}")
+        if parts[2] not in world.SHAPES:
+            p.error(f"--edits: the shape must be one of {list(world.SHAPES)}, got {spec!r}")
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.weights)
     loss_fns = [CLIPDirectionalLoss(model, tokenizer) for model, tokenizer in pipe.clip_models]
@@ -65,7 +72,7 @@ def main() -> None:
     palette = {name: np.array(rgb, float) for name, rgb in world.COLOURS.items()}
     print("| edit | CLIP | palette rank (of 513) | optimum (distance) | path 5 % ... 100 % | other palette colours |")
     print("|---|---|---|---|---|---|")
-    for src, tar, shape in EDITS:
+    for src, tar, shape in edits:
         candidates = np.concatenate([grid, palette[tar][None]])
         path = [(1 - t) * palette[src] + t * palette[tar] for t in PATH]
         others = [c for c in palette if c not in (src, tar)]
