@@ -446,7 +446,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         Args:
             image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
                 Images to edit (see `invert` for the accepted forms). Not needed when ``latents`` is given.
-            t0 (`int`, *optional*, defaults to 500): Inversion depth; larger edits more and keeps less.
+            t0 (`int`, *optional*, defaults to 500): Inversion depth; larger edits more and keeps less. It need not
+                be the adapter's fine-tuning ``t0`` (the test-bed edits from 400 with adapters fine-tuned from 500).
             num_inversion_steps (`int`, *optional*, defaults to 40): Inversion steps (ignored with ``latents``).
             num_inference_steps (`int`, *optional*, defaults to 40): Generation steps from ``t0`` to 0.
             eta (`float`, *optional*, defaults to 0.0): DDIM eta; 0 is deterministic, > 0 adds noise.
