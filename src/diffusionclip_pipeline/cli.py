@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline: fine-tune the test-bed for a colour edit, edit held-out images")
     p.add_argument("--output", default="diffusionclip-demo", help="folder for the grid and the adapter")
     p.add_argument("--source", default="red", help="source colour (red, green, blue, yellow)")
-    p.add_argument("--target", default="blue", help="target colour")
+    p.add_argument("--target", default="blue", help="target colour (blue <-> yellow fail: README)")
     p.add_argument("--num-test", type=int, default=16, help="held-out images to edit")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)

@@ -32,18 +32,18 @@ background change at seed 7 was 0.011, against 0.039 with ``time_emb_proj``) and
 blue -> red 22 -> 78 %); red -> blue averaged 86.5 % over six data seeds (84 % before). Rank 8 + L1 0.45 with
 ``time_emb_proj`` gave 74 % (seeds 5 and 7), rank 16 + L1 0.6 75 %, rank 8 alone 68.5 %, rank 2 62 %.
 
-Then the edit's depth: the adapter is trained from t0 500, but editing from a shallower ``t0`` (inverting less far,
-so more of the source's shape survives, with the same 12.5-timestep DDIM step) kept the triangles and squares that
+Then the edit's depth: the adapter is trained from t0 500, but editing from a shallower ``t0`` (inverting less far, so
+more of the source's shape survives, with the same 12.5-timestep DDIM step) kept the triangles and squares that
 editing from 500 shrank. Over the four colour edits at data seeds 0, 5 and 7 (12 cells, same adapters) the mean
-success was 81 % from t0 500, 85.5 % from 450, 88 % from 400 and 89.5 % from 350; from 300 it fell (seed 0: red -> blue
-83 %, green -> yellow 72 %). Shallower is not better everywhere: at data seed 3 red -> blue gave 94 / 81 / 62 % from
-500 / 400 / 350 (too little blue left from 350), so 400 was chosen, not 350. Red -> blue from 400 at data seeds 0 / 5
-/ 7 / 3 / 9 / 11: 94 / 97 / 94 / 81 / 84 / 78 % (from 500: 88 / 97 / 94 / 94 / 81 / 72 %). Four colour pairs not
-used for any choice (data seed 13): red -> green triangle 94 -> 97 %, green -> blue square 78 -> 94 %, yellow -> red
-triangle 66 -> 72 %, blue -> yellow circle 0 -> 0 % (the adapter paints a half-yellow circle with a pale highlight
-for it, from every depth; these settings do not make that edit; fine-tuning from t0 600 gave 53 % at seed 13 but
-31 % at seed 5, and broke red -> blue and blue -> red). Strength 0.9 / 0.8, exact inversion when editing, and the
-adapter only for t >= 100 / 200 were worse from 500.
+success was 81 % from t0 500, 85.5 % from 450, 88 % from 400 and 89.5 % from 350; from 300 it fell (seed 0: red ->
+blue 83 %, green -> yellow 72 %). Shallower is not better everywhere: at data seed 3 red -> blue gave 94 / 81 / 62 %
+from 500 / 400 / 350 (too little blue left from 350), so 400 was chosen, not 350. Red -> blue from 400 at data seeds 0
+/ 5 / 7 / 3 / 9 / 11: 94 / 97 / 94 / 81 / 84 / 78 % (from 500: 88 / 97 / 94 / 94 / 81 / 72 %). All twelve ordered
+colour pairs at data seed 13 (not used for any choice): ten edit (56-97 % from 400, mean 83 %; 76 % from 500), but
+blue -> yellow and yellow -> blue, the one complementary pair (the straight colour path runs through grey), fail from
+every depth (0 %). Other loss weights, fine-tuning from t0 600 / 700 and a second CLIP trained with blended colours
+did not make them work, and fine-tuning from 600 hurt red -> blue and blue -> red (README, "All twelve colour pairs").
+Strength 0.9 / 0.8, exact inversion when editing, and the adapter only for t >= 100 / 200 were worse from 500.
 """
 
 from ..lora import DEFAULT_TARGET_MODULES
