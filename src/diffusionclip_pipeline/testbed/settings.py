@@ -41,9 +41,10 @@ from 500 / 400 / 350 (too little blue left from 350), so 400 was chosen, not 350
 / 5 / 7 / 3 / 9 / 11: 94 / 97 / 94 / 81 / 84 / 78 % (from 500: 88 / 97 / 94 / 94 / 81 / 72 %). All twelve ordered
 colour pairs at data seed 13 (not used for any choice): ten edit (56-97 % from 400, mean 83 %; 76 % from 500), but
 blue -> yellow and yellow -> blue, the one complementary pair (the straight colour path runs through grey), fail from
-every depth (0 %). Other loss weights, fine-tuning from t0 600 / 700 and a second CLIP trained with blended colours
-did not make them work, and fine-tuning from 600 hurt red -> blue and blue -> red (README, "All twelve colour pairs").
-Strength 0.9 / 0.8, exact inversion when editing, and the adapter only for t >= 100 / 200 were worse from 500.
+every edit depth tried (0 %). Other loss weights (blue -> yellow), fine-tuning from t0 600 / 700 (yellow -> blue; 600
+gave blue -> yellow 53 % at seed 13 but 31 % at seed 5, and hurt red -> blue and blue -> red) and a second CLIP
+trained with blended colours did not make them work (README, "All twelve colour pairs"). Strength 0.9 / 0.8, exact
+inversion when editing, and the adapter only for t >= 100 / 200 were worse from 500.
 """
 
 from ..lora import DEFAULT_TARGET_MODULES
