@@ -9,20 +9,20 @@ pools at the first eos).
 Training data is rendered on the fly (batch 128). Captions: a random template with "{colour} {shape}"; 15 % name only
 the colour ("a red shape") and 10 % only the shape ("a circle"). By default 20 % of the images have a blended colour
 ``lerp(c1, c2, lam)`` with a soft colour label (``--mix-frac``); the shipped first CLIP was trained so, 1200 steps.
-Options measured since (README, test-bed section), shipped as the second CLIP (``clip_2/``): ``--mix-frac 0 --off-frac
-0.3 --tint-frac 0.25`` draws 30 % of the images in a random colour at RGB distance >= 50 from every palette colour (the
-jitter reaches 17; half uniform in the RGB cube, half just outside a palette colour: darker, paler, over-saturated or
-shifted shades), captioned with the nearest of 14 extra colour names (orange, purple, pink, ...), and gives 25 % a
-background tinted 2-15 % towards the object's own or a random colour, their colour label weighted 0.3 (for a colour
-caption the untinted scene is the better match). With the default data the text "a red square" scores an over-
-saturated red above the palette red for 58 % of scenes and a pink-tinted background above a white one for 91 %
+Options measured since (docs/testbed-experiments.md), shipped as the second CLIP (``clip_2/``): ``--mix-frac 0
+--off-frac 0.3 --tint-frac 0.25`` draws 30 % of the images in a random colour at RGB distance >= 50 from every palette
+colour (the jitter reaches 17; half uniform in the RGB cube, half just outside a palette colour: darker, paler,
+over-saturated or shifted shades), captioned with the nearest of 14 extra colour names (orange, purple, pink, ...),
+and gives 25 % a background tinted 2-15 % towards the object's own or a random colour, their colour label weighted 0.3
+(for a colour caption the untinted scene is the better match). With the default data the text "a red square" scores an
+over-saturated red above the palette red for 58 % of scenes and a pink-tinted background above a white one for 91 %
 (`colour_peak`), and DiffusionCLIP fine-tuning climbs exactly there (orange for yellow, brownish red, tinted
 backgrounds); with the options both are 100 % palette-first after 3000 steps, but fine-tuning with that CLIP alone
 often settled on a wrong palette colour (red -> green); averaged with the first CLIP, the edited colour was right in
-94-100 % of edits (README, "Two CLIPs"). Loss: symmetric contrastive cross-entropy with *multi-positive* soft targets
--- the target weight of (image i, text j) is the product of the image's label mass on the colour and on the shape the
-text names (1 for an attribute the text does not name), normalised per row / column. Images enter at world size in [0,
-1], normalised with the OpenAI CLIP mean/std.
+94-100 % of edits (docs/testbed-experiments.md, "Two CLIPs"). Loss: symmetric contrastive cross-entropy with
+*multi-positive* soft targets -- the target weight of (image i, text j) is the product of the image's label mass on
+the colour and on the shape the text names (1 for an attribute the text does not name), normalised per row / column.
+Images enter at world size in [0, 1], normalised with the OpenAI CLIP mean/std.
 
 Evaluation every `--eval-every` steps on 256 fresh images (seed 4242): zero-shot argmax over the 12 prompts
 "a photo of a {colour} {shape}" -> colour / shape / joint accuracy, and the cosine between image and text

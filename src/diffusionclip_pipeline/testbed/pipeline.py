@@ -20,7 +20,7 @@ def load_pipeline(
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): Some weights are stored in fp16; all are
             cast to ``dtype``.
         second_clip (`bool`, *optional*, defaults to `True`): Load the second CLIP (``clip_2/``) if the folder has
-            one; fine-tuning then averages the CLIP loss over both (see the README's test-bed section for why).
+            one; fine-tuning then averages the CLIP loss over both (why: docs/testbed-experiments.md, "Two CLIPs").
 
     Returns:
         [`DiffusionCLIPPipeline`]: on the CPU, progress bars off.

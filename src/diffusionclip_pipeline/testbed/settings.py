@@ -1,17 +1,17 @@
 """The `finetune` / `edit` settings the test-bed world needs, where they differ from the library defaults.
 
-Chosen by measurement on the test-bed (the README's test-bed section has the numbers). First on red -> blue circles
-(16 training and 32 held-out images, several DDPM checkpoints): the global CLIP term is what turns "it changed
-colour" into "it is the target colour" with the tiny CLIP; 15 epochs fixed wrong-hue (green) results that 10 left,
-20 over-trained into impure colours; a lighter L1 weight (0.3) gave purer colour without losing the shape. Then
-over one colour edit per source colour: global weight 0.5 instead of 1.0 raised every colour edit at data seed 0
-(64 held-out: red -> blue 83 -> 88 %, green -> yellow 27 -> 48 %, blue -> red 3 -> 6 %, yellow -> green 61 -> 77 %)
-and the mean at seed 5 (32 held-out, three edits: 28 -> 41 %; blue -> red fell 12 -> 6 % there). The sparse change
-penalty, noisy CLIP views, t0 400 and a retrained CLIP did not help reliably. Then exact (fixed-point) inversion of
-the training latents (``num_fixed_point_iterations=1``): over the four colour edits its mean success was higher at
-each of five data seeds (0, 5, 7, 9, 11: +4 to +6 points; blue -> red 6 -> 16 % at seed 0), though red -> blue
-alone fell at seeds 0 and 5 (88 -> 61 %, 62 -> 47 %) and rose at seeds 3, 9 and 11. L1 0.45 / 0.6, global 0.25, 12
-training steps and a learning rate of 2.5e-4 over 30 epochs were not better (seeds 5 and 7). t0 500 and the other
+Chosen by measurement on the test-bed (the numbers: the README's test-bed section and docs/testbed-experiments.md).
+First on red -> blue circles (16 training and 32 held-out images, several DDPM checkpoints): the global CLIP term is
+what turns "it changed colour" into "it is the target colour" with the tiny CLIP; 15 epochs fixed wrong-hue (green)
+results that 10 left, 20 over-trained into impure colours; a lighter L1 weight (0.3) gave purer colour without losing
+the shape. Then over one colour edit per source colour: global weight 0.5 instead of 1.0 raised every colour edit at
+data seed 0 (64 held-out: red -> blue 83 -> 88 %, green -> yellow 27 -> 48 %, blue -> red 3 -> 6 %, yellow -> green 61
+-> 77 %) and the mean at seed 5 (32 held-out, three edits: 28 -> 41 %; blue -> red fell 12 -> 6 % there). The sparse
+change penalty, noisy CLIP views, t0 400 and a retrained CLIP did not help reliably. Then exact (fixed-point)
+inversion of the training latents (``num_fixed_point_iterations=1``): over the four colour edits its mean success was
+higher at each of five data seeds (0, 5, 7, 9, 11: +4 to +6 points; blue -> red 6 -> 16 % at seed 0), though red ->
+blue alone fell at seeds 0 and 5 (88 -> 61 %, 62 -> 47 %) and rose at seeds 3, 9 and 11. L1 0.45 / 0.6, global 0.25,
+12 training steps and a learning rate of 2.5e-4 over 30 epochs were not better (seeds 5 and 7). t0 500 and the other
 settings are the library defaults; editing uses plain inversion (exact inversion when editing was worse).
 
 Since then `load_pipeline()` also loads a second CLIP (``weights/clip_2``, trained with off-palette colours and tinted
