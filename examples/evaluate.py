@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     pipe.disable_lora()
     reconstructed = pipe.edit(images, **kwargs).images
     pipe.enable_lora()
-    pipe._require_clip()
+    pipe.require_clip()
     loss_fn = CLIPDirectionalLoss(pipe.clip_model, pipe.clip_tokenizer).to(pipe.device)
     results = {
         "S_dir (edit)": directional_clip_similarity(loss_fn, images, edited, src, tar),

@@ -211,7 +211,7 @@ def test_missing_clip_error_says_how_to_pass_a_local_one(tmp_path, monkeypatch):
     pipe = make_pipeline(with_clip=False)
     pipe.clip_model_name_or_path = str(tmp_path / "missing")
     with pytest.raises(OSError, match="pass a local CLIP"):
-        pipe._require_clip()
+        pipe.require_clip()
 
 
 def test_load_clip_from_local_folder(tmp_path, clip_model, tokenizer):

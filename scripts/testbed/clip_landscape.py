@@ -38,14 +38,14 @@ PATH = np.linspace(0.05, 1.0, 8)
 def losses(pipe, loss_fn, src, tar, shape, colours, global_weight, n=8, seed=11):
     """The CLIP loss of the n source scenes recoloured with each of ``colours`` (mean over scenes)."""
     images, metas = world.render_dataset(n, seed=seed, size=32, shape=shape, colour=src)
-    source = loss_fn.encode_images(pipe._prepare_image(images, name="images"))
+    source = loss_fn.encode_images(pipe.prepare_image(images, name="images"))
     direction = loss_fn.text_direction(f"{src} {shape}", f"{tar} {shape}")
     target = F.normalize(loss_fn.template_embedding(f"{tar} {shape}"), dim=-1)
     out = []
     for rgb in colours:
         rgb = tuple(int(round(v)) for v in rgb)
         edited = [world.render_shape(m["shape"], tar, m["cx"], m["cy"], m["r"], 32, rgb=rgb) for m in metas]
-        embeds = loss_fn.encode_images(pipe._prepare_image(edited, name="images"))
+        embeds = loss_fn.encode_images(pipe.prepare_image(edited, name="images"))
         cos_dir = F.cosine_similarity(embeds - source, direction[None].expand_as(embeds), dim=-1).mean().item()
         out.append((1 - cos_dir) + global_weight * (1 - (embeds @ target).mean().item()))
     return np.array(out)

@@ -290,7 +290,7 @@ def finetune(
     device = accelerator.device
     pipe.to(device)
     # one loss per CLIP model (the pipeline's CLIP and the optional `clip_model_2`), averaged in `loss_on`
-    pipe._require_clip()
+    pipe.require_clip()
     loss_fns = [
         CLIPDirectionalLoss(
             clip_model, clip_tokenizer, loss_type=config.clip_loss_type,
@@ -316,7 +316,7 @@ def finetune(
                 latents=noise, t0=T - 1, num_inference_steps=config.num_sampling_steps, output_type="pt"
             ).images * 2 - 1  # fmt: skip
     else:
-        x0 = pipe._prepare_image(images, name="images")
+        x0 = pipe.prepare_image(images, name="images")
     x0 = x0.to(device=device, dtype=pipe.unet.dtype)
 
     # 2. Latents x_t0, once per image (no grad), reused across epochs

@@ -247,7 +247,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str) -> tuple[LoraSe
     if adapter_name in adapter_names(model):
         raise ValueError(f"An adapter named {adapter_name!r} is already loaded; pass another `adapter_name`.")
 
-    previous_active = _active_state(model)
+    previous_active = active_state(model)
     _inject(settings, model, adapter_name)
     try:
         expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
@@ -264,7 +264,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str) -> tuple[LoraSe
             raise ValueError(f"The adapter at {path!r} has keys this UNet lacks: {result.unexpected_keys[:3]}.")
     except Exception:
         remove_adapter(model, adapter_name)
-        _restore_active_state(model, previous_active)
+        _restoreactive_state(model, previous_active)
         raise
     activate_adapters(model, [adapter_name], [1.0])
     for p in adapter_parameters(model, adapter_name):
@@ -272,14 +272,14 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str) -> tuple[LoraSe
     return settings, provenance
 
 
-def _active_state(model: nn.Module) -> list[tuple[BaseTunerLayer, list[str], bool, dict]]:
+def active_state(model: nn.Module) -> list[tuple[BaseTunerLayer, list[str], bool, dict]]:
     return [
         (layer, list(layer.active_adapters), layer.disable_adapters, dict(layer.scaling))
         for layer in tuner_layers(model)
     ]
 
 
-def _restore_active_state(model: nn.Module, state) -> None:
+def _restoreactive_state(model: nn.Module, state) -> None:
     for layer, active, disabled, scaling in state:
         layer.set_adapter(active)
         layer.scaling.update({k: v for k, v in scaling.items() if k in layer.scaling})
@@ -289,10 +289,21 @@ def _restore_active_state(model: nn.Module, state) -> None:
 @contextlib.contextmanager
 def using_adapters(model: nn.Module, names: list[str], weights: list[float] | None = None):
     """Runs the block with exactly ``names`` active (weights 1 by default), then restores the previous state."""
-    state = _active_state(model)
+    state = active_state(model)
     try:
         activate_adapters(model, names, weights or [1.0] * len(names))
         set_adapters_enabled(model, True)
         yield model
     finally:
-        _restore_active_state(model, state)
+        _restoreactive_state(model, state)
+
+
+def set_provenance(model: nn.Module, adapter_name: str, provenance: dict) -> None:
+    """Records where adapter ``adapter_name`` came from (prompts, settings); written into its file's metadata."""
+    store = model.__dict__.setdefault("_diffusionclip_provenance", {})
+    store[adapter_name] = dict(provenance)
+
+
+def get_provenance(model: nn.Module, adapter_name: str) -> dict:
+    """The provenance recorded for ``adapter_name`` (empty if none)."""
+    return dict(model.__dict__.get("_diffusionclip_provenance", {}).get(adapter_name, {}))

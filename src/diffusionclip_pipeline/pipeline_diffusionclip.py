@@ -210,7 +210,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             **{f"clip_model{slot}": clip_model.to(self._execution_device), f"clip_tokenizer{slot}": clip_tokenizer}
         )
 
-    def _require_clip(self) -> None:
+    def require_clip(self) -> None:
+        """Loads the default CLIP (`load_clip`) unless the pipeline already has one."""
         if self.clip_model is None or self.clip_tokenizer is None:
             self.load_clip()
 
@@ -349,7 +350,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             return image.shape[0]
         return 1
 
-    def _prepare_image(self, image, name: str = "image") -> torch.Tensor:
+    def prepare_image(self, image, name: str = "image") -> torch.Tensor:
+        """``image`` (any form `invert` accepts) as the model's input: NCHW in [-1, 1], on the execution device, in the
+        UNet's dtype. ``name`` is the argument named in error messages."""
         x0 = preprocess_image(image, self.unet.config.sample_size, self.unet.config.in_channels, name=name)
         return x0.to(device=self._execution_device, dtype=self.unet.dtype)
 
@@ -396,7 +399,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         # 1. Check inputs
         self.check_inputs(image, t0, num_inversion_steps, num_fixed_point_iterations=num_fixed_point_iterations)
         # 2. Preprocess image to [-1, 1] and into model space
-        x0 = self._prepare_image(image)
+        x0 = self.prepare_image(image)
         # 3. Inversion grid [0, ..., t0] on the inverse scheduler
         timesteps = ddim_timesteps(t0, num_inversion_steps, self.num_train_timesteps)
         inverse_scheduler = GridDDIMInverseScheduler.from_config(self.inverse_scheduler.config)
@@ -583,7 +586,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         # 2. Preprocess image
-        x0 = self._encode(self._prepare_image(image))
+        x0 = self._encode(self.prepare_image(image))
         alpha_t0 = self.scheduler.alphas_cumprod[t0].to(device=x0.device, dtype=x0.dtype)
         scheduler = GridDDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(timesteps=ddim_timesteps(t0, num_denoise_steps, self.num_train_timesteps))
@@ -656,8 +659,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             )
         if source_images is not None:
             direction_images = (
-                self._prepare_image(source_images, "source_images"),
-                self._prepare_image(target_images, "target_images"),
+                self.prepare_image(source_images, "source_images"),
+                self.prepare_image(target_images, "target_images"),
             )
         output = finetune(
             self, prompt_src, prompt_tar, images=images, config=config, adapter_name=adapter_name,
