@@ -264,7 +264,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str) -> tuple[LoraSe
             raise ValueError(f"The adapter at {path!r} has keys this UNet lacks: {result.unexpected_keys[:3]}.")
     except Exception:
         remove_adapter(model, adapter_name)
-        _restoreactive_state(model, previous_active)
+        restore_active_state(model, previous_active)
         raise
     activate_adapters(model, [adapter_name], [1.0])
     for p in adapter_parameters(model, adapter_name):
@@ -279,7 +279,7 @@ def active_state(model: nn.Module) -> list[tuple[BaseTunerLayer, list[str], bool
     ]
 
 
-def _restoreactive_state(model: nn.Module, state) -> None:
+def restore_active_state(model: nn.Module, state) -> None:
     for layer, active, disabled, scaling in state:
         layer.set_adapter(active)
         layer.scaling.update({k: v for k, v in scaling.items() if k in layer.scaling})
@@ -295,7 +295,7 @@ def using_adapters(model: nn.Module, names: list[str], weights: list[float] | No
         set_adapters_enabled(model, True)
         yield model
     finally:
-        _restoreactive_state(model, state)
+        restore_active_state(model, state)
 
 
 def set_provenance(model: nn.Module, adapter_name: str, provenance: dict) -> None:
