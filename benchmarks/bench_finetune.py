@@ -158,7 +158,7 @@ def worker(cfg: dict) -> dict:
         times.append(time.perf_counter() - start)
     with tempfile.TemporaryDirectory() as tmp:
         if trainable == "lora":
-            path = save_adapter(unet, tmp, "bench", LoraSettings())
+            path = save_adapter(unet, tmp, "bench")
         else:
             from safetensors.torch import save_file
 

@@ -30,15 +30,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from diffusionclip_pipeline import CLIPDirectionalLoss
-    from diffusionclip_pipeline.cli import load_pipeline, read_images
+    from diffusionclip_pipeline import CLIPDirectionalLoss, DiffusionCLIPPipeline
     from diffusionclip_pipeline.evaluation import directional_clip_similarity, mean_absolute_error, ssim
+    from diffusionclip_pipeline.image_io import read_images
 
     args = parse_args(argv)
     if args.testbed:
+        from diffusionclip_pipeline import testbed
         from diffusionclip_pipeline.testbed import RECOMMENDED_EDIT, RECOMMENDED_FINETUNE, render_dataset
 
-        pipe = load_pipeline("testbed")
+        pipe = testbed.load_pipeline()
         src, tar = "red circle", "blue circle"
         train, _ = render_dataset(16, seed=0, shape="circle", colour="red")
         images, _ = render_dataset(8, seed=1, shape="circle", colour="red")
@@ -47,7 +48,9 @@ def main(argv=None) -> dict:
     else:
         if not (args.model and args.lora and args.src and args.tar and args.images):
             raise SystemExit("error: pass --model, --lora, --src, --tar and --images (or --testbed)")
-        pipe = load_pipeline(args.model, device=args.device)
+        pipe = DiffusionCLIPPipeline.from_pretrained(args.model)
+        if args.device:
+            pipe.to(args.device)
         pipe.load_lora_weights(args.lora)
         src, tar, images = args.src, args.tar, read_images(args.images)[0]
         kwargs = dict(t0=args.t0, num_inversion_steps=args.steps, num_inference_steps=args.steps)

@@ -56,7 +56,8 @@ def adapter_digest(pipe, adapter_name: str) -> str:
 def main(argv=None) -> int:
     from accelerate import PartialState
 
-    from diffusionclip_pipeline.cli import load_pipeline, read_images
+    from diffusionclip_pipeline.cli import load_pipeline  # hub ids, folders and registered names ('testbed')
+    from diffusionclip_pipeline.image_io import read_images
 
     args = parse_args(argv)
     state = PartialState(cpu=not torch.cuda.is_available())

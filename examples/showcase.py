@@ -40,14 +40,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from diffusionclip_pipeline.cli import image_grid, load_pipeline, read_images, save_atomic
+    from diffusionclip_pipeline import DiffusionCLIPPipeline
+    from diffusionclip_pipeline.image_io import image_grid, read_images, save_atomic
 
     args = parse_args(argv)
     model, src, tar, t0 = PRESETS[args.edit]
     if args.testbed:
+        from diffusionclip_pipeline import testbed
         from diffusionclip_pipeline.testbed import RECOMMENDED_EDIT, RECOMMENDED_FINETUNE, render_dataset
 
-        pipe = load_pipeline("testbed")
+        pipe = testbed.load_pipeline()
         src, tar = "red circle", "blue circle"
         train, _ = render_dataset(16, seed=0, shape="circle", colour="red")
         test, _ = render_dataset(8, seed=1, shape="circle", colour="red")
@@ -59,7 +61,9 @@ def main(argv=None) -> int:
         if len(images) <= args.num_train:
             raise SystemExit(f"error: need more than --num-train={args.num_train} images, got {len(images)}")
         train, test = images[: args.num_train], images[args.num_train :]
-        pipe = load_pipeline(model, device=args.device)
+        pipe = DiffusionCLIPPipeline.from_pretrained(model)
+        if args.device:
+            pipe.to(args.device)
         settings, edit_settings = dict(REAL_SETTINGS, t0=t0), dict(t0=t0)
     pipe.finetune(src, tar, images=train, **settings)
     edited = pipe.edit(test, **edit_settings).images

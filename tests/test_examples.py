@@ -20,6 +20,7 @@ def load(name):
     return runpy.run_path(os.path.join(EXAMPLES, name), run_name="example")
 
 
+@pytest.mark.slow
 def test_showcase_runs_on_testbed(tmp_path, one_epoch, capsys):
     assert load("showcase.py")["main"](["--edit", "smiling", "--testbed", "--output", str(tmp_path)]) == 0
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "pytorch_lora_weights.safetensors").is_file()
@@ -31,6 +32,7 @@ def test_showcase_real_model_needs_images(tmp_path):
         load("showcase.py")["main"](["--edit", "gothic", "--output", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_evaluate_runs_on_testbed(one_epoch, capsys):
     results = load("evaluate.py")["main"](["--testbed"])
     assert set(results) == {

@@ -1,5 +1,7 @@
+import math
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -9,10 +11,10 @@ from conftest import make_clip, make_pipeline, make_tokenizer, make_unet, random
 from diffusers import UNet2DModel
 from safetensors.torch import save_file
 
-from diffusionclip_pipeline import DiffusionCLIPPipeline
-from diffusionclip_pipeline.finetune import FinetuneConfig, NonFiniteLossError, sparse_change
+from diffusionclip_pipeline import DiffusionCLIPPipeline, __version__
+from diffusionclip_pipeline.finetune import FinetuneConfig, NonFiniteLossError, finetune, sparse_change
 from diffusionclip_pipeline.image_processing import postprocess_image
-from diffusionclip_pipeline.lora import base_state_dict, read_adapter_file
+from diffusionclip_pipeline.lora import adapter_parameters, base_state_dict, get_provenance, read_adapter_file
 
 TINY = dict(t0=100, num_inversion_steps=3, num_train_steps=2, num_epochs=1, batch_size=2)
 EDIT = dict(t0=100, num_inversion_steps=3, num_inference_steps=3, output_type="pt")
@@ -147,8 +149,9 @@ def test_edit_changes_and_save_load_reproduces_exactly(tmp_path):
     with pytest.raises(ValueError, match="`dtype`"):
         pipe.save_lora_weights(tmp_path / "bad", dtype=torch.int8)
 
-    _, metadata = read_adapter_file(path)
-    assert '"prompt_tar": "blue circle"' in metadata["provenance"] and '"rank": 4' in metadata["lora_config"]
+    adapter = read_adapter_file(path)  # the provenance `finetune` recorded went into the file
+    assert adapter.provenance["prompt_tar"] == "blue circle" and adapter.settings.rank == 4
+    assert adapter.provenance == get_provenance(pipe.unet, "default")
 
 
 def test_rejected_adapters_leave_pipeline_unchanged(tmp_path):
@@ -171,7 +174,7 @@ def test_rejected_adapters_leave_pipeline_unchanged(tmp_path):
     for path, match in [
         (truncated, "truncated or corrupt"),
         (garbage, "truncated or corrupt"),
-        (foreign, "not a DiffusionCLIP LoRA file"),
+        (foreign, "not a DiffusionCLIP LoRA file|no LoRA config"),
         (tmp_path / "missing", "No LoRA weights"),
     ]:
         with pytest.raises((ValueError, FileNotFoundError), match=match):
@@ -270,28 +273,121 @@ def test_second_clip_needs_its_tokenizer_and_survives_save_pretrained(tmp_path):
     assert loaded.clip_tokenizer_2("a red circle").input_ids == pipe.clip_tokenizer_2("a red circle").input_ids
 
 
-def test_non_finite_loss_stops_with_step_and_keeps_adapter():
-    pipe = make_pipeline()
-    calls, snapshot = [], {}
+def nan_at_call(n, error=None):
+    """An identity loss that returns NaN (or raises ``error``) at its ``n``-th call (never for ``n=None``)."""
+    calls = []
 
     def identity_loss(x0, x0_pred):
         calls.append(1)
-        if len(calls) == 3:  # third optimizer step: remember the adapter, then poison the loss
-            snapshot.update(adapter_state(pipe))
+        if len(calls) == n:
+            if error is not None:
+                raise error
             return torch.full((x0.shape[0],), float("nan"))
         return (x0 - x0_pred).abs().mean(dim=(1, 2, 3))
 
-    with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 0, timestep 100"):
-        pipe.finetune(
-            "red circle",
-            "blue circle",
-            images=random_images(2),
-            identity_loss=identity_loss,
-            identity_loss_weight=1.0,
-            **{**TINY, "num_epochs": 3},
-        )
-    final = adapter_state(pipe)
-    assert snapshot and all(torch.equal(final[k], snapshot[k]) for k in final)
+    return identity_loss
+
+
+def pipeline_with_previous_adapter():
+    """A pipeline with a trained adapter 'prev', active at weight 0.7."""
+    pipe = make_pipeline()
+    imgs = random_images(2)
+    pipe.finetune("red circle", "blue circle", images=imgs, adapter_name="prev", learning_rate=2e-2, **TINY)
+    pipe.set_adapters("prev", 0.7)
+    return pipe
+
+
+def assert_unchanged(pipe, x, edited, requires_grad):
+    assert pipe.lora_adapters == ["prev"]
+    assert torch.equal(pipe.edit(x, **EDIT).images, edited)  # same adapters, active set and scale, bit for bit
+    assert [p.requires_grad for p in pipe.unet.parameters()] == requires_grad
+    assert not pipe.unet.training and not pipe.unet.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("error", [None, KeyboardInterrupt(), RuntimeError("boom")], ids=["nan", "interrupt", "error"])
+def test_failed_run_discards_the_new_adapter_and_restores_the_previous_ones(error):
+    pipe = pipeline_with_previous_adapter()
+    x = random_images(1, seed=5)
+    edited = pipe.edit(x, **EDIT).images
+    requires_grad = [p.requires_grad for p in pipe.unet.parameters()]
+    kw = dict(images=random_images(2), adapter_name="new", identity_loss_weight=1.0, **TINY)
+    if error is None:
+        expected, match = NonFiniteLossError, "epoch 0, batch 0, timestep 0; the new adapter is discarded"
+    else:
+        expected, match = type(error), None
+    with pytest.raises(expected, match=match):  # at the second optimizer step: after one update of "new"
+        loss = nan_at_call(2, error)
+        pipe.finetune("red circle", "blue circle", identity_loss=loss, gradient_checkpointing=True, **kw)
+    assert_unchanged(pipe, x, edited, requires_grad)
+    # the name is free again
+    out = pipe.finetune("red circle", "blue circle", identity_loss=nan_at_call(None), **kw)
+    assert out.adapter_name == "new" and pipe.lora_adapters == ["prev", "new"]
+
+
+@pytest.mark.parametrize("scheme", ["efficient", "full_chain"])
+def test_far_too_large_learning_rate_leaves_no_adapter(scheme):
+    pipe = pipeline_with_previous_adapter()
+    x = random_images(1, seed=5)
+    edited = pipe.edit(x, **EDIT).images
+    requires_grad = [p.requires_grad for p in pipe.unet.parameters()]
+    # full_chain makes one optimizer step: finite (1e30) weights whose prediction is not, caught after the step
+    with pytest.raises(NonFiniteLossError, match="`learning_rate`"):
+        pipe.finetune("red circle", "blue circle", images=random_images(2), learning_rate=1e30, scheme=scheme, **TINY)
+    assert_unchanged(pipe, x, edited, requires_grad)
+
+
+def test_failed_first_adapter_leaves_the_plain_unet():
+    pipe = make_pipeline()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    requires_grad = [p.requires_grad for p in pipe.unet.parameters()]
+    kw = dict(images=random_images(2), identity_loss=nan_at_call(1), identity_loss_weight=1.0, **TINY)
+    with pytest.raises(NonFiniteLossError, match="timestep 100"):
+        pipe.finetune("red circle", "blue circle", **kw)
+    after = pipe.unet.state_dict()
+    assert pipe.lora_adapters == [] and after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.requires_grad for p in pipe.unet.parameters()] == requires_grad
+
+
+@pytest.mark.parametrize("dtype, mixed_precision", [(torch.bfloat16, "no"), (torch.float16, "fp16")])
+def test_half_precision_unet_trains_float32_lora_weights_and_keeps_its_base_weights(dtype, mixed_precision):
+    # fp16 + GradScaler: unscaling needs float32 gradients, and overflowing steps are skipped, not fatal
+    pipe = make_pipeline()
+    pipe.unet.to(dtype)
+    before = {k: v.clone() for k, v in base_state_dict(pipe.unet).items()}
+    kw = dict(images=random_images(2), learning_rate=2e-2, mixed_precision=mixed_precision, **TINY)
+    out = pipe.finetune("red circle", "blue circle", **kw)
+    assert all(math.isfinite(v) for v in out.loss_history)
+    params = adapter_parameters(pipe.unet, "default")
+    assert params and all(p.dtype == torch.float32 for p in params)
+    assert any(v.abs().sum() > 0 for k, v in adapter_state(pipe).items() if "lora_B" in k)
+    after = base_state_dict(pipe.unet)
+    assert after.keys() == before.keys()
+    assert all(after[k].dtype == dtype and torch.equal(before[k], after[k]) for k in before)
+    x = random_images(1, seed=5)
+    edited = pipe.edit(x, **EDIT).images
+    assert torch.isfinite(edited).all()
+    pipe.disable_lora()
+    assert (pipe.edit(x, **EDIT).images - edited).abs().max() > 0
+
+
+def test_provenance_is_recorded_by_the_module_function():
+    pipe = make_pipeline()
+    kw = dict(images=random_images(2), config=FinetuneConfig(**TINY, seed=3))
+    out = finetune(pipe, "red circle", "blue circle", adapter_name="text", **kw)
+    assert out.adapter_name == "text" and pipe.lora_adapters == ["text"]
+    provenance = get_provenance(pipe.unet, "text")
+    assert provenance == {
+        "prompt_src": "red circle", "prompt_tar": "blue circle", "direction": "text", "num_clip_models": 1,
+        "t0": 100, "num_inversion_steps": 3, "num_fixed_point_iterations": 0, "num_train_steps": 2, "num_epochs": 1,
+        "learning_rate": 5e-4, "scheme": "efficient", "seed": 3, "package_version": __version__,
+    }  # fmt: skip
+    source, target = random_images(2, seed=1), random_images(2, seed=2)
+    finetune(pipe, "red circle", "blue circle", adapter_name="img", source_images=source, target_images=target, **kw)
+    assert get_provenance(pipe.unet, "img")["direction"] == "images"
+    with pytest.raises(ValueError, match="`source_images` and `target_images`"):
+        finetune(pipe, "a", "b", adapter_name="x", target_images=random_images(1), **kw)
+    assert pipe.lora_adapters == ["text", "img"]
 
 
 def test_latent_cache_hit_and_miss(tmp_path):
@@ -340,7 +436,6 @@ def test_sampled_training_images_and_image_direction():
         (dict(t0=0), "`t0`"),
         (dict(t0=1000), "`t0`"),
         (dict(num_fixed_point_iterations=-1), "`num_fixed_point_iterations`"),
-        (dict(num_fixed_point_iterations=0.5), "`num_fixed_point_iterations`"),
         (dict(scheme="fast"), "`scheme`"),
         (dict(mixed_precision="fp8"), "`mixed_precision`"),
         (dict(l1_loss_weight=-1), "`l1_loss_weight`"),
@@ -352,6 +447,14 @@ def test_sampled_training_images_and_image_direction():
         (dict(identity_loss_weight=1.0), "`identity_loss`"),
         (dict(images=[]), "`images`"),
         (dict(prompt_tar=""), "`prompt_tar`"),
+        (dict(prompt_src="  "), "`prompt_src`"),
+        (dict(max_grad_norm=0.0), "`max_grad_norm`"),
+        (dict(adapter_name="a/b"), "`adapter_name`"),
+        (dict(adapter_name="/abs"), "`adapter_name`"),
+        (dict(adapter_name="x y"), "`adapter_name`"),
+        (dict(adapter_name="a\x00"), "`adapter_name`"),
+        (dict(adapter_name=""), "`adapter_name`"),
+        (dict(adapter_name="a.b"), "`adapter_name`"),
     ],
 )
 def test_finetune_validation(pipe, kwargs, match):
@@ -362,12 +465,48 @@ def test_finetune_validation(pipe, kwargs, match):
     assert pipe.lora_adapters == []
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_fixed_point_iterations=0.5), "`num_fixed_point_iterations`"),
+        (dict(num_epochs=2.0), "`num_epochs`"),
+        (dict(batch_size=True), "`batch_size`"),
+        (dict(learning_rate="1e-3"), "`learning_rate`"),
+        (dict(l1_loss_weight=None), "`l1_loss_weight`"),
+        (dict(clip_num_augmentations=1.5), "`clip_num_augmentations`"),
+        (dict(scheme=1), "`scheme`"),
+        (dict(seed=1.5), "`seed`"),
+        (dict(gradient_checkpointing=1), "`gradient_checkpointing`"),
+        (dict(prompt_src=3), "`prompt_src`"),
+        (dict(adapter_name=5), "`adapter_name`"),
+        (dict(identity_loss=3), "`identity_loss`"),
+        (dict(images=5), "`images`"),
+    ],
+)
+def test_finetune_wrong_types_are_type_errors(pipe, kwargs, match):
+    args = dict(prompt_src="red circle", prompt_tar="blue circle", images=random_images(2))
+    args.update(kwargs)
+    with pytest.raises(TypeError, match=match):
+        pipe.finetune(**args)
+    assert pipe.lora_adapters == []
+    with pytest.raises(TypeError, match="`config`"):
+        finetune(pipe, "red circle", "blue circle", images=random_images(2), config={"t0": 100})
+
+
 def test_unknown_setting_is_a_type_error(pipe):
     with pytest.raises(TypeError, match="num_epoch"):
         pipe.finetune("a", "b", images=random_images(1), num_epoch=3)
     assert FinetuneConfig.from_kwargs(FinetuneConfig(num_epochs=3), lora_rank=8).num_epochs == 3
 
 
+def free_port() -> int:
+    """A TCP port the OS says is free now (no fixed port: parallel runs on one machine must not collide)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
 def test_two_process_cpu_run_gives_identical_adapters(tmp_path):
     """`torchrun --nproc_per_node 2 examples/finetune.py`: accelerate's MULTI_CPU mode (gloo), one step."""
     make_pipeline().save_pretrained(tmp_path / "pipe")
@@ -375,7 +514,7 @@ def test_two_process_cpu_run_gives_identical_adapters(tmp_path):
     for i, image in enumerate(postprocess_image(random_images(2))):
         image.save(tmp_path / "imgs" / f"{i}.png")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         os.path.join(REPO, "examples", "finetune.py"), "--model", str(tmp_path / "pipe"), "--src", "red circle",
         "--tar", "blue circle", "--images", str(tmp_path / "imgs"), "--output", str(tmp_path / "out"),
         "--t0", "100", "--num-inversion-steps", "2", "--num-train-steps", "1", "--num-epochs", "1",

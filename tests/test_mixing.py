@@ -31,15 +31,28 @@ def one_step(pipe, latents, **kwargs):
 
 def test_strength_interpolates_noise_predictions_exactly(trained):
     x = random_images(2, seed=9)
-    full, none = one_step(trained, x), one_step(trained, x, strength=0.0)
+    full, none = one_step(trained, x), one_step(trained, x, edit_strength=0.0)
     trained.disable_lora()
     torch.testing.assert_close(none, one_step(trained, x))  # r = 0 is the reconstruction
     trained.enable_lora()
     for r in (0.25, 0.5):
-        torch.testing.assert_close(one_step(trained, x, strength=r), r * full + (1 - r) * none, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            one_step(trained, x, edit_strength=r), r * full + (1 - r) * none, atol=1e-5, rtol=1e-5
+        )
     with pytest.warns(UserWarning, match="extrapolating"):
-        extra = one_step(trained, x, strength=1.5)
+        extra = one_step(trained, x, edit_strength=1.5)
     torch.testing.assert_close(extra, 1.5 * full - 0.5 * none, atol=1e-5, rtol=1e-5)
+
+
+def test_old_strength_keyword_still_works_with_a_future_warning(trained):
+    x = random_images(2, seed=9)
+    with pytest.warns(FutureWarning, match="renamed `edit_strength`"):
+        old = one_step(trained, x, strength=0.5)
+    assert torch.equal(old, one_step(trained, x, edit_strength=0.5))
+    with pytest.raises(TypeError, match="not both"), pytest.warns(FutureWarning):
+        one_step(trained, x, strength=0.5, edit_strength=0.25)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        one_step(trained, x, strenght=0.5)
 
 
 def test_adapter_mix_weights_and_masks(trained):
@@ -49,7 +62,7 @@ def test_adapter_mix_weights_and_masks(trained):
     trained.set_adapters("square")
     square = one_step(trained, x)
     trained.set_adapters("blue")
-    original = one_step(trained, x, strength=0.0)
+    original = one_step(trained, x, edit_strength=0.0)
     torch.testing.assert_close(one_step(trained, x, adapters={"blue": 1.0, "square": 0.0}), blue)
     mixed = one_step(trained, x, adapters={"blue": 0.3, "square": 0.7})
     torch.testing.assert_close(mixed, 0.3 * blue + 0.7 * square, atol=1e-5, rtol=1e-5)
@@ -99,12 +112,12 @@ def test_piecewise_weights_like_hybrid_config():
         (dict(adapters={"green": 1.0}), "not loaded"),
         (dict(adapters={}), "non-empty dict"),
         (dict(adapters={"blue": "a lot"}), r"`adapters\['blue'\]`"),
-        (dict(adapters={"blue": 1.0}, strength=0.5), "either `strength`"),
+        (dict(adapters={"blue": 1.0}, edit_strength=0.5), "either `edit_strength`"),
         (dict(adapter_masks={"blue": torch.ones(16, 16)}), "needs `adapters`"),
         (dict(adapters={"blue": 1.0}, adapter_masks={"square": torch.ones(16, 16)}), "not in `adapters`"),
         (dict(adapters={"blue": 1.0}, adapter_masks={"blue": torch.ones(8, 8)}), "H = W = 16"),
         (dict(adapters={"blue": 1.0}, adapter_masks={"blue": torch.full((16, 16), 2.0)}), r"\[0, 1\]"),
-        (dict(strength="max"), "`strength`"),
+        (dict(edit_strength="max"), "`edit_strength`"),
     ],
 )
 def test_mix_validation(trained, kwargs, match):

@@ -31,7 +31,7 @@ def test_invert_matches_hand_written_ddim(pipe):
     for source, target in zip([-1] + out.timesteps[:-1], out.timesteps):
         eps = pipe.unet(expected, max(source, 0)).sample  # UNet at the source (lower) timestep
         expected = _hand_ddim(expected, eps, level(source), level(target))
-    torch.testing.assert_close(out.latents, expected)
+    torch.testing.assert_close(out.x_t0, expected)
     torch.testing.assert_close(out.image, x)
 
 
@@ -45,7 +45,7 @@ def test_edit_generation_matches_hand_written_ddim(pipe):
         eps = pipe.unet(x, t).sample
         x = _hand_ddim(x, eps, alphas[t], torch.tensor(1.0) if t_next < 0 else alphas[t_next])
     torch.testing.assert_close(out.images, (x / 2 + 0.5).clamp(0, 1))
-    assert torch.equal(out.latents, latents)
+    assert torch.equal(out.x_t0, latents)
 
 
 def test_invert_regenerate_recovers_input():
@@ -56,7 +56,7 @@ def test_invert_regenerate_recovers_input():
     x = random_images(2)
     errors = []
     for n in (10, 100):
-        latents = pipe.invert(x, t0=500, num_inversion_steps=n).latents
+        latents = pipe.invert(x, t0=500, num_inversion_steps=n).x_t0
         rec = pipe.edit(latents=latents, t0=500, num_inference_steps=n, output_type="pt").images * 2 - 1
         errors.append((rec - x).abs().mean().item())
     assert errors[1] < 0.04
@@ -75,10 +75,10 @@ def test_fixed_point_inversion_matches_hand_written_iterations(pipe):
         for _ in range(2):  # x_t <- step(eps(x_t, t), x_s): UNet at the target level, as generation evaluates it
             refined = _hand_ddim(expected, pipe.unet(refined, target).sample, level(source), level(target))
         expected = refined
-    torch.testing.assert_close(out.latents, expected)
-    plain = pipe.invert(x, t0=300, num_inversion_steps=4, num_fixed_point_iterations=0).latents
-    torch.testing.assert_close(plain, pipe.invert(x, t0=300, num_inversion_steps=4).latents)
-    assert not torch.allclose(plain, out.latents)
+    torch.testing.assert_close(out.x_t0, expected)
+    plain = pipe.invert(x, t0=300, num_inversion_steps=4, num_fixed_point_iterations=0).x_t0
+    torch.testing.assert_close(plain, pipe.invert(x, t0=300, num_inversion_steps=4).x_t0)
+    assert not torch.allclose(plain, out.x_t0)
 
 
 def test_fixed_point_inversion_makes_regeneration_exact():
@@ -90,7 +90,7 @@ def test_fixed_point_inversion_makes_regeneration_exact():
     x = random_images(2)
     errors = []
     for k in (0, 2, 8):
-        latents = pipe.invert(x, t0=500, num_inversion_steps=10, num_fixed_point_iterations=k).latents
+        latents = pipe.invert(x, t0=500, num_inversion_steps=10, num_fixed_point_iterations=k).x_t0
         rec = pipe.edit(latents=latents, t0=500, num_inference_steps=10, output_type="pt").images * 2 - 1
         errors.append((rec - x).abs().mean().item())
     assert errors[0] > 0.1  # plain inversion at 10 steps: a visible round-trip error
@@ -132,9 +132,9 @@ def test_return_dict_false_equals_dataclass(pipe):
     out = pipe.edit(x, **kw)
     images, latents, timesteps = pipe.edit(x, return_dict=False, **kw)
     assert isinstance(out, DiffusionCLIPPipelineOutput)
-    assert torch.equal(images, out.images) and torch.equal(latents, out.latents) and timesteps == out.timesteps
+    assert torch.equal(images, out.images) and torch.equal(latents, out.x_t0) and timesteps == out.timesteps
     inv = pipe.invert(x, t0=100, num_inversion_steps=3, return_dict=False)
-    assert torch.equal(inv[0], out.latents)
+    assert torch.equal(inv[0], out.x_t0)
     assert torch.equal(pipe(x, **kw).images, out.images)  # __call__ is edit
 
 
@@ -154,13 +154,13 @@ def test_accepted_image_forms_agree(pipe):
     array = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
     as_tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1
     kw = dict(t0=100, num_inversion_steps=2)
-    ref = pipe.invert(as_tensor, **kw).latents
+    ref = pipe.invert(as_tensor, **kw).x_t0
     for form in (array, array.astype(np.float32) / 255, PIL.Image.fromarray(array), [PIL.Image.fromarray(array)]):
-        torch.testing.assert_close(pipe.invert(form, **kw).latents, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pipe.invert(form, **kw).x_t0, ref, atol=1e-5, rtol=1e-5)
     # other modes and sizes are converted / centre-cropped and resized
     grey = PIL.Image.fromarray(array[..., 0]).resize((20, 24))
-    assert pipe.invert([grey, PIL.Image.fromarray(array).convert("RGBA")], **kw).latents.shape == (2, 3, 16, 16)
-    assert pipe.invert(torch.zeros(3, 32, 40), **kw).latents.shape == (1, 3, 16, 16)
+    assert pipe.invert([grey, PIL.Image.fromarray(array).convert("RGBA")], **kw).x_t0.shape == (2, 3, 16, 16)
+    assert pipe.invert(torch.zeros(3, 32, 40), **kw).x_t0.shape == (1, 3, 16, 16)
 
 
 def test_callback_on_step_end(pipe):
@@ -243,13 +243,18 @@ def test_load_clip_from_local_folder(tmp_path, clip_model, tokenizer):
     [
         (dict(t0=0), ValueError, "`t0`"),
         (dict(t0=1000), ValueError, "`t0`"),
-        (dict(t0=250.0), ValueError, "`t0`"),
+        (dict(t0=250.0), TypeError, "`t0`"),
         (dict(num_inversion_steps=0), ValueError, "`num_inversion_steps`"),
         (dict(num_inference_steps=-2), ValueError, "`num_inference_steps`"),
         (dict(eta=-0.1), ValueError, "`eta`"),
+        (dict(eta=float("inf")), ValueError, "`eta`"),
+        (dict(eta=float("nan")), ValueError, "`eta`"),
+        (dict(t0="500"), TypeError, "`t0`"),
+        (dict(image=None, latents=torch.full((1, 3, 16, 16), float("nan"))), ValueError, "`latents` holds"),
+        (dict(generator=5), TypeError, "`generator`"),
         (dict(num_fixed_point_iterations=-1), ValueError, "`num_fixed_point_iterations`"),
-        (dict(num_fixed_point_iterations=1.0), ValueError, "`num_fixed_point_iterations`"),
-        (dict(num_fixed_point_iterations=True), ValueError, "`num_fixed_point_iterations`"),
+        (dict(num_fixed_point_iterations=1.0), TypeError, "`num_fixed_point_iterations`"),
+        (dict(num_fixed_point_iterations=True), TypeError, "`num_fixed_point_iterations`"),
         (dict(output_type="latent"), ValueError, "`output_type`"),
         (dict(image=None), ValueError, "`image`"),
         (dict(image=[]), ValueError, "empty list"),

@@ -27,15 +27,16 @@ def test_grid_reports_dropped_duplicates():
         assert ddim_timesteps(5, 40) == [0, 1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("t0", [0, 1000, -3, 2.5, True, "500"])
-def test_grid_rejects_bad_t0(t0):
-    with pytest.raises(ValueError, match="`t0`"):
+@pytest.mark.parametrize("t0, error", [(0, ValueError), (1000, ValueError), (-3, ValueError), (2.5, TypeError),
+                                       (True, TypeError), ("500", TypeError)])  # fmt: skip
+def test_grid_rejects_bad_t0(t0, error):
+    with pytest.raises(error, match="`t0`"):
         ddim_timesteps(t0, 10)
 
 
-@pytest.mark.parametrize("n", [0, -1, 1.5, None])
-def test_grid_rejects_bad_steps(n):
-    with pytest.raises(ValueError, match="`num_steps`"):
+@pytest.mark.parametrize("n, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError), (None, TypeError)])
+def test_grid_rejects_bad_steps(n, error):
+    with pytest.raises(error, match="`num_steps`"):
         ddim_timesteps(500, n)
 
 

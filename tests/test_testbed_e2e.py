@@ -16,7 +16,7 @@ from diffusionclip_pipeline.testbed import (
     edit_success,
     load_pipeline,
 )
-from diffusionclip_pipeline.testbed.demo import run_edit_experiment
+from diffusionclip_pipeline.testbed.demo import run_demo, run_edit_experiment
 
 
 def test_shipped_weights_are_small_and_load_offline(monkeypatch):
@@ -36,6 +36,7 @@ def test_shipped_weights_are_small_and_load_offline(monkeypatch):
     pipe.check_inputs(image=torch.zeros(1, 3, 32, 32), **RECOMMENDED_EDIT)
 
 
+@pytest.mark.slow
 def test_colour_edit_beats_reconstruction():
     """Fine-tune red -> blue on 16 rendered circles, edit 16 others; the same edit without the adapter is the
     reconstruction, which keeps red and so must fail every colour criterion.
@@ -53,13 +54,18 @@ def test_colour_edit_beats_reconstruction():
     assert result["success_rate"] >= 0.4, json.dumps(result["criteria"])
 
 
+@pytest.mark.slow
 def test_demo_command_writes_grid_and_adapter(tmp_path, capsys):
     assert main(["demo", "--output", str(tmp_path), "--num-test", "2"]) == 0
     assert (tmp_path / "before_after.png").is_file() and (tmp_path / "pytorch_lora_weights.safetensors").is_file()
     assert "success rate:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [(["--source", "purple"], "`--source`"), (["--target", "red"], "same")])
-def test_demo_bad_arguments(argv, message, capsys):
-    assert main(["demo", *argv]) == 2
-    assert message in capsys.readouterr().err
+def test_demo_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # refused while parsing
+        main(["demo", "--source", "purple"])
+    assert exit_info.value.code == 2 and "`--source` must be one of" in capsys.readouterr().err
+    assert main(["demo", "--target", "red"]) == 2
+    assert "`--source` and `--target` are the same colour ('red')" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="`num_test` must be a positive integer"):
+        run_demo(num_test=0)

@@ -59,8 +59,15 @@ def test_render_batch_matches_render_shape():
     p = w.sample_batch(rng, 40, 32)
     batch = w.render_batch(p, 32)
     for k in range(40):
-        one = w.render_shape(w.SHAPES[p["shape_id"][k]], list(w.COLOURS)[p["colour_id"][k]], p["cx"][k], p["cy"][k],
-                             p["r"][k], 32, tuple(p["rgb"][k]))
+        one = w.render_shape(
+            w.SHAPES[p["shape_id"][k]],
+            list(w.COLOURS)[p["colour_id"][k]],
+            p["cx"][k],
+            p["cy"][k],
+            p["r"][k],
+            32,
+            tuple(p["rgb"][k]),
+        )
         np.testing.assert_array_equal(batch[k], arr(one))
 
 
@@ -128,8 +135,10 @@ def test_caption():
         (lambda: w.colour_fraction(np.zeros((4, 4, 3), np.uint8), "pink"), "colour"),
         (lambda: w.connected_components(np.zeros((4, 4)), connectivity=6), "connectivity"),
         (lambda: w.edit_success(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)), "target_colour"),
-        (lambda: w.edit_success(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8), "cyan"),
-         "target_colour"),
+        (
+            lambda: w.edit_success(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8), "cyan"),
+            "target_colour",
+        ),
     ],
 )
 def test_value_errors_name_the_argument(call, name):

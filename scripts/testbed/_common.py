@@ -64,7 +64,7 @@ def ddim_sample(unet, scheduler, n: int, seed: int, num_steps: int = 50, batch: 
     noise = torch.randn(n, 3, size, size, generator=g)
     outs = []
     for i in range(0, n, batch):
-        x = noise[i:i + batch]
+        x = noise[i : i + batch]
         for t in sch.timesteps:
             eps = unet(x, t).sample
             x = sch.step(eps, t, x).prev_sample
@@ -79,8 +79,16 @@ def _ddim_move(x, eps, a_from, a_to):
 
 
 @torch.no_grad()
-def invert_regenerate(unet, scheduler, x0: torch.Tensor, t0: int = 500, n_inv: int = 40, n_gen: int = 40,
-                      batch: int = 64, fixed_point: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def invert_regenerate(
+    unet,
+    scheduler,
+    x0: torch.Tensor,
+    t0: int = 500,
+    n_inv: int = 40,
+    n_gen: int = 40,
+    batch: int = 64,
+    fixed_point: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DiffusionCLIP-style round trip: deterministic DDIM inversion 0 -> t0 (UNet at the *source* timestep),
     then deterministic DDIM generation t0 -> 0. Grids are ``round(linspace(0, t0, n + 1))``; the image is
     taken as x at t = 0 (alpha_cumprod[0]), as in DiffusionCLIP. ``fixed_point`` refines every inversion step
@@ -90,7 +98,7 @@ def invert_regenerate(unet, scheduler, x0: torch.Tensor, t0: int = 500, n_inv: i
     gen = np.rint(np.linspace(0, t0, n_gen + 1)).astype(int)[::-1]
     lat, rec = [], []
     for i in range(0, len(x0), batch):
-        x = x0[i:i + batch].float()
+        x = x0[i : i + batch].float()
         for s, t in zip(inv[:-1], inv[1:]):
             eps = unet(x, int(s)).sample
             x_s, x = x, _ddim_move(x, eps, a[s], a[t])
@@ -129,5 +137,5 @@ def save_grid(imgs_uint8: np.ndarray, path: str, ncol: int = 8) -> None:
     grid = np.full((nrow * (h + 2), ncol * (w + 2), 3), 128, np.uint8)
     for k, im in enumerate(imgs_uint8):
         r, c = divmod(k, ncol)
-        grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = im
+        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = im
     Image.fromarray(grid).save(path)

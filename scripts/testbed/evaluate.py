@@ -38,8 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import batch_to_tensor, ddim_sample, invert_regenerate, save_grid, score_samples, tensor_to_uint8, world  # noqa: E402,I001
 
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src", "diffusionclip_pipeline",
-                               "testbed", "weights")
+DEFAULT_WEIGHTS = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "src", "diffusionclip_pipeline", "testbed", "weights"
+)
 
 TARGETS = {"colour_acc": 0.95, "shape_acc": 0.90, "clean_frac": 0.80, "inv_mae": 0.03}
 
@@ -55,8 +56,10 @@ def load(args):
     tok = CLIPTokenizer.from_pretrained(args.tokenizer or os.path.join(w, "tokenizer"))
     second = None
     if not (args.clip or args.tokenizer) and os.path.isdir(os.path.join(w, "clip_2")):
-        second = (CLIPModel.from_pretrained(os.path.join(w, "clip_2")).float().eval(),
-                  CLIPTokenizer.from_pretrained(os.path.join(w, "tokenizer_2")))
+        second = (
+            CLIPModel.from_pretrained(os.path.join(w, "clip_2")).float().eval(),
+            CLIPTokenizer.from_pretrained(os.path.join(w, "tokenizer_2")),
+        )
     return unet, sched, clip, tok, second
 
 
@@ -99,36 +102,66 @@ def table(res: dict) -> str:
         ("CLIP zero-shot shape acc (256 imgs)", f"{res['shape_acc']:.4f}", ">= 0.90", res["shape_acc"] >= 0.90),
         ("CLIP zero-shot joint acc (256 imgs)", f"{res['joint_acc']:.4f}", "", None),
         ("CLIP direction cosine (64 colour swaps)", f"{res['dir_cos']:.3f}", "", None),
-        ("CLIP text score: palette colour above off-palette / 25-50 % towards another palette colour / "
-         "over-saturated / background tinted 6 % (128 scenes each)",
-         " / ".join(f"{res['peak_vs_' + k]:.2f}" for k in ("off_palette", "mixed", "saturated", "tinted_background")),
-         "", None),
+        (
+            "CLIP text score: palette colour above off-palette / 25-50 % towards another palette colour / "
+            "over-saturated / background tinted 6 % (128 scenes each)",
+            " / ".join(
+                f"{res['peak_vs_' + k]:.2f}" for k in ("off_palette", "mixed", "saturated", "tinted_background")
+            ),
+            "",
+            None,
+        ),
     ]
     if "clip2_colour_acc" in res:
         rows += [
-            ("Second CLIP (clip_2): zero-shot colour / shape / joint acc (256 imgs)",
-             f"{res['clip2_colour_acc']:.4f} / {res['clip2_shape_acc']:.4f} / {res['clip2_joint_acc']:.4f}",
-             ">= 0.95 / >= 0.90", res["clip2_colour_acc"] >= 0.95 and res["clip2_shape_acc"] >= 0.90),
+            (
+                "Second CLIP (clip_2): zero-shot colour / shape / joint acc (256 imgs)",
+                f"{res['clip2_colour_acc']:.4f} / {res['clip2_shape_acc']:.4f} / {res['clip2_joint_acc']:.4f}",
+                ">= 0.95 / >= 0.90",
+                res["clip2_colour_acc"] >= 0.95 and res["clip2_shape_acc"] >= 0.90,
+            ),
             ("Second CLIP: direction cosine (64 colour swaps)", f"{res['clip2_dir_cos']:.3f}", "", None),
-            ("Second CLIP: text score palette colour above off-palette / mixed / over-saturated / tinted background",
-             " / ".join(f"{res['clip2_peak_vs_' + k]:.2f}"
-                        for k in ("off_palette", "mixed", "saturated", "tinted_background")), "", None),
+            (
+                "Second CLIP: text score palette colour above off-palette / mixed / over-saturated / tinted "
+                "background",
+                " / ".join(
+                    f"{res['clip2_peak_vs_' + k]:.2f}"
+                    for k in ("off_palette", "mixed", "saturated", "tinted_background")
+                ),
+                "",
+                None,
+            ),
         ]
     rows += [
         ("DDPM clean samples (64, DDIM 50)", f"{res['clean_frac']:.3f}", ">= 0.80", res["clean_frac"] >= 0.80),
         ("  clean per colour", json.dumps(res["clean_colours"]), "", None),
         ("  clean per shape", json.dumps(res["clean_shapes"]), "", None),
-        ("  failures blob / colour / background", f"{res['fail_blob']} / {res['fail_colour']} / "
-         f"{res['fail_background']}", "", None),
+        (
+            "  failures blob / colour / background",
+            f"{res['fail_blob']} / {res['fail_colour']} / {res['fail_background']}",
+            "",
+            None,
+        ),
         ("DDIM invert->regenerate MAE (64, t0=500)", f"{res['inv_mae']:.4f}", "<= 0.03", res["inv_mae"] <= 0.03),
         ("  same at t0 = 400 / 300", f"{res['inv_mae_400']:.4f} / {res['inv_mae_300']:.4f}", "", None),
-        ("  regenerated foreground mask IoU >= 0.7, t0 = 500 / 400 / 300",
-         " / ".join(f"{res[f'inv_iou_ok_{t}']:.3f}" for t in (500, 400, 300)), "", None),
-        ("  regenerated foreground keeps its palette colour, t0 = 500 / 400 / 300",
-         " / ".join(f"{res[f'inv_colour_kept_{t}']:.3f}" for t in (500, 400, 300)), "", None),
-        ("  t0 = 500 with one fixed-point iteration per inversion step: MAE / IoU >= 0.7 / colour kept",
-         f"{res['inv_mae_fp1']:.4f} / {res['inv_iou_ok_500_fp1']:.3f} / {res['inv_colour_kept_500_fp1']:.3f}",
-         "", None),
+        (
+            "  regenerated foreground mask IoU >= 0.7, t0 = 500 / 400 / 300",
+            " / ".join(f"{res[f'inv_iou_ok_{t}']:.3f}" for t in (500, 400, 300)),
+            "",
+            None,
+        ),
+        (
+            "  regenerated foreground keeps its palette colour, t0 = 500 / 400 / 300",
+            " / ".join(f"{res[f'inv_colour_kept_{t}']:.3f}" for t in (500, 400, 300)),
+            "",
+            None,
+        ),
+        (
+            "  t0 = 500 with one fixed-point iteration per inversion step: MAE / IoU >= 0.7 / colour kept",
+            f"{res['inv_mae_fp1']:.4f} / {res['inv_iou_ok_500_fp1']:.3f} / {res['inv_colour_kept_500_fp1']:.3f}",
+            "",
+            None,
+        ),
     ]
     lines = ["| measurement | value | target | ok |", "|---|---|---|---|"]
     for name, val, tgt, ok in rows:
@@ -156,10 +189,13 @@ def main(argv=None):
     res.update(eval_ddpm(unet, sched, grid=args.grid))
     res["eval_s"] = round(time.time() - t, 1)
     res["all_targets_met"] = bool(
-        res["colour_acc"] >= TARGETS["colour_acc"] and res["shape_acc"] >= TARGETS["shape_acc"]
-        and res["clean_frac"] >= TARGETS["clean_frac"] and res["inv_mae"] <= TARGETS["inv_mae"]
+        res["colour_acc"] >= TARGETS["colour_acc"]
+        and res["shape_acc"] >= TARGETS["shape_acc"]
+        and res["clean_frac"] >= TARGETS["clean_frac"]
+        and res["inv_mae"] <= TARGETS["inv_mae"]
         and res.get("clip2_colour_acc", 1.0) >= TARGETS["colour_acc"]
-        and res.get("clip2_shape_acc", 1.0) >= TARGETS["shape_acc"])
+        and res.get("clip2_shape_acc", 1.0) >= TARGETS["shape_acc"]
+    )
     print(table(res))
     print(f"\nall targets met: {res['all_targets_met']}  ({res['eval_s']} s)")
     if args.json:

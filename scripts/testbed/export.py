@@ -61,8 +61,11 @@ def main(argv=None):
     p.add_argument("--ddpm-dir", default="build/testbed/ddpm")
     p.add_argument("--unet", help="defaults to <ddpm-dir>/ema_unet")
     p.add_argument("--clip-dir", default="build/testbed/clip")
-    p.add_argument("--clip-2-dir", default="build/testbed/clip2",
-                   help="the second CLIP (train_clip.py --mix-frac 0 --off-frac 0.3 --tint-frac 0.25); '' for none")
+    p.add_argument(
+        "--clip-2-dir",
+        default="build/testbed/clip2",
+        help="the second CLIP (train_clip.py --mix-frac 0 --off-frac 0.3 --tint-frac 0.25); '' for none",
+    )
     p.add_argument("--stage", default="build/testbed/export")
     p.add_argument("--out", default=ev.DEFAULT_WEIGHTS)
     p.add_argument("--no-fp16", action="store_true", help="store the UNet in float32")
@@ -85,55 +88,76 @@ def main(argv=None):
     clip = CLIPModel.from_pretrained(os.path.join(args.clip_dir, "clip"), dtype=torch.float32)
     clip.save_pretrained(os.path.join(stage, "clip"), safe_serialization=True)
     CLIPTokenizer.from_pretrained(os.path.join(args.clip_dir, "tokenizer")).save_pretrained(
-        os.path.join(stage, "tokenizer"))
+        os.path.join(stage, "tokenizer")
+    )
     clip_2 = None
     if args.clip_2_dir:  # stored in fp16 to stay under 10 MB; loaded (and measured) in float32
         clip_2 = CLIPModel.from_pretrained(os.path.join(args.clip_2_dir, "clip"), dtype=torch.float16)
         clip_2.save_pretrained(os.path.join(stage, "clip_2"), safe_serialization=True)
         CLIPTokenizer.from_pretrained(os.path.join(args.clip_2_dir, "tokenizer")).save_pretrained(
-            os.path.join(stage, "tokenizer_2"))
+            os.path.join(stage, "tokenizer_2")
+        )
     size = dir_bytes(stage)
     if size > MAX_BYTES:
         raise SystemExit(f"export is {size / 1e6:.2f} MB > 10 MB")
 
-    res = ev.main(["--weights", stage, "--json", os.path.join(stage, "metrics.json"),
-                   "--grid", os.path.join(stage, "..", "export_samples.png"), "--threads", str(args.threads)])
+    res = ev.main(
+        [
+            "--weights",
+            stage,
+            "--json",
+            os.path.join(stage, "metrics.json"),
+            "--grid",
+            os.path.join(stage, "..", "export_samples.png"),
+            "--threads",
+            str(args.threads),
+        ]
+    )
     ddpm_done = last_log(os.path.join(os.path.dirname(os.path.abspath(unet_dir)), "log.jsonl"), "eval") or {}
     clip_done = last_log(os.path.join(args.clip_dir, "log.jsonl"), "eval") or {}
     parts = ("unet", "scheduler", "clip", "tokenizer") + (("clip_2", "tokenizer_2") if clip_2 is not None else ())
     sizes = {d: dir_bytes(os.path.join(stage, d)) for d in parts}
     clip_2_done = (last_log(os.path.join(args.clip_2_dir, "log.jsonl"), "eval") or {}) if clip_2 is not None else {}
     cmd = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
-    md = [
-        "# Test-bed weights: measured metrics",
-        "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `scripts/testbed/evaluate.py` on the "
-        "exported files (float32 compute, 1 CPU thread).",
-        "",
-        ev.table(res),
-        "",
-        f"All targets met: **{res['all_targets_met']}**.",
-        "",
-        "## Provenance",
-        f"- UNet: EMA weights after {ddpm_done.get('step', '?')} steps of `scripts/testbed/train_ddpm.py` "
-        f"({sum(q.numel() for q in unet.parameters())} parameters, stored "
-        f"{'float32' if args.no_fp16 else 'float16'}).",
-        f"- CLIP: {clip_done.get('step', '?')} steps of `scripts/testbed/train_clip.py` "
-        f"({sum(q.numel() for q in clip.parameters())} parameters, float32).",
-    ] + ([
-        f"- Second CLIP (`clip_2/`): {clip_2_done.get('step', '?')} steps of `scripts/testbed/train_clip.py "
-        f"--mix-frac 0 --off-frac 0.3 --tint-frac 0.25` ({sum(q.numel() for q in clip_2.parameters())} parameters, "
-        "stored float16).",
-    ] if clip_2 is not None else []) + [
-        "- Sizes (bytes): " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + f"; total {sum(sizes.values())}.",
-        "",
-        "## Commands",
-        "```",
-        cmd,
-        "python scripts/testbed/evaluate.py   # re-measure the shipped weights",
-        "```",
-        "",
-    ]
+    md = (
+        [
+            "# Test-bed weights: measured metrics",
+            "",
+            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `scripts/testbed/evaluate.py` on the "
+            "exported files (float32 compute, 1 CPU thread).",
+            "",
+            ev.table(res),
+            "",
+            f"All targets met: **{res['all_targets_met']}**.",
+            "",
+            "## Provenance",
+            f"- UNet: EMA weights after {ddpm_done.get('step', '?')} steps of `scripts/testbed/train_ddpm.py` "
+            f"({sum(q.numel() for q in unet.parameters())} parameters, stored "
+            f"{'float32' if args.no_fp16 else 'float16'}).",
+            f"- CLIP: {clip_done.get('step', '?')} steps of `scripts/testbed/train_clip.py` "
+            f"({sum(q.numel() for q in clip.parameters())} parameters, float32).",
+        ]
+        + (
+            [
+                f"- Second CLIP (`clip_2/`): {clip_2_done.get('step', '?')} steps of `scripts/testbed/train_clip.py "
+                "--mix-frac 0 --off-frac 0.3 --tint-frac 0.25` "
+                f"({sum(q.numel() for q in clip_2.parameters())} parameters, "
+                "stored float16).",
+            ]
+            if clip_2 is not None
+            else []
+        )
+        + [
+            "- Sizes (bytes): " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + f"; total {sum(sizes.values())}.",
+            "",
+            "## Commands",
+            "```",
+            cmd,
+            "python scripts/testbed/evaluate.py   # re-measure the shipped weights",
+            "```",
+            "",
+        ]
+    )
     with open(os.path.join(stage, "METRICS.md"), "w") as f:
         f.write("\n".join(md))
     os.remove(os.path.join(stage, "metrics.json"))

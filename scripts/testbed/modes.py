@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     print("| r | blue share | success |\n|---|---|---|")
     shares = []
     for r in (0.0, 0.25, 0.5, 0.75, 1.0):
-        edited = pipe.edit(test, strength=r, **RECOMMENDED_EDIT).images
+        edited = pipe.edit(test, edit_strength=r, **RECOMMENDED_EDIT).images
         share = np.mean([colour_fraction(e, "blue", foreground_mask(e)) for e in edited])
         success = np.mean([edit_success(s, e, target_colour="blue")["success"] for s, e in zip(test, edited)])
         shares.append(share)

@@ -59,8 +59,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, jsonl_logger, world  # noqa: E402
 
-TEMPLATE_WORDS = ("a", "an", "the", "photo", "picture", "image", "drawing", "of", "on", "white", "shape", "thing",
-                  "colored", "coloured", "in", "with", "background", "small", "large", "big")
+TEMPLATE_WORDS = (
+    "a",
+    "an",
+    "the",
+    "photo",
+    "picture",
+    "image",
+    "drawing",
+    "of",
+    "on",
+    "white",
+    "shape",
+    "thing",
+    "colored",
+    "coloured",
+    "in",
+    "with",
+    "background",
+    "small",
+    "large",
+    "big",
+)
 COLOUR_ONLY = ("a {} shape", "a {} thing", "something {}")
 SHAPE_ONLY = ("a {}", "a photo of a {}", "a drawing of a {}")
 
@@ -112,9 +132,15 @@ def build_tokenizer(model_max_length: int = 16, extra_colours: bool = False):
                 vocab[cur] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length,
-                         unk_token="<|endoftext|>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                         pad_token="<|endoftext|>")
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=model_max_length,
+        unk_token="<|endoftext|>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
 
 
 def build_clip(tokenizer, image_size: int):
@@ -122,12 +148,25 @@ def build_clip(tokenizer, image_size: int):
 
     v = len(tokenizer)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=image_size, patch_size=4),
+        text_config=dict(
+            vocab_size=v,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=4,
+        ),
         projection_dim=64,
     )
     return CLIPModel(cfg)
@@ -150,8 +189,9 @@ def image_features(clip, imgs_uint8: np.ndarray) -> torch.Tensor:
 
 def text_features(clip, tok, texts: list[str]) -> torch.Tensor:
     enc = tok(texts, padding="max_length", truncation=True, return_tensors="pt")
-    return F.normalize(_feat(clip.get_text_features(input_ids=enc.input_ids, attention_mask=enc.attention_mask)),
-                       dim=-1)
+    return F.normalize(
+        _feat(clip.get_text_features(input_ids=enc.input_ids, attention_mask=enc.attention_mask)), dim=-1
+    )
 
 
 _PAL = np.array([world.COLOURS[c] for c in world.COLOURS], np.float64)
@@ -184,8 +224,15 @@ def off_palette_colours(rng: np.random.Generator, k: int) -> tuple[np.ndarray, n
     return np.rint(out).astype(np.uint8), NC + nearest
 
 
-def make_batch(rng: np.random.Generator, n: int, size: int, mix_frac: float, noise_frac: float,
-               off_frac: float = 0.0, tint_frac: float = 0.0):
+def make_batch(
+    rng: np.random.Generator,
+    n: int,
+    size: int,
+    mix_frac: float,
+    noise_frac: float,
+    off_frac: float = 0.0,
+    tint_frac: float = 0.0,
+):
     """Images (uint8), per-image soft colour labels (n, NA), shape one-hots (n, 3), and captions with their
     (colour id or -1, shape id or -1).
 
@@ -316,8 +363,12 @@ def evaluate(clip, tok, size: int, n: int = 256, seed: int = 4242) -> dict:
         ft = text_features(clip, tok, [f"a {m['colour']} {m['shape']}", f"a {tgt} {m['shape']}"])
         cos.append(float(F.cosine_similarity(fi[1] - fi[0], ft[1] - ft[0], dim=0)))
     clip.train(was_training)
-    return {"colour_acc": float((pc == tcol).mean()), "shape_acc": float((ps == tshp).mean()),
-            "joint_acc": float(((pc == tcol) & (ps == tshp)).mean()), "dir_cos": float(np.mean(cos))}
+    return {
+        "colour_acc": float((pc == tcol).mean()),
+        "shape_acc": float((ps == tshp).mean()),
+        "joint_acc": float(((pc == tcol) & (ps == tshp)).mean()),
+        "dir_cos": float(np.mean(cos)),
+    }
 
 
 def main(argv=None):
@@ -357,8 +408,14 @@ def main(argv=None):
         step = ck["step"]
         log({"kind": "resume", "step": step})
     else:
-        log({"kind": "start", "args": vars(args), "params": sum(q.numel() for q in clip.parameters()),
-             "vocab": len(tok)})
+        log(
+            {
+                "kind": "start",
+                "args": vars(args),
+                "params": sum(q.numel() for q in clip.parameters()),
+                "vocab": len(tok),
+            }
+        )
 
     def lr_at(s):
         if s < args.warmup:
@@ -370,8 +427,9 @@ def main(argv=None):
     while step < args.max_steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        imgs, col, shp, texts, tc, ts = make_batch(rng, args.batch, args.size, args.mix_frac, args.noise_frac,
-                                                   args.off_frac, args.tint_frac)
+        imgs, col, shp, texts, tc, ts = make_batch(
+            rng, args.batch, args.size, args.mix_frac, args.noise_frac, args.off_frac, args.tint_frac
+        )
         fi = image_features(clip, imgs)
         ft = text_features(clip, tok, texts)
         logits = clip.logit_scale.exp().clamp(max=100) * fi @ ft.T
@@ -390,9 +448,16 @@ def main(argv=None):
         run_loss += float(loss.detach())
         run_n += 1
         if step % 50 == 0:
-            log({"kind": "train", "step": step, "loss": round(run_loss / run_n, 4), "lr": round(lr_at(step), 6),
-                 "scale": round(float(clip.logit_scale.detach().exp()), 2),
-                 "s_per_step": round((time.time() - t_last) / run_n, 3)})
+            log(
+                {
+                    "kind": "train",
+                    "step": step,
+                    "loss": round(run_loss / run_n, 4),
+                    "lr": round(lr_at(step), 6),
+                    "scale": round(float(clip.logit_scale.detach().exp()), 2),
+                    "s_per_step": round((time.time() - t_last) / run_n, 3),
+                }
+            )
             t_last, run_loss, run_n = time.time(), 0.0, 0
         if step % args.eval_every == 0 or step == args.max_steps:
             ev = evaluate(clip, tok, args.size)
@@ -400,8 +465,17 @@ def main(argv=None):
             ev.update(kind="eval", step=step)
             log(ev)
             tmp = ckpt_path + ".tmp"
-            torch.save({"model": clip.state_dict(), "opt": opt.state_dict(), "np_rng": rng.bit_generator.state,
-                        "torch_rng": torch.get_rng_state(), "step": step, "args": vars(args)}, tmp)
+            torch.save(
+                {
+                    "model": clip.state_dict(),
+                    "opt": opt.state_dict(),
+                    "np_rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(),
+                    "step": step,
+                    "args": vars(args),
+                },
+                tmp,
+            )
             os.replace(tmp, ckpt_path)
             clip.save_pretrained(os.path.join(args.out, "clip"))
             tok.save_pretrained(os.path.join(args.out, "tokenizer"))

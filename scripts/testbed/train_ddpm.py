@@ -61,19 +61,31 @@ def build_unet(size: int):
     from diffusers import UNet2DModel
 
     return UNet2DModel(
-        sample_size=size, in_channels=3, out_channels=3, layers_per_block=1,
+        sample_size=size,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
         block_out_channels=(16, 32, 64, 128),
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, attention_head_dim=32, add_attention=True,
+        norm_num_groups=8,
+        attention_head_dim=32,
+        add_attention=True,
     )
 
 
 def build_scheduler():
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                         prediction_type="epsilon", clip_sample=False, variance_type="fixed_small")
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        variance_type="fixed_small",
+    )
 
 
 def progress(step: int, wall_s: float, args) -> float:
@@ -133,9 +145,13 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--budget-minutes", type=float, default=0,
-                   help="wall-clock budget (cumulative over resumes, evaluations included); the LR decay and the end "
-                        "of the run follow whichever of steps / budget runs out first; 0 = steps only")
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=0,
+        help="wall-clock budget (cumulative over resumes, evaluations included); the LR decay and the end "
+        "of the run follow whichever of steps / budget runs out first; 0 = steps only",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-bf16", action="store_true")
@@ -172,9 +188,20 @@ def main(argv=None):
 
     def save_ckpt():
         tmp = ckpt_path + ".tmp"
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "np_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "step": step,
-                    "train_s": train_s, "wall_s": wall_prev + time.time() - start, "args": vars(args)}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "opt": opt.state_dict(),
+                "np_rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+                "train_s": train_s,
+                "wall_s": wall_prev + time.time() - start,
+                "args": vars(args),
+            },
+            tmp,
+        )
         os.replace(tmp, ckpt_path)
 
     stopping = {"flag": False}
@@ -209,8 +236,16 @@ def main(argv=None):
         run_loss += float(per.detach().mean())
         run_n += 1
         if step % 100 == 0:
-            log({"kind": "train", "step": step, "mse": round(run_loss / run_n, 5), "lr": opt.param_groups[0]["lr"],
-                 "s_per_step": round((time.time() - t_last) / run_n, 4), "train_min": round(train_s / 60, 2)})
+            log(
+                {
+                    "kind": "train",
+                    "step": step,
+                    "mse": round(run_loss / run_n, 5),
+                    "lr": opt.param_groups[0]["lr"],
+                    "s_per_step": round((time.time() - t_last) / run_n, 4),
+                    "train_min": round(train_s / 60, 2),
+                }
+            )
             run_loss, run_n, t_last = 0.0, 0, time.time()
         stop = stopping["flag"] or progress(step, wall_prev + time.time() - start, args) >= 1
         if step % args.ckpt_every == 0 or stop:
@@ -221,8 +256,14 @@ def main(argv=None):
         if stop:
             break
     save_ckpt()
-    log({"kind": "done", "step": step, "wall_min": round((wall_prev + time.time() - start) / 60, 2),
-         "interrupted": stopping["flag"]})
+    log(
+        {
+            "kind": "done",
+            "step": step,
+            "wall_min": round((wall_prev + time.time() - start) / 60, 2),
+            "interrupted": stopping["flag"],
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .templates import IMAGENET_TEMPLATES
+from .validation import check_choice, check_int, check_non_negative_int, check_number, check_prompt
 
 # OpenAI CLIP's normalisation constants (also in every `openai/clip-*` preprocessor_config.json).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -38,8 +39,7 @@ def direction_loss(image_direction: torch.Tensor, text_direction: torch.Tensor, 
     Returns:
         `torch.Tensor`: ``(batch,)`` losses.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"`loss_type` must be one of {LOSS_TYPES}, got {loss_type!r}.")
+    check_choice(loss_type, "loss_type", LOSS_TYPES)
     cos = F.cosine_similarity(image_direction, text_direction.expand_as(image_direction), dim=-1, eps=1e-8)
     if loss_type == "cosine":
         return 1.0 - cos
@@ -93,27 +93,22 @@ class CLIPDirectionalLoss(nn.Module):
         seed: int = 0,
     ):
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"`loss_type` must be one of {LOSS_TYPES}, got {loss_type!r}.")
+        check_choice(loss_type, "loss_type", LOSS_TYPES)
         templates = tuple(templates)
         if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
             raise ValueError(
                 f"`templates` must be a non-empty list of strings with exactly one '{{}}', got {templates}."
             )
-        if global_weight < 0:
-            raise ValueError(f"`global_weight` must be >= 0, got {global_weight}.")
-        if direction_weight < 0:
-            raise ValueError(f"`direction_weight` must be >= 0, got {direction_weight}.")
+        global_weight = check_number(global_weight, "global_weight", minimum=0)
+        direction_weight = check_number(direction_weight, "direction_weight", minimum=0)
         self.clip_model = clip_model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.templates = templates
         self.loss_type = loss_type
-        if isinstance(num_augmentations, bool) or not isinstance(num_augmentations, int) or num_augmentations < 0:
-            raise ValueError(f"`num_augmentations` must be an integer >= 0, got {num_augmentations!r}.")
-        if not 0 <= augmentation_shift < 0.5:
-            raise ValueError(f"`augmentation_shift` must be in [0, 0.5), got {augmentation_shift!r}.")
-        if not isinstance(augmentation_noise, (int, float)) or not 0 <= augmentation_noise < 2:
-            raise ValueError(f"`augmentation_noise` must be in [0, 2), got {augmentation_noise!r}.")
+        check_non_negative_int(num_augmentations, "num_augmentations")
+        check_number(augmentation_shift, "augmentation_shift", minimum=0, maximum=0.5, max_inclusive=False)
+        check_number(augmentation_noise, "augmentation_noise", minimum=0, maximum=2, max_inclusive=False)
+        check_int(seed, "seed")
         self.num_augmentations = num_augmentations
         self.augmentation_shift = float(augmentation_shift)
         self.augmentation_noise = float(augmentation_noise)
@@ -198,11 +193,7 @@ class CLIPDirectionalLoss(nn.Module):
 
     @staticmethod
     def _check_prompt(prompt, name: str) -> str:
-        if not isinstance(prompt, str):
-            raise TypeError(f"`{name}` must be a string, got {type(prompt).__name__}: {prompt!r}.")
-        if not prompt.strip():
-            raise ValueError(f"`{name}` must be a non-empty string, got {prompt!r}.")
-        return prompt
+        return check_prompt(prompt, name)
 
     def template_embedding(self, prompt: str) -> torch.Tensor:
         """Mean over templates of the normalised text embeddings of ``prompt`` (not normalised; cached)."""

@@ -9,7 +9,11 @@ Two schemes (paper Fig. 3 / supplementary B.1; `shared/reference/official.md` se
 - ``"full_chain"`` (the paper's original fine-tuning): backpropagate through the whole generation chain, loss on the
   final image, one optimizer step per batch.
 
-Only this module creates optimizers.
+The parts, each changeable on its own: `build_losses` (the loss terms, `FinetuneLoss`), `training_images` and
+`precompute_latents` (the data), `TrainStep` (optimizer, mixed precision, gradient accumulation, clipping, non-finite
+checks), `SCHEMES` (one function per scheme) and `finetune`, which ties them together and undoes everything if a run
+fails. Only this module creates optimizers. The test-bed measurements behind the defaults are in
+`docs/testbed-experiments.md`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
@@ -24,6 +29,8 @@ import torch
 from diffusers.utils import BaseOutput
 from safetensors.torch import load_file
 
+from . import lora
+from ._version import __version__
 from .clip_loss import LOSS_TYPES, CLIPDirectionalLoss
 from .lora import (
     DEFAULT_TARGET_MODULES,
@@ -36,21 +43,36 @@ from .lora import (
     weights_fingerprint,
 )
 from .schedule import GridDDIMScheduler, ddim_timesteps
+from .validation import (
+    check_adapter_name,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+    check_non_negative_int,
+    check_number,
+    check_positive_int,
+    check_prompt,
+    check_timestep,
+)
 
-SCHEMES = ("efficient", "full_chain")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+LOSS_WEIGHTS = (
+    "clip_loss_weight", "global_clip_loss_weight", "l1_loss_weight", "sparse_loss_weight", "identity_loss_weight",
+)  # fmt: skip
 
 
 @dataclass
 class FinetuneConfig:
-    """Settings for CLIP-directional LoRA fine-tuning (DiffusionCLIP, arXiv 2110.02711).
+    """Settings for CLIP-directional LoRA fine-tuning (DiffusionCLIP, arXiv 2110.02711, Sec. 3.2).
 
-    Defaults follow the official code where it applies to LoRA (t0 500, 40 inversion steps, 6 generation steps,
-    directional loss); the learning rate is LoRA's (a low-rank update needs a far larger rate than the official
-    full-weight 8e-6). Measured on the test-bed: 2e-3 let the UNet satisfy CLIP with adversarial colour patterns,
-    5e-4 did not, and 4 random views in the CLIP loss (off in the official code) raised the edit success further.
-    For 256 px real models (e.g. `google/ddpm-celebahq-256`) we
-    recommend ``learning_rate=1e-4``, ``num_epochs=5``, ``l1_loss_weight=0.1..1.0``, 30+ images, ``lora_rank=4``.
+    Defaults follow the official code where it applies to LoRA (``t0=500``, 40 inversion steps, 6 generation steps,
+    the directional loss); the learning rate is LoRA's (a low-rank update needs a far larger rate than the official
+    full-weight 8e-6), and the CLIP loss averages 4 random views (off in the official code). For 256 px models (e.g.
+    `google/ddpm-celebahq-256`) we recommend ``learning_rate=1e-4``, ``num_epochs=5``, ``l1_loss_weight=0.1..1.0``,
+    30+ images and ``lora_rank=4``; see `docs/testbed-experiments.md` for the measurements behind these.
+
+    A value of the wrong type raises `TypeError`, a value out of range `ValueError`, each naming the field.
     """
 
     t0: int = field(default=500, metadata={"help": "Inversion depth (timestep of the latents), in [1, T-1]."})
@@ -82,62 +104,41 @@ class FinetuneConfig:
     lora_target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES, metadata={"help": "Module names."})
     scheme: str = field(default="efficient", metadata={"help": "'efficient' (step-wise) or 'full_chain'."})
     seed: int = field(default=0, metadata={"help": "Seed of LoRA init, shuffling and sampled images."})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16' (accelerate)."})
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16' (autocast)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute UNet activations in backward."})
     max_grad_norm: float | None = field(default=None, metadata={"help": "Clip the LoRA gradient norm (None: off)."})
     num_sampled_images: int = field(default=8, metadata={"help": "Images sampled from the model if none given."})
     num_sampling_steps: int = field(default=50, metadata={"help": "DDIM steps to sample those images."})
 
     def __post_init__(self):
-        def positive_int(name):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-
-        def non_negative(name):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
-
+        # t0's upper bound, T - 1, is the model's: checked by `finetune`
         for name in (
             "t0", "num_inversion_steps", "num_train_steps", "num_epochs", "batch_size",
             "gradient_accumulation_steps", "num_sampled_images", "num_sampling_steps",
         ):  # fmt: skip
-            positive_int(name)
-        k = self.num_fixed_point_iterations
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"`num_fixed_point_iterations` must be an integer >= 0, got {k!r}.")
-        weights = (
-            "clip_loss_weight", "global_clip_loss_weight", "l1_loss_weight",
-            "sparse_loss_weight", "identity_loss_weight",
-        )  # fmt: skip
-        for name in weights:
-            non_negative(name)
-        if not any(getattr(self, name) > 0 for name in weights):
-            raise ValueError(f"Nothing to train: every loss weight is 0 ({', '.join(weights)}).")
-        noise = self.clip_augmentation_noise
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < 2:
-            raise ValueError(f"`clip_augmentation_noise` must be a number in [0, 2), got {noise!r}.")
-        if isinstance(self.clip_num_augmentations, bool) or not isinstance(self.clip_num_augmentations, int):
-            raise ValueError(f"`clip_num_augmentations` must be an integer >= 0, got {self.clip_num_augmentations!r}.")
-        if self.clip_num_augmentations < 0:
-            raise ValueError(f"`clip_num_augmentations` must be an integer >= 0, got {self.clip_num_augmentations!r}.")
-        if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, (int, float)):
-            raise ValueError(f"`learning_rate` must be a positive number, got {self.learning_rate!r}.")
-        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
-            raise ValueError(f"`learning_rate` must be a positive number, got {self.learning_rate!r}.")
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"`scheme` must be one of {SCHEMES}, got {self.scheme!r}.")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}.")
-        if self.clip_loss_type not in LOSS_TYPES:
-            raise ValueError(f"`clip_loss_type` must be one of {LOSS_TYPES}, got {self.clip_loss_type!r}.")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"`max_grad_norm` must be positive or None, got {self.max_grad_norm!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
-        self.lora_target_modules = tuple(self.lora_target_modules)
-        self.lora.__post_init__()  # validates rank, alpha and targets with the same messages
+            setattr(self, name, check_positive_int(getattr(self, name), name))
+        self.num_fixed_point_iterations = check_non_negative_int(
+            self.num_fixed_point_iterations, "num_fixed_point_iterations"
+        )
+        for name in LOSS_WEIGHTS:
+            setattr(self, name, check_number(getattr(self, name), name, minimum=0))
+        if not any(getattr(self, name) > 0 for name in LOSS_WEIGHTS):
+            raise ValueError(f"Nothing to train: every loss weight is 0 ({', '.join(LOSS_WEIGHTS)}).")
+        self.clip_augmentation_noise = check_number(
+            self.clip_augmentation_noise, "clip_augmentation_noise", minimum=0, maximum=2, max_inclusive=False
+        )
+        self.clip_num_augmentations = check_non_negative_int(self.clip_num_augmentations, "clip_num_augmentations")
+        self.learning_rate = check_number(self.learning_rate, "learning_rate", minimum=0, min_inclusive=False)
+        check_choice(self.scheme, "scheme", SCHEMES)
+        check_choice(self.mixed_precision, "mixed_precision", MIXED_PRECISION)
+        check_choice(self.clip_loss_type, "clip_loss_type", LOSS_TYPES)
+        if self.max_grad_norm is not None:
+            self.max_grad_norm = check_number(self.max_grad_norm, "max_grad_norm", minimum=0, min_inclusive=False)
+        self.seed = check_int(self.seed, "seed")
+        self.gradient_checkpointing = check_bool(self.gradient_checkpointing, "gradient_checkpointing")
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = (self.lora_target_modules,)
+        self.lora_target_modules = self.lora.target_modules  # validates rank, alpha and targets
 
     @property
     def lora(self) -> LoraSettings:
@@ -145,7 +146,9 @@ class FinetuneConfig:
 
     @classmethod
     def from_kwargs(cls, config: FinetuneConfig | None = None, **kwargs) -> FinetuneConfig:
-        """``config`` (or the defaults) with ``kwargs`` overriding single fields; unknown names are an error."""
+        """``config`` (or the defaults) with ``kwargs`` overriding single fields; unknown names are a `TypeError`."""
+        if config is not None and not isinstance(config, FinetuneConfig):
+            raise TypeError(f"`config` must be a FinetuneConfig or None, got {type(config).__name__}.")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
@@ -156,7 +159,7 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneOutput(BaseOutput):
-    """Output of `DiffusionCLIPPipeline.finetune`.
+    """Output of `finetune` / `DiffusionCLIPPipeline.finetune`.
 
     Args:
         adapter_name (`str`): The name of the trained adapter in the UNet.
@@ -175,10 +178,124 @@ class FinetuneOutput(BaseOutput):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or a gradient became NaN/inf; the adapter keeps the weights it had before that step."""
+    """The loss, a gradient, the adapter's weights or the adapted UNet's prediction became NaN/inf. `finetune` then
+    discards the new adapter and restores the adapters the UNet had before the call."""
 
 
-# ---- latents -------------------------------------------------------------------------------------------------
+# ---- the loss ------------------------------------------------------------------------------------------------
+
+
+SPARSE_EPS = 0.01
+
+
+def sparse_change(x0_src: torch.Tensor, x0_pred: torch.Tensor, eps: float = SPARSE_EPS) -> torch.Tensor:
+    """Per-pixel ``sqrt(|x0_src - x0_pred| + eps) - sqrt(eps)`` (images in [-1, 1]); 0 where nothing changed.
+
+    A concave penalty: the same total change costs more spread thinly over many pixels (a tint) than concentrated
+    on a few (the edited object). A change of 0.06 everywhere costs 0.165 per pixel, a full 1.4 change 1.08: a
+    ratio of 6.5, where L1 has 23.
+    """
+    return torch.sqrt((x0_src - x0_pred).abs() + eps) - eps**0.5
+
+
+@dataclass
+class FinetuneLoss:
+    r"""The fine-tuning objective on one predicted image (DiffusionCLIP, arXiv 2110.02711, Sec. 3.2, plus extra terms):
+
+    ``mean_k L_clip_k(x0_src, x0_pred) + l1 |x0_src - x0_pred| + sparse * sparse_change + identity * identity_loss``
+
+    with one directional CLIP loss per CLIP model (`CLIPDirectionalLoss`, averaged) and each term only when its
+    weight is > 0. Adding a loss term means changing only this class and `build_losses`.
+
+    Args:
+        clip_losses (`list[CLIPDirectionalLoss]`): One per CLIP model.
+        directions (`list[torch.Tensor]`): The target direction in each CLIP's embedding space (text or images).
+        prompt_src (`str`) / prompt_tar (`str`): The prompts (the global CLIP term needs ``prompt_tar``).
+        config (`FinetuneConfig`): The loss weights.
+        identity_loss (`Callable`, *optional*): ``fn(x0_src, x0_pred) -> per-sample loss``.
+    """
+
+    clip_losses: list[CLIPDirectionalLoss]
+    directions: list[torch.Tensor]
+    prompt_src: str
+    prompt_tar: str
+    config: FinetuneConfig
+    identity_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def use_clip(self) -> bool:
+        return self.config.clip_loss_weight > 0 or self.config.global_clip_loss_weight > 0
+
+    def source_embeddings(self, x0_src: torch.Tensor) -> list[torch.Tensor | None]:
+        """Once per batch, reused by every generation step (the official code re-encodes the source each step);
+        ``None`` each when the CLIP loss is off or draws new random views at every call."""
+        if not self.use_clip or self.config.clip_num_augmentations > 0:
+            return [None] * len(self.clip_losses)
+        with torch.no_grad():
+            return [fn.encode_images(x0_src) for fn in self.clip_losses]
+
+    def __call__(self, x0_src: torch.Tensor, x0_pred: torch.Tensor, src_embeds: list) -> torch.Tensor:
+        config = self.config
+        loss = x0_pred.new_zeros(())
+        if self.use_clip:
+            clip_losses = [
+                fn(x0_src, x0_pred, self.prompt_src, self.prompt_tar, text_direction=direction, source_embeds=embeds)
+                for fn, direction, embeds in zip(self.clip_losses, self.directions, src_embeds)
+            ]
+            loss = loss + sum(clip_losses) / len(clip_losses)
+        if config.l1_loss_weight > 0:
+            loss = loss + config.l1_loss_weight * (x0_src - x0_pred).abs().mean()
+        if config.sparse_loss_weight > 0:
+            loss = loss + config.sparse_loss_weight * sparse_change(x0_src, x0_pred).mean()
+        if self.identity_loss is not None and config.identity_loss_weight > 0:
+            loss = loss + config.identity_loss_weight * self.identity_loss(x0_src, x0_pred).mean()
+        return loss
+
+
+def build_losses(
+    pipe, config: FinetuneConfig, prompt_src: str, prompt_tar: str, direction_images=None, identity_loss=None,
+    device: torch.device | None = None,
+) -> FinetuneLoss:  # fmt: skip
+    """The `FinetuneLoss` of a run: one `CLIPDirectionalLoss` per CLIP of ``pipe.clip_models`` (the default CLIP is
+    loaded if the pipeline has none), with the text direction of the prompts or, given ``direction_images = (source,
+    target)`` (prepared tensors), the image-set direction in each CLIP's own embedding space."""
+    pipe.require_clip()
+    clip_losses = [
+        CLIPDirectionalLoss(
+            clip_model, clip_tokenizer, loss_type=config.clip_loss_type,
+            direction_weight=config.clip_loss_weight, global_weight=config.global_clip_loss_weight,
+            num_augmentations=config.clip_num_augmentations, augmentation_noise=config.clip_augmentation_noise,
+            seed=config.seed,
+        ).to(device)
+        for clip_model, clip_tokenizer in pipe.clip_models
+    ]  # fmt: skip
+    if direction_images is None:
+        directions = [fn.text_direction(prompt_src, prompt_tar) for fn in clip_losses]
+    else:  # image-guided: the mean embedding change between the two image sets
+        source_set, target_set = (x.to(device) for x in direction_images)
+        directions = [fn.image_set_direction(source_set, target_set) for fn in clip_losses]
+    return FinetuneLoss(clip_losses, directions, prompt_src, prompt_tar, config, identity_loss)
+
+
+# ---- the data ------------------------------------------------------------------------------------------------
+
+
+def training_images(
+    pipe, images: torch.Tensor | None, config: FinetuneConfig, device: torch.device, generator: torch.Generator
+) -> torch.Tensor:
+    """The training images ``x0`` in [-1, 1], on ``device`` in the UNet's dtype: ``images`` (as `pipe.prepare_image`
+    returns them), or, if `None`, ``config.num_sampled_images`` images sampled from the original model (every
+    adapter bypassed) by DDIM from pure noise drawn from ``generator``."""
+    if images is None:
+        unet = pipe.unet
+        shape = (config.num_sampled_images, unet.config.in_channels) + (unet.config.sample_size,) * 2
+        noise = torch.randn(shape, generator=generator).to(device, unet.dtype)
+        with adapters_disabled(unet):
+            images = pipe.edit(
+                latents=noise, t0=pipe.num_train_timesteps - 1, num_inference_steps=config.num_sampling_steps,
+                output_type="pt",
+            ).images * 2 - 1  # fmt: skip
+    return images.to(device=device, dtype=pipe.unet.dtype)
 
 
 def _latent_cache_key(x0: torch.Tensor, t0: int, steps: int, unet_fingerprint: str, fixed_point: int = 0) -> str:
@@ -219,8 +336,8 @@ def precompute_latents(
         idx = todo[start : start + batch_size]
         out = pipe.invert(
             x0[idx], t0=t0, num_inversion_steps=num_inversion_steps,
-            num_fixed_point_iterations=num_fixed_point_iterations,
-        ).latents  # fmt: skip
+            num_fixed_point_iterations=num_fixed_point_iterations, return_dict=False,
+        )[0]  # fmt: skip
         for j, i in enumerate(idx):
             latents[i] = out[j : j + 1]
             if cache_dir is not None:
@@ -229,28 +346,272 @@ def precompute_latents(
     return torch.cat(latents), hits
 
 
-# ---- the loop ------------------------------------------------------------------------------------------------
+# ---- the optimizer step --------------------------------------------------------------------------------------
 
 
-SPARSE_EPS = 0.01
-
-
-def sparse_change(x0_src: torch.Tensor, x0_pred: torch.Tensor, eps: float = SPARSE_EPS) -> torch.Tensor:
-    """Per-pixel ``sqrt(|x0_src - x0_pred| + eps) - sqrt(eps)`` (images in [-1, 1]); 0 where nothing changed.
-
-    A concave penalty: the same total change costs more spread thinly over many pixels (a tint) than concentrated
-    on a few (the edited object). A change of 0.06 everywhere costs 0.165 per pixel, a full 1.4 change 1.08: a
-    ratio of 6.5, where L1 has 23.
-    """
-    return torch.sqrt((x0_src - x0_pred).abs() + eps) - eps**0.5
+MIN_LOSS_SCALE = 1.0  # fp16: a run whose gradients overflow even below this loss scale has diverged
+_DISCARDED = "the new adapter is discarded and the previous adapters restored"
+_HINT = "a lower `learning_rate`, a `max_grad_norm` or `mixed_precision='no'` may help"
 
 
 def _check_finite(loss: torch.Tensor, params, where: str) -> None:
     if not torch.isfinite(loss).all():
-        raise NonFiniteLossError(f"Non-finite loss ({loss.item()}) at {where}; training stopped, adapter unchanged.")
+        raise NonFiniteLossError(f"Non-finite loss ({loss.item()}) at {where}; {_DISCARDED} ({_HINT}).")
     for p in params:
         if p.grad is not None and not torch.isfinite(p.grad).all():
-            raise NonFiniteLossError(f"Non-finite gradient at {where}; training stopped, adapter unchanged.")
+            raise NonFiniteLossError(f"Non-finite gradient at {where}; {_DISCARDED} ({_HINT}).")
+
+
+class TrainStep:
+    """The optimizer side of a run: Adam on the adapter's parameters, the mixed-precision forward (autocast, with a
+    `GradScaler` for fp16), gradient accumulation and data parallelism through accelerate, gradient-norm clipping and
+    the non-finite checks. Nothing is applied to the weights at a step whose loss or gradients are NaN/inf: a
+    non-finite loss stops the run; so do non-finite gradients, except with fp16 loss scaling, where the scaler skips
+    such steps and lowers the scale (the run stops once the scale falls below `MIN_LOSS_SCALE`).
+
+    Args:
+        unet (`UNet2DModel`): The UNet holding the new adapter.
+        params (`list[torch.nn.Parameter]`): The adapter's parameters (the only ones optimized).
+        config (`FinetuneConfig`): ``learning_rate``, ``mixed_precision`` and ``max_grad_norm``.
+        accelerator (`accelerate.Accelerator`): Wraps the UNet (DDP over processes) until `close`.
+    """
+
+    def __init__(self, unet, params: list[torch.nn.Parameter], config: FinetuneConfig, accelerator):
+        self.params, self.accelerator, self.device = params, accelerator, accelerator.device
+        self.max_grad_norm = config.max_grad_norm
+        optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+        # DDP over processes; undone by `close`
+        self.model, self.optimizer = accelerator.prepare(unet, optimizer)
+        # Mixed precision is applied here rather than by `Accelerator(mixed_precision=...)`: accelerate's state is a
+        # process-wide singleton that refuses a second, different precision within one process.
+        self.amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+        fp16 = self.amp_dtype is torch.float16
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
+
+    def predict(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The adapted UNet's noise prediction at integer timestep ``t``, in ``x``'s dtype."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return self.model(x, torch.tensor(t, device=self.device)).sample.to(x.dtype)
+
+    def accumulate(self):
+        """Context of one micro-batch (accelerate syncs gradients only at accumulation boundaries)."""
+        return self.accelerator.accumulate(self.model)
+
+    def __call__(self, loss: torch.Tensor, where: str) -> None:
+        """Backward and, at accumulation boundaries, one optimizer step; ``where`` names the step in errors."""
+        _check_finite(loss, [], where)
+        scaler = self.grad_scaler
+        self.accelerator.backward(scaler.scale(loss) if scaler else loss)
+        if not self.accelerator.sync_gradients:
+            return
+        if scaler:
+            scaler.unscale_(self.optimizer)
+        else:  # with fp16 loss scaling, inf gradients are expected now and then: the scaler skips those steps
+            _check_finite(loss, self.params, where)
+        if self.max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+        if scaler:
+            scaler.step(self.optimizer)
+            scaler.update()
+            if scaler.get_scale() < MIN_LOSS_SCALE:
+                raise NonFiniteLossError(
+                    f"Non-finite gradients at {where} even at fp16 loss scale {scaler.get_scale():g}; {_DISCARDED} "
+                    f"({_HINT})."
+                )
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def check_result(self, x: torch.Tensor, t: int) -> None:
+        """After the last optimizer step: raises `NonFiniteLossError` if an adapter weight is NaN/inf, or if the
+        adapted UNet's noise prediction on ``x`` at ``t`` is (finite but huge weights, e.g. from a far too large
+        learning rate, are caught by the latter)."""
+        bad = sum(int((~torch.isfinite(p)).sum()) for p in self.params)
+        if bad:
+            raise NonFiniteLossError(
+                f"{bad} adapter weight(s) are not finite after the last optimizer step; {_DISCARDED} ({_HINT})."
+            )
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                eps = self.predict(x, t)
+        finally:
+            self.model.train(training)
+        if not torch.isfinite(eps).all():
+            raise NonFiniteLossError(
+                f"The adapted UNet predicts non-finite noise after the last optimizer step (its weights reach "
+                f"{max(float(p.detach().abs().max()) for p in self.params):.3g}); {_DISCARDED} ({_HINT})."
+            )
+
+    def close(self) -> None:
+        """Drops the gradients and unwraps the UNet again (no DDP or autocast wrapper left on it)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+
+
+# ---- the schemes: one function per batch, one shared signature ------------------------------------------------
+
+
+def _train_batch_efficient(step: TrainStep, loss_fn: FinetuneLoss, scheduler, x, x0_src, src_embeds, where):
+    """The paper's GPU-efficient fine-tuning: one update per generation step, loss on that step's ``x0_hat``; the
+    chain itself is detached. Returns the loss of every step."""
+    losses = []
+    for t in [int(t) for t in scheduler.timesteps]:
+        with step.accumulate():
+            out = scheduler.step(step.predict(x, t), t, x)
+            loss = loss_fn(x0_src, out.pred_original_sample, src_embeds)
+            step(loss, f"{where}, timestep {t}")
+        x = out.prev_sample.detach()  # from the pre-update weights, as the official code
+        losses.append(loss.item())
+    return losses
+
+
+def _train_batch_full_chain(step: TrainStep, loss_fn: FinetuneLoss, scheduler, x, x0_src, src_embeds, where):
+    """The paper's original fine-tuning: backpropagate through the whole generation chain, loss on the final image.
+    Returns the batch's one loss."""
+    with step.accumulate():
+        for t in [int(t) for t in scheduler.timesteps]:
+            x = scheduler.step(step.predict(x, t), t, x).prev_sample
+        loss = loss_fn(x0_src, x, src_embeds)
+        step(loss, where)
+    return [loss.item()]
+
+
+SCHEMES: dict[str, Callable[..., list[float]]] = {
+    "efficient": _train_batch_efficient,
+    "full_chain": _train_batch_full_chain,
+}
+
+
+def _train(pipe, step: TrainStep, loss_fn: FinetuneLoss, x0, x_t0, config: FinetuneConfig, generator) -> list[float]:
+    """``config.num_epochs`` passes over the images, shuffled by ``generator``; returns the loss history."""
+    scheduler = GridDDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(timesteps=ddim_timesteps(config.t0, config.num_train_steps, pipe.num_train_timesteps))
+    train_batch = SCHEMES[config.scheme]
+    # data-parallel shards: every process gets the same number of batches (indices wrap around)
+    n, world, rank = x0.shape[0], step.accelerator.num_processes, step.accelerator.process_index
+    per_process = math.ceil(n / world)
+    loss_history: list[float] = []
+    progress = pipe.progress_bar(total=config.num_epochs * math.ceil(per_process / config.batch_size))
+    try:
+        for epoch in range(config.num_epochs):
+            order = torch.randperm(n, generator=generator).tolist()
+            order = (order * world)[: per_process * world][rank::world]
+            for b, start in enumerate(range(0, per_process, config.batch_size)):
+                idx = order[start : start + config.batch_size]
+                x0_src = x0[idx]
+                losses = train_batch(
+                    step, loss_fn, scheduler, x_t0[idx], x0_src, loss_fn.source_embeddings(x0_src),
+                    f"epoch {epoch}, batch {b}",
+                )  # fmt: skip
+                loss_history.extend(losses)
+                progress.set_postfix(epoch=epoch, loss=f"{loss_history[-1]:.4f}")
+                progress.update(1)
+    finally:
+        progress.close()
+    step.check_result(x_t0[:1], int(scheduler.timesteps[0]))
+    return loss_history
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(pipe, prompt_src, prompt_tar, config, adapter_name, identity_loss, source_images, target_images):
+    check_prompt(prompt_src, "prompt_src")
+    check_prompt(prompt_tar, "prompt_tar")
+    if not isinstance(config, FinetuneConfig):
+        raise TypeError(f"`config` must be a FinetuneConfig or None, got {type(config).__name__}.")
+    if (source_images is None) != (target_images is None):
+        raise ValueError("Pass both `source_images` and `target_images` for an image-guided direction, or neither.")
+    check_adapter_name(adapter_name)
+    if adapter_name in adapter_names(pipe.unet):
+        raise ValueError(f"The UNet already has an adapter named {adapter_name!r}; pick another `adapter_name`.")
+    if identity_loss is not None:
+        check_callable(identity_loss, "identity_loss")
+    elif config.identity_loss_weight > 0:
+        raise ValueError("`identity_loss_weight` > 0 needs an `identity_loss` callable.")
+    check_timestep(config.t0, "t0", pipe.num_train_timesteps)
+
+
+def _prepare_direction_images(pipe, source_images, target_images):
+    if source_images is None:
+        return None
+    return pipe.prepare_image(source_images, "source_images"), pipe.prepare_image(target_images, "target_images")
+
+
+@dataclass
+class _UNetState:
+    """What a run changes on the UNet besides adding its adapter, taken before it: the adapters' active state (active
+    set, scales, enabled flag), every parameter's ``requires_grad``, the train/eval mode and gradient checkpointing."""
+
+    adapters: object
+    requires_grad: list[tuple[torch.nn.Parameter, bool]]
+    training: bool
+    checkpointing: bool
+
+    @classmethod
+    def of(cls, unet) -> _UNetState:
+        requires_grad = [(p, p.requires_grad) for p in unet.parameters()]
+        return cls(lora.active_state(unet), requires_grad, unet.training, bool(unet.is_gradient_checkpointing))
+
+    def restore_modes(self, unet) -> None:
+        """Train/eval mode and gradient checkpointing as they were (after a run, failed or not)."""
+        unet.train(self.training)
+        if unet.is_gradient_checkpointing and not self.checkpointing:
+            unet.disable_gradient_checkpointing()
+
+    def discard(self, unet, adapter_name: str) -> None:
+        """Removes the new adapter and restores the previous adapters exactly (after a failed run)."""
+        if adapter_name in adapter_names(unet):
+            with warnings.catch_warnings():  # peft's "Adapter ... was active which is now deleted": restored below
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                lora.remove_adapter(unet, adapter_name)
+        lora.restore_active_state(unet, self.adapters)
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+
+
+def _train_adapter(pipe, adapter_name, loss_fn, x0, x_t0, config, accelerator, generator, state) -> list[float]:
+    """Trains the freshly added adapter (float32 weights, even on a half-precision UNet, as
+    `diffusers.training_utils.cast_training_params` does); leaves its weights frozen and the UNet's modes as before."""
+    unet, step = pipe.unet, None
+    params = adapter_parameters(unet, adapter_name)
+    for p in params:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    try:
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        step = TrainStep(unet, params, config, accelerator)
+        unet.train()
+        return _train(pipe, step, loss_fn, x0, x_t0, config, generator)
+    finally:
+        if step is not None:
+            step.close()
+        state.restore_modes(unet)
+        for p in params:
+            p.requires_grad_(False)
+        accelerator.wait_for_everyone()
+
+
+def _provenance(prompt_src, prompt_tar, direction_images, loss_fn: FinetuneLoss, config: FinetuneConfig) -> dict:
+
+    return {
+        "prompt_src": prompt_src,
+        "prompt_tar": prompt_tar,
+        "direction": "images" if direction_images is not None else "text",
+        "num_clip_models": len(loss_fn.clip_losses),
+        "t0": config.t0,
+        "num_inversion_steps": config.num_inversion_steps,
+        "num_fixed_point_iterations": config.num_fixed_point_iterations,
+        "num_train_steps": config.num_train_steps,
+        "num_epochs": config.num_epochs,
+        "learning_rate": config.learning_rate,
+        "scheme": config.scheme,
+        "seed": config.seed,
+        "package_version": __version__,
+    }
 
 
 def finetune(
@@ -261,184 +622,98 @@ def finetune(
     config: FinetuneConfig | None = None,
     adapter_name: str = "default",
     identity_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    direction_images: tuple[torch.Tensor, torch.Tensor] | None = None,
+    source_images=None,
+    target_images=None,
     cache_dir: str | os.PathLike | None = None,
     accelerator=None,
 ) -> FinetuneOutput:
-    """Trains a new LoRA adapter ``adapter_name`` on ``pipe.unet``; see `DiffusionCLIPPipeline.finetune`."""
+    r"""
+    Trains a new LoRA adapter ``adapter_name`` on ``pipe.unet`` so that editing moves images from ``prompt_src`` to
+    ``prompt_tar`` (DiffusionCLIP, arXiv 2110.02711, Sec. 3.2: directional CLIP loss plus an L1 identity term on
+    latents precomputed by DDIM inversion). `DiffusionCLIPPipeline.finetune` calls this.
+
+    The run is all or nothing: if anything raises after the adapter was added (`NonFiniteLossError`, an exception or
+    a `KeyboardInterrupt` from a loss or callback), the new adapter is removed, the UNet's previous adapters are
+    restored exactly (names, active set, scales, enabled flag) and the error is re-raised. On success the new adapter
+    is the only active one, its weights are frozen, and its provenance (prompts, settings, package version) is
+    recorded with `lora.set_provenance`.
+
+    Device and dtype: the whole pipeline is moved to the accelerator's device (``pipe.to(accelerator.device)``; the
+    CPU for a CPU pipeline when no ``accelerator`` is given, else accelerate's device) and stays there. The base
+    weights are never changed; on a UNet in fp16 or bf16, the new adapter's weights are created in float32 (as
+    `diffusers.training_utils.cast_training_params` does) so that Adam and the `GradScaler` update float32 weights.
+
+    Args:
+        pipe ([`DiffusionCLIPPipeline`]): The pipeline whose UNet gets the adapter.
+        prompt_src (`str`): Text describing the source domain, e.g. ``"face"``.
+        prompt_tar (`str`): Text describing the target, e.g. ``"smiling face"``.
+        images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
+            Training images (any form `pipe.invert` accepts). `None` samples ``config.num_sampled_images`` images
+            from the original model (seeded DDIM).
+        config ([`FinetuneConfig`], *optional*): The settings; the defaults if `None`.
+        adapter_name (`str`, *optional*, defaults to `"default"`): Name of the new adapter (letters, digits, ``_``
+            and ``-``); it must not exist yet.
+        identity_loss (`Callable`, *optional*): ``fn(x0_source, x0_pred) -> per-sample loss`` (e.g. a face identity
+            loss), weighted by ``config.identity_loss_weight``.
+        source_images / target_images (*optional*): Image-guided direction (both or neither): the mean difference of
+            the two sets' CLIP image embeddings replaces the text direction.
+        cache_dir (`str` or `os.PathLike`, *optional*): Folder for the precomputed latents (see `precompute_latents`).
+        accelerator (`accelerate.Accelerator`, *optional*): For multi-process (DDP) training; by default a
+            single-process one with ``config.gradient_accumulation_steps``.
+
+    Returns:
+        [`FinetuneOutput`]: the adapter name and the loss of every optimizer step.
+
+    Examples:
+
+    ```py
+    >>> from diffusionclip_pipeline.finetune import FinetuneConfig, finetune
+
+    >>> out = finetune(pipe, "face", "smiling face", images=faces, config=FinetuneConfig(num_epochs=5))
+    >>> edited = pipe.edit(faces[0], t0=500).images[0]
+    ```
+    """
     from accelerate import Accelerator
 
-    config = config or FinetuneConfig()
-    for name, prompt in (("prompt_src", prompt_src), ("prompt_tar", prompt_tar)):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"`{name}` must be a non-empty string, got {prompt!r}.")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"`adapter_name` must be a non-empty string without '.', got {adapter_name!r}.")
-    if adapter_name in adapter_names(pipe.unet):
-        raise ValueError(f"The UNet already has an adapter named {adapter_name!r}; pick another `adapter_name`.")
-    if config.identity_loss_weight > 0 and identity_loss is None:
-        raise ValueError("`identity_loss_weight` > 0 needs an `identity_loss` callable.")
-    if identity_loss is not None and not callable(identity_loss):
-        raise TypeError(f"`identity_loss` must be callable, got {type(identity_loss).__name__}.")
-    T = pipe.num_train_timesteps
-    if config.t0 > T - 1:
-        raise ValueError(f"`t0` must be an integer in [1, {T - 1}], got {config.t0!r}.")
+    # 1. Check inputs (before any work) and prepare the images
+    config = FinetuneConfig() if config is None else config
+    _check_inputs(pipe, prompt_src, prompt_tar, config, adapter_name, identity_loss, source_images, target_images)
+    x0 = pipe.prepare_image(images, name="images") if images is not None else None
+    direction_images = _prepare_direction_images(pipe, source_images, target_images)
 
+    # 2. Device: the accelerator's; the pipeline moves there and stays
     if accelerator is None:
         on_cpu = pipe.unet.device.type == "cpu"
         accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=on_cpu)
     device = accelerator.device
     pipe.to(device)
-    # one loss per CLIP model (the pipeline's CLIP and the optional `clip_model_2`), averaged in `loss_on`
-    pipe.require_clip()
-    loss_fns = [
-        CLIPDirectionalLoss(
-            clip_model, clip_tokenizer, loss_type=config.clip_loss_type,
-            direction_weight=config.clip_loss_weight, global_weight=config.global_clip_loss_weight,
-            num_augmentations=config.clip_num_augmentations, augmentation_noise=config.clip_augmentation_noise,
-            seed=config.seed,
-        ).to(device)
-        for clip_model, clip_tokenizer in pipe.clip_models
-    ]  # fmt: skip
-    if direction_images is None:
-        text_directions = [fn.text_direction(prompt_src, prompt_tar) for fn in loss_fns]
-    else:  # image-guided: the mean embedding change between the two image sets, in each CLIP's own space
-        source_set, target_set = (x.to(device) for x in direction_images)
-        text_directions = [fn.image_set_direction(source_set, target_set) for fn in loss_fns]
 
-    # 1. Training images: given, or sampled from the original model (seeded DDIM from pure noise)
-    generator = torch.Generator().manual_seed(config.seed)
-    if images is None:
-        shape = (config.num_sampled_images, pipe.unet.config.in_channels) + (pipe.unet.config.sample_size,) * 2
-        noise = torch.randn(shape, generator=generator).to(device, pipe.unet.dtype)
-        with adapters_disabled(pipe.unet):  # samples of the original model, whatever adapters are loaded
-            x0 = pipe.edit(
-                latents=noise, t0=T - 1, num_inference_steps=config.num_sampling_steps, output_type="pt"
-            ).images * 2 - 1  # fmt: skip
-    else:
-        x0 = pipe.prepare_image(images, name="images")
-    x0 = x0.to(device=device, dtype=pipe.unet.dtype)
-
-    # 2. Latents x_t0, once per image (no grad), reused across epochs
+    # 3. Losses, training images (given or sampled) and their latents x_t0 (once, no grad, reused across epochs)
+    loss_fn = build_losses(pipe, config, prompt_src, prompt_tar, direction_images, identity_loss, device)
+    generator = torch.Generator().manual_seed(config.seed)  # sampled images' noise first, then the shuffling
+    x0 = training_images(pipe, x0, config, device, generator)
     x_t0, hits = precompute_latents(
         pipe, x0, config.t0, config.num_inversion_steps, config.batch_size, cache_dir,
         num_fixed_point_iterations=config.num_fixed_point_iterations,
     )  # fmt: skip
 
-    # 3. LoRA adapter and optimizer (identical init on every process: same seed)
+    # 4. The new adapter (identical init on every process: same seed); from here on, any error removes it again and
+    #    restores the previous adapters
     unet = pipe.unet
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
-        add_adapter(unet, config.lora, adapter_name)
-    params = adapter_parameters(unet, adapter_name)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.Adam(params, lr=config.learning_rate)
-    # DDP over processes and the mixed-precision forward; undone by `unwrap_model` at the end
-    model, optimizer = accelerator.prepare(unet, optimizer)
-
-    scheduler = GridDDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(timesteps=ddim_timesteps(config.t0, config.num_train_steps, T))
-    grid = [int(t) for t in scheduler.timesteps]
-
-    use_clip = config.clip_loss_weight > 0 or config.global_clip_loss_weight > 0
-
-    def source_embeddings(x0_src):
-        """Once per batch, reused by every generation step (the official code re-encodes the source each step)."""
-        if not use_clip or config.clip_num_augmentations > 0:
-            return [None] * len(loss_fns)
-        with torch.no_grad():
-            return [fn.encode_images(x0_src) for fn in loss_fns]
-
-    def loss_on(x0_src, x0_pred, src_embeds):
-        loss = x0_pred.new_zeros(())
-        if use_clip:
-            clip_losses = [
-                fn(x0_src, x0_pred, prompt_src, prompt_tar, text_direction=direction, source_embeds=embeds)
-                for fn, direction, embeds in zip(loss_fns, text_directions, src_embeds)
-            ]
-            loss = loss + sum(clip_losses) / len(clip_losses)
-        if config.l1_loss_weight > 0:
-            loss = loss + config.l1_loss_weight * (x0_src - x0_pred).abs().mean()
-        if config.sparse_loss_weight > 0:
-            loss = loss + config.sparse_loss_weight * sparse_change(x0_src, x0_pred).mean()
-        if identity_loss is not None and config.identity_loss_weight > 0:
-            loss = loss + config.identity_loss_weight * identity_loss(x0_src, x0_pred).mean()
-        return loss
-
-    # Mixed precision is applied here rather than by `Accelerator(mixed_precision=...)`: accelerate's state is a
-    # process-wide singleton that refuses a second, different precision within one process.
-    amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-    grad_scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
-
-    def predict(x, t):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return model(x, torch.tensor(t, device=device)).sample.to(x.dtype)
-
-    def optimize(loss, where: str) -> None:
-        """Backward and (at accumulation boundaries) one optimizer step; nothing is applied if anything is NaN/inf."""
-        _check_finite(loss, [], where)
-        accelerator.backward(grad_scaler.scale(loss) if grad_scaler else loss)
-        if not accelerator.sync_gradients:
-            return
-        if grad_scaler:
-            grad_scaler.unscale_(optimizer)
-        _check_finite(loss, params, where)
-        if config.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        if grad_scaler:
-            grad_scaler.step(optimizer)
-            grad_scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    # 4. Data-parallel shards: every process gets the same number of batches (indices wrap around)
-    n, world, rank = x0.shape[0], accelerator.num_processes, accelerator.process_index
-    per_process = math.ceil(n / world)
-    loss_history: list[float] = []
-    unet.train()
-    progress = pipe.progress_bar(total=config.num_epochs * math.ceil(per_process / config.batch_size))
+    state = _UNetState.of(unet)
     try:
-        for epoch in range(config.num_epochs):
-            order = torch.randperm(n, generator=generator).tolist()
-            order = (order * world)[: per_process * world][rank::world]
-            for b, start in enumerate(range(0, per_process, config.batch_size)):
-                idx = order[start : start + config.batch_size]
-                x, x0_src = x_t0[idx], x0[idx]
-                src_embeds = source_embeddings(x0_src)
-                if config.scheme == "efficient":
-                    # one update per generation step, loss on that step's x0_hat; the chain itself is detached
-                    for t in grid:
-                        with accelerator.accumulate(model):
-                            step = scheduler.step(predict(x, t), t, x)
-                            loss = loss_on(x0_src, step.pred_original_sample, src_embeds)
-                            optimize(loss, f"epoch {epoch}, batch {b}, timestep {t}")
-                        x = step.prev_sample.detach()  # from the pre-update weights, as the official code
-                        loss_history.append(loss.item())
-                else:
-                    # backpropagate through the whole generation chain, loss on the final image
-                    with accelerator.accumulate(model):
-                        for t in grid:
-                            x = scheduler.step(predict(x, t), t, x).prev_sample
-                        loss = loss_on(x0_src, x, src_embeds)
-                        optimize(loss, f"epoch {epoch}, batch {b}")
-                    loss_history.append(loss.item())
-                progress.set_postfix(epoch=epoch, loss=f"{loss_history[-1]:.4f}")
-                progress.update(1)
-    except NonFiniteLossError:
-        optimizer.zero_grad(set_to_none=True)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(config.seed)
+            add_adapter(unet, config.lora, adapter_name)
+        # 5. Train it
+        loss_history = _train_adapter(pipe, adapter_name, loss_fn, x0, x_t0, config, accelerator, generator, state)
+        # 6. Record where it came from
+        provenance = _provenance(prompt_src, prompt_tar, direction_images, loss_fn, config)
+        lora.set_provenance(unet, adapter_name, provenance)
+    except BaseException:
+        state.discard(unet, adapter_name)
         raise
-    finally:
-        progress.close()
-        accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-        unet.eval()
-        if config.gradient_checkpointing:
-            unet.disable_gradient_checkpointing()
-        for p in params:
-            p.requires_grad_(False)
-        accelerator.wait_for_everyone()
     return FinetuneOutput(
         adapter_name=adapter_name, loss_history=loss_history, config=config, num_cached_latents=hits,
-        num_clip_models=len(loss_fns),
+        num_clip_models=len(loss_fn.clip_losses),
     )  # fmt: skip

@@ -2,14 +2,15 @@
 
 Accepted inputs (single items or lists of them):
 
-- `PIL.Image.Image` of any mode (converted to RGB, or to L for one-channel models);
+- `PIL.Image.Image` of any mode (converted to RGB, or to L for one-channel models); 16-bit (``I;16``, ``I``) and
+  float (``F``) grey images are scaled by their real range (0-65535, and [0, 1] for ``F``) rather than clipped;
 - `numpy.ndarray` HWC (or NHWC), either ``uint8`` in [0, 255] or floating point in [0, 1];
 - `torch.Tensor` CHW or NCHW, floating point in **[-1, 1]** (the model's own range, as diffusers' latents).
 
 Images whose size differs from the model's ``sample_size`` are centre-cropped to a square (the shorter side) and
 then resized: PIL inputs with PIL's bicubic filter (antialiased), numpy and tensor inputs with
 ``torch.nn.functional.interpolate(mode="bicubic", antialias=True)``. Nothing is clamped silently: values outside
-the documented ranges are an error.
+the documented ranges, NaN or infinite values, and empty images are an error.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def _center_crop_resize_tensor(x: torch.Tensor, size: int) -> torch.Tensor:
     return x
 
 
-def _pil_to_array(image: PIL.Image.Image, size: int, channels: int) -> np.ndarray:
-    image = image.convert("RGB" if channels == 3 else "L")
+_WIDE_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def _center_crop_resize_pil(image: PIL.Image.Image, size: int) -> PIL.Image.Image:
     w, h = image.size
     if w != h:
         side = min(w, h)
@@ -47,6 +50,23 @@ def _pil_to_array(image: PIL.Image.Image, size: int, channels: int) -> np.ndarra
         image = image.crop((left, top, left + side, top + side))
     if image.size != (size, size):
         image = image.resize((size, size), resample=PIL.Image.BICUBIC)
+    return image
+
+
+def _pil_to_array(image: PIL.Image.Image, size: int, channels: int, name: str) -> np.ndarray:
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"`{name}` is an empty image ({image.width}x{image.height}).")
+    if image.mode in _WIDE_MODES:  # 16-bit or float grey: PIL's convert("RGB") would clip to 0..255
+        scale = _WIDE_MODES[image.mode]
+        grey = np.asarray(image, dtype=np.float32) / scale
+        if not np.isfinite(grey).all() or grey.min() < -_RANGE_TOLERANCE or grey.max() > 1 + _RANGE_TOLERANCE:
+            raise ValueError(
+                f"`{name}` is a mode {image.mode!r} image with values outside [0, {scale:g}] or non-finite values."
+            )
+        resized = _center_crop_resize_pil(PIL.Image.fromarray(grey.clip(0, 1)), size)  # mode "F": full precision
+        grey = np.asarray(resized, dtype=np.float32).clip(0, 1)
+        return np.repeat(grey[..., None], channels, axis=-1)
+    image = _center_crop_resize_pil(image.convert("RGB" if channels == 3 else "L"), size)
     array = np.asarray(image, dtype=np.float32) / 255.0
     return array[..., None] if array.ndim == 2 else array
 
@@ -58,9 +78,13 @@ def _numpy_to_tensor(array: np.ndarray, name: str) -> torch.Tensor:
         array = array[None]
     if array.ndim != 4:
         raise ValueError(f"`{name}` as a numpy array must be HWC or NHWC, got shape {array.shape}.")
+    if array.size == 0:
+        raise ValueError(f"`{name}` is an empty array (shape {array.shape}).")
     if array.dtype == np.uint8:
         array = array.astype(np.float32) / 255.0
     elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(f"`{name}` holds NaN or infinite values.")
         lo, hi = float(array.min()), float(array.max())
         if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
             raise ValueError(
@@ -91,11 +115,17 @@ def preprocess_image(image, size: int, channels: int = 3, name: str = "image") -
         return torch.cat([preprocess_image(item, size, channels, name) for item in image], dim=0)
 
     if isinstance(image, PIL.Image.Image):
-        x = _numpy_to_tensor(_pil_to_array(image, size, channels), name)
+        x = _numpy_to_tensor(_pil_to_array(image, size, channels, name), name)
     elif isinstance(image, np.ndarray):
         x = _numpy_to_tensor(image, name)
         if x.shape[1] != channels:
-            raise ValueError(f"`{name}` must have {channels} channels, got an array of shape {image.shape}.")
+            hint = ""
+            if image.ndim >= 3 and image.shape[-3] == channels:
+                hint = " It looks channels-first (CHW); numpy images must be channels-last (HWC or NHWC)."
+            raise ValueError(
+                f"`{name}` as a numpy array must be channels-last with {channels} channels (HWC or NHWC), got shape "
+                f"{image.shape}.{hint}"
+            )
         x = _center_crop_resize_tensor(x, size)
     elif isinstance(image, torch.Tensor):
         if not torch.is_floating_point(image):
@@ -103,8 +133,10 @@ def preprocess_image(image, size: int, channels: int = 3, name: str = "image") -
         x = image[None] if image.ndim == 3 else image
         if x.ndim != 4:
             raise ValueError(f"`{name}` as a tensor must be CHW or NCHW, got shape {tuple(image.shape)}.")
-        if x.shape[0] == 0:
-            raise ValueError(f"`{name}` must not be an empty batch, got shape {tuple(image.shape)}.")
+        if x.numel() == 0:
+            raise ValueError(f"`{name}` must not be empty, got shape {tuple(image.shape)}.")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"`{name}` holds NaN or infinite values.")
         lo, hi = float(x.min()), float(x.max())
         if lo < -1 - _RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
             raise ValueError(f"`{name}` as a tensor must lie in [-1, 1], got values in [{lo:.3f}, {hi:.3f}].")

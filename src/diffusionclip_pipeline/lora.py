@@ -1,36 +1,61 @@
-"""LoRA adapters on a plain diffusers `UNet2DModel`, injected with peft, and their safetensors files.
+"""LoRA adapters of the UNet through diffusers' `PeftAdapterMixin`, and their files.
 
-diffusers 0.42's `UNet2DModel` has no `PeftAdapterMixin`, so adapters are injected with peft directly
-(`inject_adapter_in_model`) and the UNet stays a plain `UNet2DModel` on disk. The file format is
-``pytorch_lora_weights.safetensors`` holding peft's adapter state dict (keys without the adapter name, e.g.
-``down_blocks.0.resnets.0.conv1.lora_A.weight``) and, in its metadata, the LoRA config and the provenance.
+This is the only module that reads or writes adapter state or adapter files. The state itself lives where peft and
+diffusers keep it (``unet.peft_config`` and the LoRA layers: names, ranks, active set, scales, enabled flag); the only
+thing added is each adapter's provenance (prompts and settings), kept on the UNet next to ``peft_config`` and written
+into the adapter's file.
+
+File format (version 2, ``pytorch_lora_weights.safetensors``): diffusers' layout, as
+`StableDiffusionPipeline.save_lora_weights` writes it: peft's keys with a ``unet.`` prefix
+(``unet.down_blocks.0.resnets.0.conv1.lora_A.weight``) and, in the safetensors metadata, ``lora_adapter_metadata``
+(the `LoraConfig` as a dict, keys prefixed ``unet.``; diffusers reads it to restore ``lora_alpha``) plus a
+``diffusionclip`` entry (format version, base-model config fingerprint, provenance, package version). Version 1 files
+(metadata ``format: diffusionclip-lora``, unprefixed keys, a ``lora_config`` entry) still load.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
+import threading
 import warnings
-from dataclasses import asdict, dataclass, field
+import weakref
+from dataclasses import dataclass, field
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._version import __version__
+from .unet import base_state_dict, with_adapter_api
+from .validation import check_adapter_name, check_int, check_number, short_repr
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-FORMAT_NAME = "diffusionclip-lora"
-FORMAT_VERSION = "1"
+LEGACY_FORMAT_NAME = "diffusionclip-lora"  # version 1's marker
+FORMAT_VERSION = 2
+METADATA_KEY = "diffusionclip"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+PREFIX = "unet"
+MAX_RANK = 4096
 
 # Pixel DDPMs have attention only at low resolution (16x16 in the CelebA-HQ DDPM), so attention alone is a weak
 # handle: the ResNet convolutions and their time-embedding projections are targeted as well.
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
+
+# LoraConfig fields that change what a file's weights mean; a file that sets them otherwise is refused
+_REQUIRED_DEFAULTS = {
+    "use_dora": False, "use_rslora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}
+}  # fmt: skip
+_KEY = re.compile(r"(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<part>[AB])\.weight")
 
 
 @dataclass
@@ -42,19 +67,25 @@ class LoraSettings:
     target_modules: tuple[str, ...] = field(default_factory=lambda: DEFAULT_TARGET_MODULES)
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"`lora_rank` must be a positive integer, got {self.rank!r}.")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
-            raise ValueError(f"`lora_alpha` must be a positive number, got {self.alpha!r}.")
+        self.rank = check_int(self.rank, "lora_rank", minimum=1, maximum=MAX_RANK)
+        self.alpha = check_number(self.alpha, "lora_alpha", minimum=0, min_inclusive=False)
         if isinstance(self.target_modules, str):
             self.target_modules = (self.target_modules,)
+        if not isinstance(self.target_modules, (list, tuple)):
+            raise TypeError(f"`lora_target_modules` must be a list of names, got {short_repr(self.target_modules)}.")
         self.target_modules = tuple(self.target_modules)
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             raise ValueError(f"`lora_target_modules` must be a non-empty list of names, got {self.target_modules!r}.")
-        self.alpha = float(self.alpha)
 
     def to_peft(self) -> LoraConfig:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target_modules))
+
+    @classmethod
+    def from_peft(cls, config: LoraConfig) -> LoraSettings:
+        return cls(rank=config.r, alpha=config.lora_alpha, target_modules=tuple(sorted(config.target_modules)))
+
+
+# ---- reading the state peft holds ----------------------------------------------------------------------------
 
 
 def tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
@@ -63,77 +94,193 @@ def tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    """Names of the adapters injected into ``model``, in order of first appearance."""
-    names: list[str] = []
+    """Names of the adapters loaded into ``model``, in the order they were added (``model.peft_config``)."""
+    return list(getattr(model, "peft_config", None) or {})
+
+
+def adapter_settings(model: nn.Module, adapter_name: str) -> LoraSettings:
+    return LoraSettings.from_peft(model.peft_config[adapter_name])
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The adapters the LoRA layers currently apply (empty when none is loaded)."""
+    layers = tuner_layers(model)
+    return list(layers[0].active_adapters) if layers else []
+
+
+def adapters_enabled(model: nn.Module) -> bool:
+    """False when every LoRA layer is bypassed (`disable_adapters`), or when there is none."""
+    return any(not layer.disable_adapters for layer in tuner_layers(model))
+
+
+def adapter_weights(model: nn.Module) -> dict[str, float]:
+    """The weight of each active adapter (the factor `set_adapters` applied to ``alpha / r``)."""
+    weights = {}
     for layer in tuner_layers(model):
-        for name in layer.lora_A.keys():
-            if name not in names:
-                names.append(name)
-    return names
+        for name in layer.active_adapters:
+            if name not in weights and name in layer.scaling:
+                weights[name] = float(layer.scaling[name] / (layer.lora_alpha[name] / layer.r[name]))
+    return weights
 
 
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module):
-    """Runs the block with every LoRA layer of ``model`` bypassed (the original model); restores them after."""
-    layers = [layer for layer in tuner_layers(model) if not layer.disable_adapters]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+def _require(model: nn.Module, adapter_name: str) -> None:
+    if adapter_name not in adapter_names(model):
+        raise ValueError(f"No adapter named {adapter_name!r}; the UNet has {adapter_names(model)}.")
 
 
-def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
-    for layer in tuner_layers(model):
-        layer.enable_adapters(enabled)
-
-
-def activate_adapters(model: nn.Module, names: list[str], weights: list[float]) -> None:
-    """Makes ``names`` the active adapters of every LoRA layer, each scaled by its weight (``alpha / r`` times)."""
-    for layer in tuner_layers(model):
-        present = [n for n in names if n in layer.lora_A]
-        layer.set_adapter(present)
-        for name, weight in zip(names, weights):
-            if name in layer.lora_A:
-                layer.set_scale(name, weight)
+# ---- changing it -------------------------------------------------------------------------------------------
 
 
 def add_adapter(model: nn.Module, settings: LoraSettings, adapter_name: str) -> None:
-    """Injects a fresh LoRA adapter (A random, B zero: the model's output is unchanged) and activates it alone."""
+    """Injects a fresh LoRA adapter (A random, B zero: the output is unchanged) and makes it the only active one."""
+    check_adapter_name(adapter_name)
     if adapter_name in adapter_names(model):
         raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another `adapter_name`.")
-    _inject(settings, model, adapter_name)
-    activate_adapters(model, [adapter_name], [1.0])
-
-
-def _inject(settings: LoraSettings, model: nn.Module, adapter_name: str) -> None:
     with warnings.catch_warnings():  # several named adapters in one model is what we want
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        inject_adapter_in_model(settings.to_peft(), model, adapter_name=adapter_name)
+        with_adapter_api(model).add_adapter(settings.to_peft(), adapter_name=adapter_name)
+    model.enable_adapters()
+
+
+def set_adapters(model: nn.Module, names: list[str], weights: list[float]) -> None:
+    """Activates ``names``, each scaled by its weight, and enables the adapter layers (diffusers' `set_adapters`)."""
+    unknown = [n for n in names if n not in adapter_names(model)]
+    if not names or unknown:
+        raise ValueError(f"`adapter_names` must name loaded adapters {adapter_names(model)}, got {names}.")
+    if len(weights) != len(names):
+        raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
+    weights = [check_number(w, f"adapter_weights[{i}]") for i, w in enumerate(weights)]
+    model.set_adapters(list(names), weights)
+    model.enable_adapters()
+    for name in names:  # peft marks active adapters trainable; only fine-tuning trains
+        for p in adapter_parameters(model, name):
+            p.requires_grad_(False)
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    """Enables or bypasses every adapter layer (the active set and the weights are kept)."""
+    if adapter_names(model):
+        model.enable_adapters() if enabled else model.disable_adapters()
 
 
 def remove_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Deletes one adapter; when none is left, the peft wrappers are removed and the original modules restored."""
-    remaining = [n for n in adapter_names(model) if n != adapter_name]
-    if not remaining:
-        from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    """Deletes one adapter (diffusers' `delete_adapters`); when none is left, the peft wrappers are removed too."""
+    _require(model, adapter_name)
+    if adapter_names(model) == [adapter_name]:
+        model.unload_lora()  # original modules back, ``peft_config`` deleted
+    else:
+        model.delete_adapters(adapter_name)
+        _unwrap_empty_layers(model)
+    model.__dict__.get("_diffusionclip_provenance", {}).pop(adapter_name, None)
 
-        recurse_remove_peft_layers(model)
-        return
-    for layer in tuner_layers(model):
-        if adapter_name in layer.lora_A:
-            layer.delete_adapter(adapter_name)
+
+def _unwrap_empty_layers(model: nn.Module) -> None:
+    """Puts the original module back where a LoRA wrapper holds no adapter any more (as if it was never wrapped)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer) and not module.lora_A:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+
+
+def remove_all_adapters(model: nn.Module) -> None:
+    if adapter_names(model):
+        model.unload_lora()
+    model.__dict__.pop("_diffusionclip_provenance", None)
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
 
 
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict without any adapter (peft's ``base_layer`` wrappers unwrapped)."""
-    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+def set_provenance(model: nn.Module, adapter_name: str, provenance: dict) -> None:
+    """Records where adapter ``adapter_name`` came from (prompts, settings); written into its file's metadata."""
+    _require(model, adapter_name)
+    model.__dict__.setdefault("_diffusionclip_provenance", {})[adapter_name] = dict(provenance)
+
+
+def get_provenance(model: nn.Module, adapter_name: str) -> dict:
+    """The provenance recorded for ``adapter_name`` (empty if none)."""
+    return dict(model.__dict__.get("_diffusionclip_provenance", {}).get(adapter_name, {}))
+
+
+# ---- snapshots and temporary changes ---------------------------------------------------------------------------
+
+
+def active_state(model: nn.Module) -> dict[str, tuple[list[str], bool, dict]]:
+    """Every LoRA layer's active set, enabled flag and scales, by module name (restored exactly, bit for bit)."""
+    return {
+        name: (list(m.active_adapters), bool(m.disable_adapters), dict(m.scaling))
+        for name, m in model.named_modules()
+        if isinstance(m, BaseTunerLayer)
+    }
+
+
+def restore_active_state(model: nn.Module, state: dict) -> None:
+    """Undoes changes of the active set, scales and enabled flags since `active_state` (adapters still loaded)."""
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and name in state:
+            active, disabled, scaling = state[name]
+            module.set_adapter([a for a in active if a in module.lora_A])
+            module.scaling.update({k: v for k, v in scaling.items() if k in module.scaling})
+            module.enable_adapters(not disabled)
+    for p in (p for n, p in model.named_parameters() if "lora_" in n):
+        p.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Runs the block with every LoRA layer of ``model`` bypassed (the original model); restores them after."""
+    state = active_state(model)
+    set_adapters_enabled(model, False)
+    try:
+        yield model
+    finally:
+        restore_active_state(model, state)
+
+
+@contextlib.contextmanager
+def using_adapters(model: nn.Module, names: list[str], weights: list[float] | None = None):
+    """Runs the block with exactly ``names`` active (weights 1 by default), then restores the previous state."""
+    state = active_state(model)
+    try:
+        set_adapters(model, names, weights or [1.0] * len(names))
+        yield model
+    finally:
+        restore_active_state(model, state)
+
+
+# ---- one user at a time -----------------------------------------------------------------------------------------
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def unet_lock(model: nn.Module) -> threading.RLock:
+    """The re-entrant lock of ``model``: held by every pipeline call that uses or changes its adapter state.
+
+    Editing with several adapters switches the UNet's active set during the call, so two threads using one pipeline,
+    or two pipelines sharing one UNet, would see each other's state. Holding this lock makes such calls wait for
+    each other: results are the same as one after the other (they are not parallel).
+    """
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
+def serialised(method):
+    """Decorates a pipeline method to hold ``self.unet``'s lock (`unet_lock`) for the whole call."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with unet_lock(self.unet):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+# ---- fingerprints ----------------------------------------------------------------------------------------------
 
 
 def config_fingerprint(model: nn.Module) -> str:
@@ -151,10 +298,18 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+# ---- files -------------------------------------------------------------------------------------------------------
+
+
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
     """``safetensors.save_file`` to a temporary file in the target folder, then an atomic rename."""
+    from safetensors.torch import save_file
+
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    for leftover in glob.glob(os.path.join(glob.escape(directory), ".tmp-*.safetensors")):  # of a killed save
+        with contextlib.suppress(OSError):
+            os.remove(leftover)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
     os.close(fd)
     try:
@@ -166,14 +321,13 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict
         raise
 
 
-def save_adapter(
-    model: nn.Module,
-    path: str,
-    adapter_name: str,
-    settings: LoraSettings,
-    provenance: dict | None = None,
-    dtype: torch.dtype | None = None,
-) -> str:
+def _peft_metadata(settings: LoraSettings) -> dict:
+    """The `LoraConfig` as diffusers stores it (JSON-ready: sets become sorted lists)."""
+    config = settings.to_peft().to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def save_adapter(model: nn.Module, path: str, adapter_name: str, dtype: torch.dtype | None = None) -> str:
     """Writes one adapter to ``path`` (a folder gets ``pytorch_lora_weights.safetensors``); returns the file path.
 
     ``dtype`` (e.g. ``torch.float16``) stores the weights in that precision (half the file); loading casts them back
@@ -181,29 +335,73 @@ def save_adapter(
     """
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"`dtype` must be a floating-point torch.dtype, got {dtype!r}.")
-    if adapter_name not in adapter_names(model):
-        raise ValueError(f"No adapter named {adapter_name!r}; the UNet has {adapter_names(model)}.")
+    _require(model, adapter_name)
     if os.path.isdir(path) or not path.endswith(".safetensors"):
         path = os.path.join(path, LORA_WEIGHT_NAME)
-    from . import __version__
-
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    if dtype is not None:
-        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-    metadata = {
-        "format": FORMAT_NAME,
+    tensors = {f"{PREFIX}.{k}": v.to(dtype) if dtype is not None else v for k, v in state_dict.items()}
+    peft_metadata = {f"{PREFIX}.{k}": v for k, v in _peft_metadata(adapter_settings(model, adapter_name)).items()}
+    ours = {
         "format_version": FORMAT_VERSION,
-        "lora_config": json.dumps(asdict(settings)),
         "base_config_fingerprint": config_fingerprint(model),
-        "provenance": json.dumps(provenance or {}, default=str),
+        "provenance": get_provenance(model, adapter_name),
         "package_version": __version__,
     }
-    atomic_save_file(state_dict, path, metadata)
+    metadata = {
+        "format": "pt",
+        DIFFUSERS_METADATA_KEY: json.dumps(peft_metadata, indent=2, sort_keys=True),
+        METADATA_KEY: json.dumps(ours, sort_keys=True, default=str),
+    }
+    atomic_save_file(tensors, path, metadata)
     return path
 
 
-def read_adapter_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Reads and validates one of our adapter files; a clear `ValueError` for anything else."""
+@dataclass
+class AdapterFile:
+    """A validated adapter file: its weights (peft keys, no prefix), LoRA settings and our metadata."""
+
+    path: str
+    state_dict: dict[str, torch.Tensor]
+    settings: LoraSettings
+    base_config_fingerprint: str | None
+    provenance: dict
+    format_version: int
+
+
+def _settings_from_metadata(path: str, metadata: dict[str, str]) -> tuple[LoraSettings, dict]:
+    """(settings, our metadata) from a v2 or v1 file's metadata; `ValueError` for anything else."""
+    if metadata.get("format") == LEGACY_FORMAT_NAME:  # version 1
+        raw = json.loads(metadata["lora_config"])
+        settings = LoraSettings(rank=raw["rank"], alpha=raw["alpha"], target_modules=tuple(raw["target_modules"]))
+        ours = {
+            "format_version": 1,
+            "base_config_fingerprint": metadata.get("base_config_fingerprint"),
+            "provenance": json.loads(metadata.get("provenance", "{}")),
+        }
+        return settings, ours
+    if DIFFUSERS_METADATA_KEY not in metadata:
+        raise ValueError(
+            f"{path!r} has no LoRA config in its metadata (neither '{DIFFUSERS_METADATA_KEY}' nor a DiffusionCLIP "
+            "v1 'lora_config'): without it, alpha cannot be restored."
+        )
+    packed = json.loads(metadata[DIFFUSERS_METADATA_KEY])
+    config = {k.removeprefix(f"{PREFIX}."): v for k, v in packed.items() if k.startswith(f"{PREFIX}.")}
+    for key, default in _REQUIRED_DEFAULTS.items():
+        if config.get(key, default) not in (default, None):
+            raise ValueError(f"{path!r} sets LoRA option {key}={config[key]!r}, which is not supported.")
+    settings = LoraSettings(rank=config["r"], alpha=config["lora_alpha"], target_modules=config["target_modules"])
+    ours = json.loads(metadata.get(METADATA_KEY, "{}"))
+    if not isinstance(ours, dict) or not isinstance(ours.get("provenance", {}), dict):
+        raise ValueError(f"{path!r} has malformed '{METADATA_KEY}' metadata.")
+    return settings, ours
+
+
+def read_adapter_file(path: str) -> AdapterFile:
+    """Reads and validates an adapter file (v2 or v1; safetensors only, never pickle); `ValueError` otherwise.
+
+    Checked before anything is built from it: the metadata, the key names, that every tensor is finite, and that
+    every LoRA pair has the rank of the metadata (so the layers built from it are no larger than the file).
+    """
     if os.path.isdir(path):
         path = os.path.join(path, LORA_WEIGHT_NAME)
     if not os.path.isfile(path):
@@ -211,99 +409,210 @@ def read_adapter_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
-        state_dict = load_file(path)
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt headers and data
         raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt?): {error}") from error
-    if metadata.get("format") != FORMAT_NAME:
-        raise ValueError(
-            f"{path!r} is not a DiffusionCLIP LoRA file (metadata 'format' is {metadata.get('format')!r}, "
-            f"expected {FORMAT_NAME!r})."
-        )
-    bad_keys = [k for k in state_dict if ".lora_A." not in k and ".lora_B." not in k]
+    try:
+        settings, ours = _settings_from_metadata(path, metadata)
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
+        raise ValueError(f"The adapter at {path!r} has unreadable LoRA metadata: {error!r}") from error
+    version = ours.get("format_version", FORMAT_VERSION)
+    prefix = f"{PREFIX}." if version >= 2 else ""
+    state_dict = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    _check_tensors(path, tensors, state_dict, settings)
+    return AdapterFile(
+        path=path,
+        state_dict=state_dict,
+        settings=settings,
+        base_config_fingerprint=ours.get("base_config_fingerprint"),
+        provenance=ours.get("provenance", {}) or {},
+        format_version=int(version),
+    )
+
+
+def _check_tensors(path: str, tensors: dict, state_dict: dict, settings: LoraSettings) -> None:
+    stray = [k for k in tensors if k.removeprefix(f"{PREFIX}.") not in state_dict]  # e.g. a text encoder's keys
+    bad_keys = [k for k in state_dict if not _KEY.fullmatch(k)] + stray
     if bad_keys or not state_dict:
         raise ValueError(f"{path!r} holds no LoRA weights or unexpected keys: {bad_keys[:5]}.")
-    return state_dict, metadata
+    for key, value in state_dict.items():
+        if not value.is_floating_point() or value.ndim not in (2, 4):
+            raise ValueError(f"{path!r}: {key} is not a 2-d or 4-d float tensor ({value.dtype}, {value.ndim}-d).")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{path!r}: {key} holds non-finite values (NaN or infinity).")
+        part = _KEY.fullmatch(key)["part"]
+        rank = value.shape[0] if part == "A" else value.shape[1]
+        if rank != settings.rank:
+            raise ValueError(f"{path!r}: {key} has rank {rank}, its metadata says {settings.rank}.")
 
 
-def load_adapter(model: nn.Module, path: str, adapter_name: str) -> tuple[LoraSettings, dict]:
-    """Loads an adapter file into ``model`` under ``adapter_name`` and makes it the only active adapter.
+def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``model``'s modules by name as they were before any adapter (peft's wrappers and LoRA layers looked through)."""
+    modules = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            modules[name] = module.get_base_layer()
+        elif not any(part.startswith("lora_") or part == "base_layer" for part in name.split(".")):
+            modules[name] = module
+    return modules
 
-    The file's metadata must name our format and the same base-UNet config fingerprint, and its keys must be exactly
-    the adapter's; on any failure ``model`` is left as it was (the half-injected adapter is removed again).
-    """
-    state_dict, metadata = read_adapter_file(path)
-    fingerprint = config_fingerprint(model)
-    if metadata.get("base_config_fingerprint") != fingerprint:
+
+def _check_fits(model: nn.Module, adapter: AdapterFile) -> None:
+    """The file's pairs are exactly the modules its targets select in ``model``, with matching shapes."""
+    modules = _base_modules(model)
+    targets = adapter.settings.target_modules
+    selected = {
+        name for name, m in modules.items()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and any(name == t or name.endswith(f".{t}") for t in targets)
+    }  # fmt: skip
+    in_file = {_KEY.fullmatch(k)["module"] for k in adapter.state_dict}
+    if in_file != selected:
+        missing, unexpected = sorted(selected - in_file), sorted(in_file - selected)
         raise ValueError(
-            f"The adapter at {path!r} was trained for another UNet (config fingerprint "
-            f"{metadata.get('base_config_fingerprint', '?')[:12]}..., this UNet's is {fingerprint[:12]}...)."
+            f"The adapter at {adapter.path!r} does not fit this UNet: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}."
         )
-    try:
-        raw = json.loads(metadata["lora_config"])
-        settings = LoraSettings(rank=raw["rank"], alpha=raw["alpha"], target_modules=tuple(raw["target_modules"]))
-        provenance = json.loads(metadata.get("provenance", "{}"))
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"The adapter at {path!r} has unreadable LoRA metadata: {error}") from error
+    for key, value in adapter.state_dict.items():
+        m = _KEY.fullmatch(key)
+        module = modules[m["module"]]
+        r = adapter.settings.rank
+        if isinstance(module, nn.Linear):
+            expected = (r, module.in_features) if m["part"] == "A" else (module.out_features, r)
+        else:
+            kernel = tuple(module.kernel_size) if m["part"] == "A" else (1, 1)
+            channels = (r, module.in_channels) if m["part"] == "A" else (module.out_channels, r)
+            expected = channels + kernel
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"The adapter at {adapter.path!r} does not fit this UNet: {key} has shape {tuple(value.shape)}, "
+                f"expected {expected}."
+            )
+
+
+def load_adapter(model: nn.Module, path: str, adapter_name: str) -> AdapterFile:
+    """Loads an adapter file into ``model`` under ``adapter_name`` with diffusers' `load_lora_adapter`.
+
+    The file is validated first (`read_adapter_file`), then checked against ``model``: the same base-UNet config
+    fingerprint (when the file records one), and LoRA pairs that match the modules and shapes of ``model``, all
+    before any layer is built. On any failure ``model`` is left as it was. The active set is not changed.
+    """
+    check_adapter_name(adapter_name)
+    adapter = read_adapter_file(path)
+    fingerprint = config_fingerprint(model)
+    if adapter.base_config_fingerprint is not None and adapter.base_config_fingerprint != fingerprint:
+        raise ValueError(
+            f"The adapter at {adapter.path!r} was trained for another UNet (config fingerprint "
+            f"{adapter.base_config_fingerprint[:12]}..., this UNet's is {fingerprint[:12]}...)."
+        )
     if adapter_name in adapter_names(model):
         raise ValueError(f"An adapter named {adapter_name!r} is already loaded; pass another `adapter_name`.")
-
-    previous_active = active_state(model)
-    _inject(settings, model, adapter_name)
-    try:
-        expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
-        if set(state_dict) != expected:
-            missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-            raise ValueError(
-                f"The adapter at {path!r} does not fit this UNet: missing {missing[:3]}, unexpected {unexpected[:3]}."
-            )
-        dtype = next(model.parameters()).dtype
-        result = set_peft_model_state_dict(
-            model, {k: v.to(dtype) for k, v in state_dict.items()}, adapter_name=adapter_name
-        )
-        if result.unexpected_keys:
-            raise ValueError(f"The adapter at {path!r} has keys this UNet lacks: {result.unexpected_keys[:3]}.")
-    except Exception:
-        remove_adapter(model, adapter_name)
-        restore_active_state(model, previous_active)
-        raise
-    activate_adapters(model, [adapter_name], [1.0])
-    for p in adapter_parameters(model, adapter_name):
-        p.requires_grad_(False)
-    return settings, provenance
-
-
-def active_state(model: nn.Module) -> list[tuple[BaseTunerLayer, list[str], bool, dict]]:
-    return [
-        (layer, list(layer.active_adapters), layer.disable_adapters, dict(layer.scaling))
-        for layer in tuner_layers(model)
-    ]
-
-
-def restore_active_state(model: nn.Module, state) -> None:
-    for layer, active, disabled, scaling in state:
-        layer.set_adapter(active)
-        layer.scaling.update({k: v for k, v in scaling.items() if k in layer.scaling})
-        layer.enable_adapters(not disabled)
-
-
-@contextlib.contextmanager
-def using_adapters(model: nn.Module, names: list[str], weights: list[float] | None = None):
-    """Runs the block with exactly ``names`` active (weights 1 by default), then restores the previous state."""
+    _check_fits(model, adapter)
+    dtype = next(model.parameters()).dtype
     state = active_state(model)
     try:
-        activate_adapters(model, names, weights or [1.0] * len(names))
-        set_adapters_enabled(model, True)
-        yield model
-    finally:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            with_adapter_api(model).load_lora_adapter(
+                {k: v.to(dtype) for k, v in adapter.state_dict.items()}, prefix=None, adapter_name=adapter_name,
+                metadata=_peft_metadata(adapter.settings),
+            )  # fmt: skip
+    except BaseException:
+        if adapter_name in adapter_names(model):
+            remove_adapter(model, adapter_name)
         restore_active_state(model, state)
+        raise
+    restore_active_state(model, state)  # peft may have changed the active set; the caller decides
+    model.__dict__.setdefault("_diffusionclip_provenance", {})[adapter_name] = dict(adapter.provenance)
+    return adapter
 
 
-def set_provenance(model: nn.Module, adapter_name: str, provenance: dict) -> None:
-    """Records where adapter ``adapter_name`` came from (prompts, settings); written into its file's metadata."""
-    store = model.__dict__.setdefault("_diffusionclip_provenance", {})
-    store[adapter_name] = dict(provenance)
+# ---- a pipeline folder's adapters ------------------------------------------------------------------------------
+
+ADAPTERS_FOLDER = "lora"
+INDEX_NAME = "adapters.json"
 
 
-def get_provenance(model: nn.Module, adapter_name: str) -> dict:
-    """The provenance recorded for ``adapter_name`` (empty if none)."""
-    return dict(model.__dict__.get("_diffusionclip_provenance", {}).get(adapter_name, {}))
+def save_adapters_folder(model: nn.Module, folder: str) -> None:
+    """Writes every adapter to ``folder/<name>/`` and the index ``folder/adapters.json`` (names, active set, weights,
+    enabled flag), so that `load_adapters_folder` restores the same state. ``folder`` must not exist yet."""
+    os.makedirs(folder)
+    for name in adapter_names(model):
+        save_adapter(model, os.path.join(folder, name), name)
+    weights = adapter_weights(model)
+    active = [n for n in active_adapters(model) if n in weights]
+    index = {
+        "format_version": FORMAT_VERSION,
+        "adapters": adapter_names(model),
+        "active": active,
+        "weights": [weights[n] for n in active],
+        "enabled": adapters_enabled(model),
+    }
+    with open(os.path.join(folder, INDEX_NAME), "w") as f:
+        json.dump(index, f, indent=2)
+
+
+def load_adapters_folder(model: nn.Module, folder: str) -> None:
+    """Loads the adapters that `save_adapters_folder` wrote (only files inside ``folder``) and restores their state."""
+    path = os.path.join(folder, INDEX_NAME)
+    try:
+        with open(path) as f:
+            index = json.load(f)
+        names, active, weights, enabled = index["adapters"], index["active"], index["weights"], index["enabled"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"The adapter index {path!r} is unreadable or malformed: {error!r}") from error
+    if not isinstance(names, list) or not isinstance(active, list) or not isinstance(weights, list):
+        raise ValueError(f"The adapter index {path!r} is malformed: 'adapters', 'active', 'weights' must be lists.")
+    for name in names + active:
+        check_adapter_name(name, f"{INDEX_NAME} adapter name")  # a name is a folder inside `folder`, never a path
+    if not set(active) <= set(names) or len(weights) != len(active) or not isinstance(enabled, bool):
+        raise ValueError(f"The adapter index {path!r} is inconsistent: {index!r:.300}")
+    state = active_state(model)
+    loaded = []
+    try:
+        for name in names:
+            load_adapter(model, os.path.join(folder, name), name)
+            loaded.append(name)
+        if active:
+            set_adapters(model, active, weights)
+        set_adapters_enabled(model, enabled)
+    except BaseException:
+        for name in reversed(loaded):
+            remove_adapter(model, name)
+        restore_active_state(model, state)
+        raise
+
+
+__all__ = [
+    "ADAPTERS_FOLDER",
+    "DEFAULT_TARGET_MODULES",
+    "LORA_WEIGHT_NAME",
+    "AdapterFile",
+    "LoraSettings",
+    "active_adapters",
+    "active_state",
+    "adapter_names",
+    "adapter_parameters",
+    "adapter_settings",
+    "adapter_weights",
+    "adapters_disabled",
+    "adapters_enabled",
+    "add_adapter",
+    "base_state_dict",
+    "config_fingerprint",
+    "get_provenance",
+    "load_adapter",
+    "load_adapters_folder",
+    "read_adapter_file",
+    "remove_adapter",
+    "remove_all_adapters",
+    "restore_active_state",
+    "save_adapter",
+    "save_adapters_folder",
+    "set_adapters",
+    "set_adapters_enabled",
+    "serialised",
+    "set_provenance",
+    "unet_lock",
+    "using_adapters",
+    "weights_fingerprint",
+]

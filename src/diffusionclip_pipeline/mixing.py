@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .validation import check_number
+
 WeightFn = Callable[[int], float]
 
 
@@ -98,8 +100,7 @@ def build_mix(
     size: int,
 ) -> list[MixComponent] | None:
     """Validates `edit`'s mixing arguments; `None` means "just the currently active adapters" (no mixing)."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        raise ValueError(f"`strength` must be a number, got {strength!r}.")
+    strength = check_number(strength, "edit_strength")
     if adapters is None:
         if adapter_masks is not None:
             raise ValueError("`adapter_masks` needs `adapters` (a dict of adapter name -> weight).")
@@ -107,7 +108,9 @@ def build_mix(
             return None
         return [MixComponent(None, constant(float(strength)))]
     if strength != 1.0:
-        raise ValueError(f"Pass either `strength` ({strength}) or `adapters`, not both: scale the adapters' weights.")
+        raise ValueError(
+            f"Pass either `edit_strength` ({strength}) or `adapters`, not both: scale the adapters' weights."
+        )
     if not isinstance(adapters, Mapping) or not adapters:
         raise ValueError(f"`adapters` must be a non-empty dict of adapter name -> weight, got {adapters!r}.")
     unknown = [n for n in adapters if n not in loaded]
@@ -122,7 +125,7 @@ def build_mix(
         if callable(weight):
             fn = weight
         elif isinstance(weight, (int, float)) and not isinstance(weight, bool):
-            fn = constant(float(weight))
+            fn = constant(check_number(weight, f"adapters[{name!r}]"))
         else:
             raise ValueError(f"`adapters[{name!r}]` must be a number or a callable t -> weight, got {weight!r}.")
         mask = check_mask(masks[name], name, batch_size, size) if name in masks else None

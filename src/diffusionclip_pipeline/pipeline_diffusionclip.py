@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
-import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -18,8 +16,10 @@ from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import lora
+from .atomic import atomic_directory
 from .finetune import FinetuneConfig, FinetuneOutput, finetune
 from .image_processing import postprocess_image, preprocess_image
+from .loaders import DiffusionCLIPLoraLoaderMixin
 from .mixing import MixComponent, build_mix
 from .pipeline_output import (
     DiffusionCLIPInversionOutput,
@@ -27,12 +27,20 @@ from .pipeline_output import (
     DiffusionCLIPTranslationOutput,
 )
 from .schedule import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timesteps
+from .unet import plain_unet, with_adapter_api
+from .validation import (
+    check_choice,
+    check_finite_tensor,
+    check_non_negative_int,
+    check_number,
+    check_positive_int,
+    check_timestep,
+    short_repr,
+)
 
 logger = logging.get_logger(__name__)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
-LORA_FOLDER = "lora"
-LORA_INDEX = "adapters.json"
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 EXAMPLE_DOC_STRING = """
@@ -52,6 +60,36 @@ EXAMPLE_DOC_STRING = """
 """
 
 
+def _renamed_kwargs(kwargs: dict, edit_strength: float) -> float:
+    """`edit`'s ``strength`` is now ``edit_strength`` (diffusers' ``strength`` is the noising depth, our ``t0``)."""
+    if "strength" in kwargs:
+        warnings.warn(
+            "`strength` was renamed `edit_strength` (in diffusers, `strength` is the noising depth, which is `t0` "
+            "here); the old name will be removed in a future release.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        if edit_strength != 1.0:
+            raise TypeError("Pass `edit_strength` or its old name `strength`, not both.")
+        edit_strength = kwargs.pop("strength")
+    if kwargs:
+        raise TypeError(f"`edit` got unexpected keyword argument(s) {sorted(kwargs)}.")
+    return edit_strength
+
+
+def _align_tensors(module: torch.nn.Module, alignment: int = 64) -> None:
+    """Copies parameters and buffers that do not start at an ``alignment``-byte boundary into fresh memory.
+
+    Weights loaded from safetensors may be views into the file's buffer at any offset; CPU kernels take other code
+    paths on unaligned memory and round differently (up to 7e-7 on the test UNet). Aligned, a reloaded pipeline
+    reproduces the saved one's edits bit for bit.
+    """
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.device.type == "cpu" and tensor.data_ptr() % alignment:
+                tensor.data = tensor.data.clone()
+
+
 def _as_deterministic(scheduler, cls):
     """``cls`` built from ``scheduler``'s config with ``clip_sample=False`` (clipping x0 breaks DDIM inversion)."""
     if type(scheduler) is cls and not scheduler.config.clip_sample:
@@ -63,7 +101,7 @@ def _as_deterministic(scheduler, cls):
     return cls.from_config(config, clip_sample=False)
 
 
-class DiffusionCLIPPipeline(DiffusionPipeline):
+class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
     r"""
     Pipeline for DiffusionCLIP: DDIM-invert real images to a middle timestep ``t0`` and regenerate them with a UNet
     fine-tuned (here with LoRA) by a directional CLIP loss (Kim, Kwon, Ye, CVPR 2022, arXiv 2110.02711).
@@ -72,6 +110,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
 
     Args:
         unet ([`UNet2DModel`]): A pixel-space, unconditional noise-prediction UNet (e.g. `google/ddpm-celebahq-256`).
+            A plain `UNet2DModel` gains diffusers' adapter API in place (it becomes a [`LoraUNet2DModel`], same
+            weights); it is saved as a plain `UNet2DModel`. Adapters: see [`DiffusionCLIPLoraLoaderMixin`].
         scheduler ([`DDIMScheduler`]): Generation scheduler. Any scheduler is converted to a `DDIMScheduler` from
             its config, with ``clip_sample=False``.
         inverse_scheduler ([`DDIMInverseScheduler`], *optional*): Inversion scheduler; built from the scheduler's
@@ -111,6 +151,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
                 "Pass both `clip_model_2` and `clip_tokenizer_2` for a second CLIP, or neither; got "
                 f"clip_model_2={type(clip_model_2).__name__}, clip_tokenizer_2={type(clip_tokenizer_2).__name__}."
             )
+        unet = with_adapter_api(unet)
         scheduler = _as_deterministic(scheduler, DDIMScheduler)
         inverse_scheduler = _as_deterministic(inverse_scheduler or scheduler, DDIMInverseScheduler)
         self.register_modules(
@@ -124,9 +165,6 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             clip_tokenizer_2=clip_tokenizer_2,
         )
         self.clip_model_name_or_path = DEFAULT_CLIP
-        self._lora_settings: dict[str, lora.LoraSettings] = {}
-        self._lora_provenance: dict[str, dict] = {}
-        self._active_adapters: tuple[list[str], list[float]] = ([], [])
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, clip_model_name_or_path: str | None = None, **kwargs):
@@ -139,48 +177,32 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             **kwargs: Passed to [`~diffusers.DiffusionPipeline.from_pretrained`] (``clip_model=``, ``dtype=``, ...).
         """
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        _align_tensors(pipe.unet)
         if clip_model_name_or_path is not None:
             pipe.clip_model_name_or_path = clip_model_name_or_path
-        index = os.path.join(str(pretrained_model_name_or_path), LORA_FOLDER, LORA_INDEX)
-        if os.path.isfile(index):  # adapters written next to the base UNet by `save_pretrained`
-            with open(index) as f:
-                saved = json.load(f)
-            for name in saved["adapters"]:
-                pipe.load_lora_weights(os.path.join(str(pretrained_model_name_or_path), LORA_FOLDER, name), name)
-            if saved["active"]:
-                pipe.set_adapters(saved["active"], saved["weights"])
-            if not saved["enabled"]:
-                pipe.disable_lora()
+        adapters = os.path.join(os.fspath(pretrained_model_name_or_path), lora.ADAPTERS_FOLDER)
+        if os.path.isfile(os.path.join(adapters, lora.INDEX_NAME)):  # written next to the base UNet by save_pretrained
+            lora.load_adapters_folder(pipe.unet, adapters)
         return pipe
 
+    @lora.serialised
     def save_pretrained(self, save_directory, **kwargs):
-        """Saves the pipeline; a UNet with LoRA adapters is saved as its base weights plus the adapters' files.
+        """Saves the pipeline atomically: a reader sees the old complete folder or the new one, never a mix.
 
-        (diffusers would write peft's wrapped layers, which `UNet2DModel.from_pretrained` silently re-initialises.)
-        The adapters go to ``save_directory/lora/<name>/pytorch_lora_weights.safetensors`` and are loaded back, with
-        the same active set and weights, by `from_pretrained` of that folder.
+        The UNet is saved as its base weights (a plain `UNet2DModel` folder), its adapters as their own files,
+        ``save_directory/lora/<name>/pytorch_lora_weights.safetensors``, with an index ``lora/adapters.json`` of the
+        active set, weights and enabled flag, which `from_pretrained` of that folder restores. (diffusers alone would
+        write peft's wrapped layers, which `UNet2DModel.from_pretrained` silently re-initialises.)
         """
-        names = lora.adapter_names(self.unet)
-        if not names:
-            return super().save_pretrained(save_directory, **kwargs)
         adapted = self.unet
-        with torch.device("meta"):
-            base = UNet2DModel.from_config(adapted.config)
-        base.load_state_dict(lora.base_state_dict(adapted), assign=True)  # shares the tensors, no copy
-        self.register_modules(unet=base)
-        try:
-            super().save_pretrained(save_directory, **kwargs)
-        finally:
-            self.register_modules(unet=adapted)
-        for name in names:
-            self.save_lora_weights(os.path.join(save_directory, LORA_FOLDER, name), adapter_name=name)
-        active, weights = self._active_adapters
-        enabled = not all(layer.disable_adapters for layer in lora.tuner_layers(adapted))
-        index = {"adapters": names, "active": active, "weights": weights, "enabled": enabled}
-        tmp = os.path.join(save_directory, LORA_FOLDER, LORA_INDEX + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(index, f, indent=2)
-        os.replace(tmp, os.path.join(save_directory, LORA_FOLDER, LORA_INDEX))
+        with atomic_directory(save_directory) as tmp:
+            self.register_modules(unet=plain_unet(adapted))  # shares the tensors, no copy
+            try:
+                super().save_pretrained(tmp, **kwargs)
+            finally:
+                self.register_modules(unet=adapted)
+            if lora.adapter_names(adapted):
+                lora.save_adapters_folder(adapted, os.path.join(tmp, lora.ADAPTERS_FOLDER))
 
     # ---- CLIP --------------------------------------------------------------------------------------------------
 
@@ -249,9 +271,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         t = int(timestep)
         noise_pred, total = torch.zeros_like(sample), 0.0
         for component in mix:
-            weight = component.weight(t)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise ValueError(f"Adapter weight at t={t} must be a finite number, got {weight!r}.")
+            weight = check_number(component.weight(t), f"adapter weight at t={t}")
             if weight == 0:
                 continue
             names = component.adapter_names
@@ -285,22 +305,12 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         num_fixed_point_iterations=0,
     ) -> None:
         """Fails early, with the argument's name and value, on anything `invert`/`edit` cannot use."""
-        T = self.num_train_timesteps
-        if isinstance(t0, bool) or not isinstance(t0, (int, np.integer)) or not 1 <= t0 <= T - 1:
-            raise ValueError(f"`t0` must be an integer in [1, {T - 1}], got {t0!r}.")
-        for name, value in (
-            ("num_inversion_steps", num_inversion_steps),
-            ("num_inference_steps", num_inference_steps),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        k = num_fixed_point_iterations
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise ValueError(f"`num_fixed_point_iterations` must be an integer >= 0, got {k!r}.")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-            raise ValueError(f"`eta` must be a number >= 0, got {eta!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        check_timestep(t0, "t0", self.num_train_timesteps)
+        check_positive_int(num_inversion_steps, "num_inversion_steps")
+        check_positive_int(num_inference_steps, "num_inference_steps")
+        check_non_negative_int(num_fixed_point_iterations, "num_fixed_point_iterations")
+        check_number(eta, "eta", minimum=0)
+        check_choice(output_type, "output_type", OUTPUT_TYPES)
         if image is None and latents is None:
             raise ValueError("Pass `image` (to invert) or `latents` (x_t0 from `invert`).")
         if image is not None:
@@ -310,6 +320,12 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             if not torch.is_tensor(latents) or latents.ndim != 4 or tuple(latents.shape[1:]) != (c, s, s):
                 shape = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
                 raise ValueError(f"`latents` must be a (batch, {c}, {s}, {s}) tensor, got {shape}.")
+            check_finite_tensor(latents, "latents")
+        generators = generator if isinstance(generator, list) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in generators):
+            raise TypeError(
+                f"`generator` must be a `torch.Generator`, a list of them or None, got {short_repr(generator)}."
+            )
         if isinstance(generator, list):
             batch = self._batch_size(image, latents)
             if len(generator) != batch:
@@ -358,6 +374,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
 
     # ---- inversion -------------------------------------------------------------------------------------------
 
+    @lora.serialised
     @torch.no_grad()
     def invert(
         self,
@@ -394,7 +411,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             return_dict (`bool`, *optional*, defaults to `True`): Return a dataclass instead of a tuple.
 
         Returns:
-            [`DiffusionCLIPInversionOutput`] or `tuple`: ``(latents, timesteps, image)``.
+            [`DiffusionCLIPInversionOutput`] or `tuple`: ``(x_t0, timesteps, image)``.
         """
         # 1. Check inputs
         self.check_inputs(image, t0, num_inversion_steps, num_fixed_point_iterations=num_fixed_point_iterations)
@@ -418,10 +435,11 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
                 latents = next_latents
         if not return_dict:
             return (latents, timesteps, x0)
-        return DiffusionCLIPInversionOutput(latents=latents, timesteps=timesteps, image=x0)
+        return DiffusionCLIPInversionOutput(x_t0=latents, timesteps=timesteps, image=x0)
 
     # ---- editing ---------------------------------------------------------------------------------------------
 
+    @lora.serialised
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def edit(
@@ -437,10 +455,11 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        strength: float = 1.0,
+        edit_strength: float = 1.0,
         adapters: Mapping[str, float | Callable[[int], float]] | None = None,
         adapter_masks: Mapping[str, torch.Tensor] | None = None,
         num_fixed_point_iterations: int = 0,
+        **kwargs,
     ) -> DiffusionCLIPPipelineOutput | tuple:
         r"""
         Edits ``image``: DDIM-invert it to ``t0`` with the original UNet, then regenerate it with the current
@@ -456,17 +475,20 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             eta (`float`, *optional*, defaults to 0.0): DDIM eta; 0 is deterministic, > 0 adds noise.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): For ``eta > 0``; a list must
                 hold one generator per image.
-            latents (`torch.Tensor`, *optional*): Precomputed ``x_t0`` (e.g. `invert(...).latents`, same ``t0``).
+            latents (`torch.Tensor`, *optional*): Precomputed ``x_t0`` (e.g. `invert(...).x_t0`, same ``t0``).
             output_type (`str`, *optional*, defaults to `"pil"`): ``"pil"``, ``"np"`` or ``"pt"`` (both in [0, 1]).
             return_dict (`bool`, *optional*, defaults to `True`): Return a dataclass instead of a tuple.
             callback_on_step_end (`Callable`, *optional*): ``fn(pipe, step, timestep, callback_kwargs)`` called after
                 every generation step; it may return a dict to replace ``latents``.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to ``["latents"]``): Tensors put
                 in ``callback_kwargs`` (``"latents"``, ``"pred_original_sample"``).
-            strength (`float`, *optional*, defaults to 1.0): Continuous edit strength (paper Sec. 3.4):
-                ``eps = r * eps_adapted + (1 - r) * eps_original`` at every step (two UNet calls per step). 0 gives
-                the reconstruction, 1 the full edit; values outside [0, 1] extrapolate, with a warning. The cheap
-                approximation is scaling the LoRA weights: ``set_adapters(name, r)`` (one call per step).
+            edit_strength (`float`, *optional*, defaults to 1.0): Continuous edit strength r (paper Sec. 3.4):
+                ``eps = r * eps_adapted + (1 - r) * eps_original`` at every step (two UNet calls per step when r is
+                not 1). 0 gives the reconstruction, 1 the full edit; values outside [0, 1] extrapolate, with a
+                warning. The cheap approximation is scaling the LoRA weights: ``set_adapters(name, r)`` (one call per
+                step). Not diffusers' img2img ``strength``: that is the noising depth, which here is ``t0``
+                (``t0 ~ strength * num_train_timesteps``). ``strength=`` is still accepted as the old name of this
+                argument, with a `FutureWarning`.
             adapters (`dict[str, float | Callable[[int], float]]`, *optional*): Multi-attribute editing (paper Sec.
                 3.4): ``eps = sum_i m_i g_i(t) eps_i + (1 - sum_i m_i g_i(t)) eps_original``, each loaded adapter's
                 weight ``g_i`` a number or a function of the timestep (see `mixing.piecewise_weights`).
@@ -479,9 +501,10 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         Examples:
 
         Returns:
-            [`DiffusionCLIPPipelineOutput`] or `tuple`: ``(images, latents, timesteps)``.
+            [`DiffusionCLIPPipelineOutput`] or `tuple`: ``(images, x_t0, timesteps)``.
         """
         # 1. Check inputs
+        edit_strength = _renamed_kwargs(kwargs, edit_strength)
         self.check_inputs(
             image,
             t0,
@@ -496,16 +519,16 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         )
         batch_size = self._batch_size(image, latents)
         mix = build_mix(
-            strength, adapters, adapter_masks, self.lora_adapters, batch_size, self.unet.config.sample_size
+            edit_strength, adapters, adapter_masks, self.lora_adapters, batch_size, self.unet.config.sample_size
         )
-        if not 0.0 <= strength <= 1.0:
-            warnings.warn(f"`strength`={strength} is outside [0, 1]: extrapolating the edit.", stacklevel=2)
+        if not 0.0 <= edit_strength <= 1.0:
+            warnings.warn(f"`edit_strength`={edit_strength} is outside [0, 1]: extrapolating the edit.", stacklevel=2)
         # 2. Invert to x_t0 with the original model (or take the given latents)
         if latents is None:
             latents = self.invert(
                 image, t0=t0, num_inversion_steps=num_inversion_steps,
                 num_fixed_point_iterations=num_fixed_point_iterations,
-            ).latents  # fmt: skip
+            ).x_t0  # fmt: skip
         latents = latents.to(device=self._execution_device, dtype=self.unet.dtype)
         x_t0 = latents
         # 3. Generation grid [t0, ..., 0] on the scheduler
@@ -529,7 +552,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
         generation_grid = [int(t) for t in scheduler.timesteps]
         if not return_dict:
             return (images, x_t0, generation_grid)
-        return DiffusionCLIPPipelineOutput(images=images, latents=x_t0, timesteps=generation_grid)
+        return DiffusionCLIPPipelineOutput(images=images, x_t0=x_t0, timesteps=generation_grid)
 
     def __call__(self, *args, **kwargs):
         """Same as `edit`."""
@@ -537,6 +560,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
 
     # ---- unseen-domain translation ---------------------------------------------------------------------------
 
+    @lora.serialised
     @torch.no_grad()
     def translate(
         self,
@@ -599,7 +623,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             x0 = x
         x0 = x0.clamp(-1, 1)  # a generated image, displayed and edited in the valid range (as diffusers' output)
         # 4. Edit with the active adapters, if any
-        if any(not layer.disable_adapters for layer in lora.tuner_layers(self.unet)):
+        if lora.adapters_enabled(self.unet):
             images = self.edit(
                 self._decode(x0), t0=edit_t0, num_inversion_steps=num_inversion_steps,
                 num_inference_steps=num_inference_steps, output_type=output_type,
@@ -614,6 +638,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
 
     # ---- fine-tuning and adapters ----------------------------------------------------------------------------
 
+    @lora.serialised
     def finetune(
         self,
         prompt_src: str,
@@ -650,128 +675,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline):
             [`FinetuneOutput`]: the adapter name and the loss of every optimizer step.
         """
         config = FinetuneConfig.from_kwargs(config, **kwargs)
-        if images is not None:
-            self._check_image(images, "images")
-        direction_images = None
-        if (source_images is None) != (target_images is None):
-            raise ValueError(
-                "Pass both `source_images` and `target_images` for an image-guided direction, or neither."
-            )
-        if source_images is not None:
-            direction_images = (
-                self.prepare_image(source_images, "source_images"),
-                self.prepare_image(target_images, "target_images"),
-            )
-        output = finetune(
+        return finetune(
             self, prompt_src, prompt_tar, images=images, config=config, adapter_name=adapter_name,
-            identity_loss=identity_loss, direction_images=direction_images, cache_dir=cache_dir,
+            identity_loss=identity_loss, source_images=source_images, target_images=target_images, cache_dir=cache_dir,
         )  # fmt: skip
-        from . import __version__
-
-        self._lora_settings[adapter_name] = config.lora
-        self._lora_provenance[adapter_name] = {
-            "prompt_src": prompt_src,
-            "prompt_tar": prompt_tar,
-            "direction": "images" if direction_images is not None else "text",
-            "num_clip_models": output.num_clip_models,
-            "t0": config.t0,
-            "num_inversion_steps": config.num_inversion_steps,
-            "num_fixed_point_iterations": config.num_fixed_point_iterations,
-            "num_train_steps": config.num_train_steps,
-            "num_epochs": config.num_epochs,
-            "learning_rate": config.learning_rate,
-            "scheme": config.scheme,
-            "seed": config.seed,
-            "package_version": __version__,
-        }
-        self._active_adapters = ([adapter_name], [1.0])
-        return output
-
-    def save_lora_weights(
-        self, save_directory: str | os.PathLike, adapter_name: str | None = None, dtype: torch.dtype | None = None
-    ) -> str:
-        """Writes one adapter as ``save_directory/pytorch_lora_weights.safetensors`` (safetensors only, atomic).
-
-        The metadata holds the LoRA config (rank, alpha, targets), the base UNet's config fingerprint and the
-        provenance (prompts, t0, steps, package version). ``adapter_name`` may be omitted when there is one adapter.
-        ``dtype=torch.float16`` halves the file (2.4 MB instead of 4.8 MB for `google/ddpm-celebahq-256` at rank 4);
-        by default the weights are stored as trained and reload bit for bit. Returns the file's path.
-        """
-        names = lora.adapter_names(self.unet)
-        if adapter_name is None:
-            if len(names) != 1:
-                raise ValueError(f"Pass `adapter_name`: the UNet has adapters {names}.")
-            adapter_name = names[0]
-        if adapter_name not in self._lora_settings:
-            raise ValueError(f"No adapter named {adapter_name!r}; the UNet has {names}.")
-        return lora.save_adapter(
-            self.unet, os.fspath(save_directory), adapter_name, self._lora_settings[adapter_name],
-            self._lora_provenance.get(adapter_name, {}), dtype=dtype,
-        )  # fmt: skip
-
-    def load_lora_weights(self, path: str | os.PathLike, adapter_name: str | None = None) -> str:
-        """Loads an adapter (a folder with ``pytorch_lora_weights.safetensors``, or the file) and activates it alone.
-
-        A file of another format, a truncated or corrupt file, or an adapter trained for a UNet of another config
-        raises `ValueError` and leaves the pipeline unchanged. Returns the adapter's name (default: ``"default"``,
-        or ``"default_<k>"`` if taken).
-        """
-        names = lora.adapter_names(self.unet)
-        if adapter_name is None:
-            adapter_name, k = "default", 1
-            while adapter_name in names:
-                adapter_name, k = f"default_{k}", k + 1
-        settings, provenance = lora.load_adapter(self.unet, os.fspath(path), adapter_name)
-        self._lora_settings[adapter_name] = settings
-        self._lora_provenance[adapter_name] = provenance
-        self._active_adapters = ([adapter_name], [1.0])
-        return adapter_name
-
-    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
-        """Activates ``adapter_names`` with ``adapter_weights`` (1.0 each by default): their LoRA deltas are summed,
-        each scaled by its weight (scaling the LoRA weights is the cheap approximation of edit strength)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        known = lora.adapter_names(self.unet)
-        unknown = [n for n in names if n not in known]
-        if not names or unknown:
-            raise ValueError(f"`adapter_names` must name loaded adapters {known}, got {names}.")
-        if adapter_weights is None:
-            weights = [1.0] * len(names)
-        elif isinstance(adapter_weights, (int, float)):
-            weights = [float(adapter_weights)] * len(names)
-        else:
-            weights = [float(w) for w in adapter_weights]
-        if len(weights) != len(names):
-            raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
-        lora.activate_adapters(self.unet, names, weights)
-        lora.set_adapters_enabled(self.unet, True)
-        self._active_adapters = (names, weights)
-
-    def disable_lora(self) -> None:
-        """Bypasses every adapter (the original UNet) until `enable_lora`."""
-        lora.set_adapters_enabled(self.unet, False)
-
-    def enable_lora(self) -> None:
-        """Re-enables the active adapters after `disable_lora`."""
-        lora.set_adapters_enabled(self.unet, True)
-
-    def unload_lora_weights(self, adapter_name: str | None = None) -> None:
-        """Removes one adapter (or all, when ``adapter_name`` is None) from the UNet."""
-        names = lora.adapter_names(self.unet)
-        targets = names if adapter_name is None else [adapter_name]
-        if adapter_name is not None and adapter_name not in names:
-            raise ValueError(f"No adapter named {adapter_name!r}; the UNet has {names}.")
-        for name in targets:
-            lora.remove_adapter(self.unet, name)
-            self._lora_settings.pop(name, None)
-            self._lora_provenance.pop(name, None)
-        active, weights = self._active_adapters
-        keep = [(n, w) for n, w in zip(active, weights) if n not in targets]
-        self._active_adapters = ([n for n, _ in keep], [w for _, w in keep])
-        if keep:
-            self.set_adapters(*self._active_adapters)
-
-    @property
-    def lora_adapters(self) -> list[str]:
-        """Names of the adapters loaded into the UNet."""
-        return lora.adapter_names(self.unet)

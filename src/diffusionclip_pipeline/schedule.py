@@ -23,6 +23,8 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .validation import check_int, check_positive_int, check_timestep
+
 
 def ddim_timesteps(t0: int, num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """Ascending DiffusionCLIP grid ``[0, ..., t0]`` of ``num_steps`` points (``int(linspace(0, t0, num_steps))``).
@@ -38,10 +40,8 @@ def ddim_timesteps(t0: int, num_steps: int, num_train_timesteps: int = 1000) -> 
     Returns:
         `list[int]`: The strictly increasing grid; it starts at 0 and ends at ``t0`` (for ``num_steps >= 2``).
     """
-    if isinstance(t0, bool) or not isinstance(t0, (int, np.integer)) or not 1 <= t0 <= num_train_timesteps - 1:
-        raise ValueError(f"`t0` must be an integer in [1, {num_train_timesteps - 1}], got {t0!r}.")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"`num_steps` must be a positive integer, got {num_steps!r}.")
+    t0 = check_timestep(t0, "t0", num_train_timesteps)
+    num_steps = check_positive_int(num_steps, "num_steps")
     if num_steps == 1:
         return [int(t0)]
     grid = [int(s) for s in np.linspace(0.0, 1.0, int(num_steps)) * int(t0)]
@@ -109,7 +109,7 @@ def _ddim_update(
 
 
 def _grid_from(timesteps, num_train_timesteps: int) -> list[int]:
-    grid = [int(t) for t in timesteps]
+    grid = [check_int(t, "timesteps") for t in timesteps]
     if not grid:
         raise ValueError("`timesteps` must not be empty.")
     if any(b <= a for a, b in zip(grid, grid[1:])):

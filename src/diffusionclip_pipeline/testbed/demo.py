@@ -6,8 +6,12 @@ import os
 import time
 
 import numpy as np
+import PIL.Image
 
+from ..image_io import image_grid, save_atomic
+from ..validation import check_choice, check_non_negative_int, check_positive_int
 from . import world
+from .pipeline import load_pipeline
 from .settings import RECOMMENDED_EDIT, RECOMMENDED_FINETUNE
 
 
@@ -65,23 +69,21 @@ def run_edit_experiment(
 
 def run_demo(output_dir: str = "diffusionclip-demo", source: str = "red", target: str = "blue", num_test: int = 16,
              seed: int = 0) -> dict:  # fmt: skip
-    """The README's main job: offline colour edit on the test-bed, a before/after grid and the measured success."""
-    from ..cli import image_grid, save_atomic
-    from .pipeline import load_pipeline
-
-    for name, colour in (("--source", source), ("--target", target)):
-        if colour not in world.COLOURS:
-            raise ValueError(f"`{name}` must be one of {list(world.COLOURS)}, got {colour!r}.")
+    """Fine-tunes the test-bed for "{source} circle" -> "{target} circle", edits ``num_test`` held-out circles,
+    writes ``before_after.png`` (top: input, bottom: edited) and the adapter to ``output_dir``, and prints the success
+    rate. Returns `run_edit_experiment`'s result."""
+    for name, colour in (("source", source), ("target", target)):
+        check_choice(colour, name, world.COLOURS)
     if source == target:
-        raise ValueError(f"`--source` and `--target` are the same colour ({source!r}): nothing to edit.")
-    if num_test < 1:
-        raise ValueError(f"`--num-test` must be positive, got {num_test}.")
+        raise ValueError(f"`source` and `target` are the same colour ({source!r}): nothing to edit.")
+    check_positive_int(num_test, "num_test")
+    check_non_negative_int(seed, "seed")
     pipe = load_pipeline()
     print(f"fine-tuning the test-bed DDPM: '{source} circle' -> '{target} circle' on 16 rendered images ...")
     result = run_edit_experiment(pipe, source, target, num_test=num_test, seed=seed)
     os.makedirs(output_dir, exist_ok=True)
     scale = 3
-    rows = [[im.resize((im.width * scale, im.height * scale), 0) for im in row]
+    rows = [[im.resize((im.width * scale, im.height * scale), PIL.Image.Resampling.NEAREST) for im in row]
             for row in (result["sources"], result["edited"])]  # fmt: skip
     grid_path = os.path.join(output_dir, "before_after.png")
     save_atomic(image_grid(rows), grid_path)

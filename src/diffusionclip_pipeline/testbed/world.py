@@ -160,15 +160,17 @@ def render_shape(
     fill = np.array(COLOURS[colour] if rgb is None else rgb)
     if fill.shape != (3,) or fill.min() < 0 or fill.max() > 255:
         raise ValueError(f"`rgb` must be three ints in [0, 255], got {rgb!r}.")
-    mask = _shape_mask(np.array([SHAPES.index(shape)]), np.array([cx], float), np.array([cy], float),
-                       np.array([r], float), size)[0]
+    mask = _shape_mask(
+        np.array([SHAPES.index(shape)]), np.array([cx], float), np.array([cy], float), np.array([r], float), size
+    )[0]
     img = np.full((size, size, 3), WHITE, dtype=np.uint8)
     img[mask] = fill.astype(np.uint8)
     return Image.fromarray(img, mode="RGB")
 
 
-def sample_batch(rng: np.random.Generator, n: int, size: int = DEFAULT_SIZE,
-                 shape: str | None = None, colour: str | None = None) -> dict[str, np.ndarray]:
+def sample_batch(
+    rng: np.random.Generator, n: int, size: int = DEFAULT_SIZE, shape: str | None = None, colour: str | None = None
+) -> dict[str, np.ndarray]:
     """Sample the parameters of `n` scenes at once (vectorised; used for on-the-fly training data).
 
     Returns a dict of arrays: ``shape_id`` (index into :data:`SHAPES`), ``colour_id`` (index into
@@ -204,16 +206,22 @@ def render_batch(params: dict[str, np.ndarray], size: int = DEFAULT_SIZE) -> np.
     Pixel-identical to calling :func:`render_shape` on each scene.
     """
     _check_size(size)
-    mask = _shape_mask(np.asarray(params["shape_id"]), np.asarray(params["cx"], float),
-                       np.asarray(params["cy"], float), np.asarray(params["r"], float), size)
+    mask = _shape_mask(
+        np.asarray(params["shape_id"]),
+        np.asarray(params["cx"], float),
+        np.asarray(params["cy"], float),
+        np.asarray(params["r"], float),
+        size,
+    )
     out = np.full(mask.shape + (3,), WHITE, dtype=np.uint8)
     rgb = np.asarray(params["rgb"], dtype=np.uint8)
     out[:] = np.where(mask[..., None], rgb[:, None, None, :], out)
     return out
 
 
-def sample_scene(rng: np.random.Generator, size: int = DEFAULT_SIZE, shape: str | None = None,
-                 colour: str | None = None) -> tuple[Image.Image, dict]:
+def sample_scene(
+    rng: np.random.Generator, size: int = DEFAULT_SIZE, shape: str | None = None, colour: str | None = None
+) -> tuple[Image.Image, dict]:
     """Sample and render one scene.
 
     Args:
@@ -240,8 +248,9 @@ def sample_scene(rng: np.random.Generator, size: int = DEFAULT_SIZE, shape: str 
     return img, meta
 
 
-def render_dataset(n: int, seed: int, size: int = DEFAULT_SIZE, shape: str | None = None,
-                   colour: str | None = None) -> tuple[list[Image.Image], list[dict]]:
+def render_dataset(
+    n: int, seed: int, size: int = DEFAULT_SIZE, shape: str | None = None, colour: str | None = None
+) -> tuple[list[Image.Image], list[dict]]:
     """Render `n` scenes deterministically from an int `seed` (see :func:`sample_scene`)."""
     if not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"`n` must be an int >= 0, got {n!r}.")
@@ -360,7 +369,7 @@ def connected_components(mask, connectivity: int = 8) -> tuple[np.ndarray, int]:
         pad = np.pad(lab, 1, constant_values=big)
         new = lab.copy()
         for dy, dx in shifts:
-            new = np.minimum(new, pad[1 + dy:1 + dy + h, 1 + dx:1 + dx + w])
+            new = np.minimum(new, pad[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w])
         new = np.where(mask, new, big)
         if np.array_equal(new, lab):
             break
@@ -372,9 +381,16 @@ def connected_components(mask, connectivity: int = 8) -> tuple[np.ndarray, int]:
     return out, len(roots)
 
 
-def clean_shape_report(img, threshold: float = FG_THRESHOLD, radius: float = COLOUR_RADIUS,
-                       min_pixels: int = 12, purity: float = 0.9, bg_max_mean: float = 0.03,
-                       bg_tol: int = 40, bg_share: float = 0.97) -> dict:
+def clean_shape_report(
+    img,
+    threshold: float = FG_THRESHOLD,
+    radius: float = COLOUR_RADIUS,
+    min_pixels: int = 12,
+    purity: float = 0.9,
+    bg_max_mean: float = 0.03,
+    bg_tol: int = 40,
+    bg_share: float = 0.97,
+) -> dict:
     """Details of :func:`is_clean_shape`.
 
     Checks: ``one_blob`` (exactly one 8-connected foreground component with at least `min_pixels` pixels
@@ -394,7 +410,7 @@ def clean_shape_report(img, threshold: float = FG_THRESHOLD, radius: float = COL
     rep["one_colour"] = rep["purity"] >= purity
     bg = ~fg
     if bg.any():
-        dev = (WHITE - arr[bg].astype(np.int16))
+        dev = WHITE - arr[bg].astype(np.int16)
         rep["bg_mean"] = float(np.abs(dev).mean() / 255.0)
         near = (np.abs(dev) <= bg_tol).all(-1).mean()
         rep["white_background"] = rep["bg_mean"] <= bg_max_mean and near >= bg_share
@@ -443,9 +459,15 @@ def classify_shape(img_or_mask, size_search: int = 9) -> tuple[str | None, float
     return best, best_iou
 
 
-def edit_success(src, edited, target_colour: str | None = None, target_shape: str | None = None,
-                 min_colour_fraction: float = 0.75, min_iou: float = 0.7, max_background_change: float = 0.03
-                 ) -> dict[str, bool | float | str | None]:
+def edit_success(
+    src,
+    edited,
+    target_colour: str | None = None,
+    target_shape: str | None = None,
+    min_colour_fraction: float = 0.75,
+    min_iou: float = 0.7,
+    max_background_change: float = 0.03,
+) -> dict[str, bool | float | str | None]:
     """Score an edit of `src` into `edited`.
 
     Colour edit (`target_colour`): ``colour_ok`` (dominant palette colour of the edited foreground is the
