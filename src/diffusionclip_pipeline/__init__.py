@@ -4,7 +4,7 @@ from ._version import __version__
 from .clip_loss import CLIPDirectionalLoss, direction_loss
 from .finetune import FinetuneConfig, FinetuneOutput, NonFiniteLossError
 from .loaders import DiffusionCLIPLoraLoaderMixin
-from .pipeline_diffusionclip import DiffusionCLIPPipeline
+from .pipeline_diffusionclip import DiffusionCLIPPipeline, NoAdapterWarning
 from .pipeline_output import DiffusionCLIPInversionOutput, DiffusionCLIPPipelineOutput
 from .schedule import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timesteps
 from .templates import IMAGENET_TEMPLATES
@@ -22,6 +22,7 @@ __all__ = [
     "GridDDIMScheduler",
     "IMAGENET_TEMPLATES",
     "LoraUNet2DModel",
+    "NoAdapterWarning",
     "NonFiniteLossError",
     "__version__",
     "ddim_timesteps",

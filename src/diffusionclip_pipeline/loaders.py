@@ -7,11 +7,12 @@ no adapter state of its own, so ``pipe.unet.set_adapters(...)`` and ``pipe.set_a
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 from . import lora
-from .validation import check_adapter_name, check_number
+from .validation import check_adapter_name, check_bool, check_number
 
 
 class DiffusionCLIPLoraLoaderMixin:
@@ -53,8 +54,13 @@ class DiffusionCLIPLoraLoaderMixin:
         return lora.save_adapter(self.unet, os.fspath(save_directory), adapter_name, dtype=dtype)
 
     @lora.serialised
-    def load_lora_weights(self, path: str | os.PathLike, adapter_name: str | None = None) -> str:
-        """Loads an adapter (a folder with ``pytorch_lora_weights.safetensors``, or the file) and activates it alone.
+    def load_lora_weights(
+        self, path: str | os.PathLike, adapter_name: str | None = None, keep_active: bool = False
+    ) -> str:
+        """Loads an adapter (a folder with ``pytorch_lora_weights.safetensors``, or the file) and activates it.
+
+        By default it becomes the only active adapter (with a warning when that deactivates others); with
+        ``keep_active=True`` it joins the active ones at weight 1 (``set_adapters`` sets other weights).
 
         Files written by this package (both format versions) load; so does a diffusers LoRA file for the same UNet
         that records its `LoraConfig` (``lora_adapter_metadata``). A file of another format, a truncated or corrupt
@@ -67,7 +73,19 @@ class DiffusionCLIPLoraLoaderMixin:
             while adapter_name in names:
                 adapter_name, k = f"default_{k}", k + 1
         check_adapter_name(adapter_name)
+        check_bool(keep_active, "keep_active")
+        previous = self.get_active_adapters()
+        weights = lora.adapter_weights(self.unet)
         lora.load_adapter(self.unet, os.fspath(path), adapter_name)
+        if keep_active and previous:
+            lora.set_adapters(self.unet, previous + [adapter_name], [weights[n] for n in previous] + [1.0])
+            return adapter_name
+        if previous:
+            warnings.warn(
+                f"Loaded adapter {adapter_name!r} is now the only active one; {previous} are loaded but inactive. "
+                "Pass `keep_active=True` (CLI: --keep-active) or call `set_adapters` to combine them.",
+                stacklevel=3,
+            )
         lora.set_adapters(self.unet, [adapter_name], [1.0])
         return adapter_name
 

@@ -60,6 +60,10 @@ EXAMPLE_DOC_STRING = """
 """
 
 
+class NoAdapterWarning(UserWarning):
+    """`edit` was called with no adapter active: the result is a reconstruction, not an edit."""
+
+
 def _renamed_kwargs(kwargs: dict, edit_strength: float) -> float:
     """`edit`'s ``strength`` is now ``edit_strength`` (diffusers' ``strength`` is the noising depth, our ``t0``)."""
     if "strength" in kwargs:
@@ -67,7 +71,7 @@ def _renamed_kwargs(kwargs: dict, edit_strength: float) -> float:
             "`strength` was renamed `edit_strength` (in diffusers, `strength` is the noising depth, which is `t0` "
             "here); the old name will be removed in a future release.",
             FutureWarning,
-            stacklevel=3,
+            stacklevel=5,
         )
         if edit_strength != 1.0:
             raise TypeError("Pass `edit_strength` or its old name `strength`, not both.")
@@ -522,7 +526,14 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             edit_strength, adapters, adapter_masks, self.lora_adapters, batch_size, self.unet.config.sample_size
         )
         if not 0.0 <= edit_strength <= 1.0:
-            warnings.warn(f"`edit_strength`={edit_strength} is outside [0, 1]: extrapolating the edit.", stacklevel=2)
+            warnings.warn(f"`edit_strength`={edit_strength} is outside [0, 1]: extrapolating the edit.", stacklevel=4)
+        if adapters is None and edit_strength != 0 and not lora.adapters_enabled(self.unet):
+            warnings.warn(
+                "No adapter is active: `edit` only reconstructs its input. Fine-tune one (`finetune`) or load one "
+                "(`load_lora_weights`) first.",
+                NoAdapterWarning,
+                stacklevel=4,
+            )
         # 2. Invert to x_t0 with the original model (or take the given latents)
         if latents is None:
             latents = self.invert(
@@ -650,6 +661,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         source_images=None,
         target_images=None,
         cache_dir: str | os.PathLike | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        resume_from: str | os.PathLike | None = None,
         **kwargs,
     ) -> FinetuneOutput:
         r"""
@@ -663,13 +677,20 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                 ``config.num_sampled_images`` images from the model itself (seeded DDIM).
             config ([`FinetuneConfig`], *optional*): Settings; single fields can also be given as keyword arguments
                 (``pipe.finetune(src, tar, num_epochs=5, lora_rank=8)``).
-            adapter_name (`str`, *optional*, defaults to `"default"`): Name of the new adapter; it becomes active.
+            adapter_name (`str`, *optional*, defaults to `"default"`): Name of the new adapter (letters, digits, ``_``,
+                ``-``); it becomes the only active one. If the run fails or is interrupted, it is discarded and the
+                adapters are restored as they were.
             identity_loss (`Callable`, *optional*): ``fn(x0_source, x0_pred) -> per-sample loss`` (e.g. a face
                 identity loss), weighted by ``identity_loss_weight``.
             source_images / target_images (*optional*): Image-guided direction: the CLIP image embeddings' mean
                 difference (target minus source) replaces the text direction.
             cache_dir (`str`, *optional*): Folder for the precomputed latents, keyed by image content, ``t0``, step
                 count and the base UNet's weights.
+            checkpoint_dir (`str`, *optional*): Folder for resumable checkpoints (adapter, optimizer, RNG states,
+                epoch and step, settings), written atomically every ``checkpoint_every`` optimizer steps.
+            checkpoint_every (`int`, *optional*): Optimizer steps between checkpoints (needs ``checkpoint_dir``).
+            resume_from (`str`, *optional*): A checkpoint folder to continue from; the final adapter is then bit
+                for bit the one an uninterrupted run gives. Settings that differ from the checkpoint's are an error.
 
         Returns:
             [`FinetuneOutput`]: the adapter name and the loss of every optimizer step.
@@ -678,4 +699,5 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         return finetune(
             self, prompt_src, prompt_tar, images=images, config=config, adapter_name=adapter_name,
             identity_loss=identity_loss, source_images=source_images, target_images=target_images, cache_dir=cache_dir,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume_from=resume_from,
         )  # fmt: skip
