@@ -696,8 +696,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             [`FinetuneOutput`]: the adapter name and the loss of every optimizer step.
         """
         config = FinetuneConfig.from_kwargs(config, **kwargs)
+        checkpointing = dict(checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume_from=resume_from)
         return finetune(
             self, prompt_src, prompt_tar, images=images, config=config, adapter_name=adapter_name,
             identity_loss=identity_loss, source_images=source_images, target_images=target_images, cache_dir=cache_dir,
-            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume_from=resume_from,
+            **{k: v for k, v in checkpointing.items() if v is not None},
         )  # fmt: skip
