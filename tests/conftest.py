@@ -114,3 +114,97 @@ def clip_model(tokenizer) -> CLIPModel:
 def random_images(batch: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
+
+
+# ---- latent models at toy size (as diffusers' own pipeline tests build them) ---------------------------------
+
+
+def make_vae(seed: int = 0, latent_channels: int = 4):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    ).eval()
+
+
+def make_vqvae(seed: int = 0):
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    return VQModel(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=3,
+        num_vq_embeddings=32,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    ).eval()
+
+
+def make_conditional_unet(seed: int = 0, cross_attention_dim: int = 32, prediction_type_channels: int = 4):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=prediction_type_channels,
+        out_channels=prediction_type_channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=4,
+        attention_head_dim=4,
+    ).eval()
+
+
+def make_text_encoder(tokenizer: CLIPTokenizer, seed: int = 0, hidden_size: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=eos - 1,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def make_sd_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
+    """The components of a `StableDiffusionPipeline` at toy size: 16 px images, 8 x 8 x 4 latents."""
+    tokenizer = make_tokenizer()
+    scheduler = make_scheduler()
+    scheduler.register_to_config(prediction_type=prediction_type)
+    return dict(
+        vae=make_vae(seed),
+        text_encoder=make_text_encoder(tokenizer, seed),
+        tokenizer=tokenizer,
+        unet=make_conditional_unet(seed),
+        scheduler=scheduler,
+    )
+
+
+def make_ldm_components(seed: int = 0) -> dict:
+    """The components of an `LDMPipeline` at toy size: 16 px images, 8 x 8 x 3 latents."""
+    return dict(vqvae=make_vqvae(seed), unet=make_unet(sample_size=8, seed=seed), scheduler=make_scheduler())

@@ -11,12 +11,21 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMInverseScheduler,
+    DDIMScheduler,
+    DiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+    VQModel,
+)
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import lora
+from . import autoencoder, lora
 from .atomic import atomic_directory
+from .components import check_components, check_layout
 from .finetune import FinetuneConfig, FinetuneOutput, finetune
 from .image_processing import postprocess_image, preprocess_image
 from .loaders import DiffusionCLIPLoraLoaderMixin
@@ -34,6 +43,7 @@ from .validation import (
     check_non_negative_int,
     check_number,
     check_positive_int,
+    check_prompt_or_empty,
     check_timestep,
     short_repr,
 )
@@ -128,28 +138,38 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             embedding spaces, so it cannot exploit the blind spots of one. Never loaded implicitly.
         clip_tokenizer_2 ([`~transformers.CLIPTokenizer`], *optional*): The second CLIP's tokenizer (both or
             neither).
-        vae (*optional*): Reserved for latent models (encode/decode seam); must be `None` for now.
+        vae ([`AutoencoderKL`], *optional*): Stable Diffusion's autoencoder: inversion and editing then run on its
+            latents (see `autoencoder`: the posterior mean times ``scaling_factor``, deterministic).
+        vqvae ([`VQModel`], *optional*): The autoencoder of an unconditional latent diffusion model (`LDMPipeline`,
+            e.g. ``CompVis/ldm-celebahq-256``). At most one of ``vae`` and ``vqvae``.
+        text_encoder ([`~transformers.CLIPTextModel`], *optional*): Encodes the prompt a text-conditioned UNet
+            (`UNet2DConditionModel`, Stable Diffusion) is conditioned on while inverting and regenerating; not the
+            CLIP of the loss, which must also see images (``clip_model``).
+        tokenizer ([`~transformers.CLIPTokenizer`], *optional*): The text encoder's tokenizer.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = [
-        "inverse_scheduler", "clip_model", "clip_tokenizer", "clip_model_2", "clip_tokenizer_2", "vae"
+        "inverse_scheduler", "clip_model", "clip_tokenizer", "clip_model_2", "clip_tokenizer_2", "vae", "vqvae",
+        "text_encoder", "tokenizer",
     ]  # fmt: skip
 
     def __init__(
         self,
-        unet: UNet2DModel,
+        unet: UNet2DModel | UNet2DConditionModel,
         scheduler: DDIMScheduler,
         inverse_scheduler: DDIMInverseScheduler | None = None,
         clip_model=None,
         clip_tokenizer=None,
-        vae=None,
+        vae: AutoencoderKL | None = None,
         clip_model_2=None,
         clip_tokenizer_2=None,
+        vqvae: VQModel | None = None,
+        text_encoder=None,
+        tokenizer=None,
     ):
         super().__init__()
-        if vae is not None:
-            raise NotImplementedError("Latent (VAE) models are not supported yet: pass `vae=None`.")
+        check_components(unet, vae=vae, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer)
         if (clip_model_2 is None) != (clip_tokenizer_2 is None):
             raise ValueError(
                 "Pass both `clip_model_2` and `clip_tokenizer_2` for a second CLIP, or neither; got "
@@ -167,12 +187,24 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             vae=vae,
             clip_model_2=clip_model_2,
             clip_tokenizer_2=clip_tokenizer_2,
+            vqvae=vqvae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
         )
         self.clip_model_name_or_path = DEFAULT_CLIP
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, clip_model_name_or_path: str | None = None, **kwargs):
-        r"""Loads a pipeline folder written by `save_pretrained`, or a plain DDPM repository (``unet`` + scheduler).
+        r"""Loads a pipeline folder written by `save_pretrained`, or a diffusers repository of one of three layouts.
+
+        - a DDPM (`DDPMPipeline`: ``unet`` + ``scheduler``, e.g. ``google/ddpm-celebahq-256``): pixel space;
+        - an unconditional latent diffusion model (`LDMPipeline`: ``vqvae`` + ``unet`` + ``scheduler``, e.g.
+          ``CompVis/ldm-celebahq-256``);
+        - Stable Diffusion (`StableDiffusionPipeline`: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
+          ``scheduler``; the safety checker and feature extractor are not loaded), e.g.
+          ``stable-diffusion-v1-5/stable-diffusion-v1-5`` or ``stabilityai/stable-diffusion-2-1-base``.
+
+        SDXL (two text encoders, size conditioning) is not supported and raises `ValueError` before anything loads.
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): Hub id or local folder.
@@ -180,8 +212,11 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                 passed as ``clip_model=``/``clip_tokenizer=`` (default ``"openai/clip-vit-base-patch16"``).
             **kwargs: Passed to [`~diffusers.DiffusionPipeline.from_pretrained`] (``clip_model=``, ``dtype=``, ...).
         """
+        check_layout(pretrained_model_name_or_path, kwargs)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        _align_tensors(pipe.unet)
+        for component in (pipe.unet, pipe.vae, pipe.vqvae):
+            if component is not None:
+                _align_tensors(component)
         if clip_model_name_or_path is not None:
             pipe.clip_model_name_or_path = clip_model_name_or_path
         adapters = os.path.join(os.fspath(pretrained_model_name_or_path), lora.ADAPTERS_FOLDER)
@@ -250,28 +285,72 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
 
     # ---- the encode/decode seam of latent models -------------------------------------------------------------
 
-    def _encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Model-space representation of images in [-1, 1] (the images themselves for pixel-space UNets)."""
-        return image
+    @property
+    def autoencoder(self):
+        """The latent model's autoencoder (``vae`` or ``vqvae``), `None` for a pixel-space UNet."""
+        return self.vae if self.vae is not None else self.vqvae
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from model-space latents (identity for pixel-space UNets)."""
-        return latents
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent along each side (1 for a pixel-space UNet, 8 for Stable Diffusion)."""
+        return 1 if self.autoencoder is None else autoencoder.scale_factor(self.autoencoder)
+
+    @property
+    def resolution(self) -> int:
+        """The side of the square images the pipeline works at: inputs are centre-cropped and resized to it."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def image_channels(self) -> int:
+        ae = self.autoencoder
+        return int(self.unet.config.in_channels) if ae is None else int(ae.config.in_channels)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """UNet-space latents of images in [-1, 1] (the images themselves for a pixel-space UNet)."""
+        if self.autoencoder is None:
+            return image
+        return autoencoder.encode(self.autoencoder, image.to(self.autoencoder.dtype)).to(self.unet.dtype)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (not clamped) from UNet-space latents; differentiable (fine-tuning decodes x0_hat)."""
+        if self.autoencoder is None:
+            return latents
+        return autoencoder.decode(self.autoencoder, latents.to(self.autoencoder.dtype))
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str | None, batch_size: int = 1) -> torch.Tensor | None:
+        """The text encoder's hidden states for ``prompt`` (``None`` means the empty prompt), repeated over the
+        batch; `None` for an unconditional UNet (where a non-empty ``prompt`` is an error)."""
+        if self.text_encoder is None:
+            if prompt:
+                raise ValueError(f"`prompt` needs a text-conditioned UNet; this one is unconditional: {prompt!r}.")
+            return None
+        text = check_prompt_or_empty(prompt, "prompt")
+        tokens = self.tokenizer(
+            [text], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        )  # fmt: skip
+        hidden = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
+        return hidden.to(self.unet.dtype).expand(batch_size, -1, -1)
 
     # ---- noise prediction ------------------------------------------------------------------------------------
 
-    def _predict_noise(self, sample: torch.Tensor, timestep: int, adapted: bool = True) -> torch.Tensor:
-        """The UNet's noise prediction at integer ``timestep``; ``adapted=False`` asks for the original model."""
+    def _predict_noise(
+        self, sample: torch.Tensor, timestep: int, adapted: bool = True, condition: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The UNet's prediction at integer ``timestep`` (``condition``: text hidden states for a conditional UNet);
+        ``adapted=False`` asks for the original model."""
         t = torch.tensor(int(timestep), device=sample.device)
+        kwargs = {} if condition is None else {"encoder_hidden_states": condition[: sample.shape[0]]}
         if adapted:
-            return self.unet(sample, t).sample
+            return self.unet(sample, t, **kwargs).sample
         with lora.adapters_disabled(self.unet):
-            return self.unet(sample, t).sample
+            return self.unet(sample, t, **kwargs).sample
 
-    def _mixed_noise(self, sample: torch.Tensor, timestep, mix: list[MixComponent] | None) -> torch.Tensor:
+    def _mixed_noise(self, sample, timestep, mix: list[MixComponent] | None, condition=None) -> torch.Tensor:
         """``sum_i m_i w_i(t) eps_i + (1 - sum_i m_i w_i(t)) eps_original`` (see `mixing`); skips zero weights."""
         if mix is None:
-            return self._predict_noise(sample, timestep, adapted=True)
+            return self._predict_noise(sample, timestep, adapted=True, condition=condition)
         t = int(timestep)
         noise_pred, total = torch.zeros_like(sample), 0.0
         for component in mix:
@@ -281,13 +360,13 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             names = component.adapter_names
             context = contextlib.nullcontext() if names is None else lora.using_adapters(self.unet, names)
             with context:
-                eps = self._predict_noise(sample, t, adapted=True)
+                eps = self._predict_noise(sample, t, adapted=True, condition=condition)
             m = weight if component.mask is None else weight * component.mask.to(sample)
             noise_pred = noise_pred + m * eps
             total = total + m
         if not torch.is_tensor(total) and total == 1.0:
             return noise_pred  # the original model has weight 0 (the paper's multi-attribute case)
-        return noise_pred + (1.0 - total) * self._predict_noise(sample, t, adapted=False)
+        return noise_pred + (1.0 - total) * self._predict_noise(sample, t, adapted=False, condition=condition)
 
     # ---- validation ------------------------------------------------------------------------------------------
 
@@ -373,8 +452,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
     def prepare_image(self, image, name: str = "image") -> torch.Tensor:
         """``image`` (any form `invert` accepts) as the model's input: NCHW in [-1, 1], on the execution device, in the
         UNet's dtype. ``name`` is the argument named in error messages."""
-        x0 = preprocess_image(image, self.unet.config.sample_size, self.unet.config.in_channels, name=name)
-        return x0.to(device=self._execution_device, dtype=self.unet.dtype)
+        x0 = preprocess_image(image, self.resolution, self.image_channels, name=name)
+        dtype = self.unet.dtype if self.autoencoder is None else self.autoencoder.dtype
+        return x0.to(device=self._execution_device, dtype=dtype)
 
     # ---- inversion -------------------------------------------------------------------------------------------
 
@@ -387,6 +467,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         num_inversion_steps: int = 40,
         num_fixed_point_iterations: int = 0,
         return_dict: bool = True,
+        prompt: str | None = None,
     ) -> DiffusionCLIPInversionOutput | tuple:
         r"""
         Deterministic DDIM inversion (the DDIM ODE run forward, eta = 0) of ``image`` from t = 0 to ``t0``.
@@ -407,34 +488,39 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         Args:
             image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
                 Images to invert: PIL (any mode), numpy HWC/NHWC uint8 or float in [0, 1], or torch CHW/NCHW in
-                [-1, 1]. Other sizes are centre-cropped to a square and resized to ``unet.config.sample_size``.
+                [-1, 1]. Other sizes are centre-cropped to a square and resized to `resolution` (the UNet's
+                ``sample_size`` times the autoencoder's `vae_scale_factor`).
             t0 (`int`, *optional*, defaults to 500): The timestep to invert to, in [1, T - 1].
             num_inversion_steps (`int`, *optional*, defaults to 40): Steps (UNet evaluations) from 0 to ``t0``.
             num_fixed_point_iterations (`int`, *optional*, defaults to 0): Refinements of every step (see above);
                 0 is DiffusionCLIP's inversion.
             return_dict (`bool`, *optional*, defaults to `True`): Return a dataclass instead of a tuple.
+            prompt (`str`, *optional*): For a text-conditioned UNet (Stable Diffusion), the prompt it is conditioned
+                on while inverting; the empty prompt by default. Invert and regenerate with the same prompt.
 
         Returns:
-            [`DiffusionCLIPInversionOutput`] or `tuple`: ``(x_t0, timesteps, image)``.
+            [`DiffusionCLIPInversionOutput`] or `tuple`: ``(x_t0, timesteps, image)``; ``x_t0`` is in the UNet's
+            (latent) space, ``image`` the preprocessed input in pixels.
         """
         # 1. Check inputs
         self.check_inputs(image, t0, num_inversion_steps, num_fixed_point_iterations=num_fixed_point_iterations)
-        # 2. Preprocess image to [-1, 1] and into model space
+        # 2. Preprocess image to [-1, 1], encode the prompt of a conditional UNet
         x0 = self.prepare_image(image)
+        condition = self.encode_prompt(prompt, x0.shape[0])
         # 3. Inversion grid [0, ..., t0] on the inverse scheduler
         timesteps = ddim_timesteps(t0, num_inversion_steps, self.num_train_timesteps)
         inverse_scheduler = GridDDIMInverseScheduler.from_config(self.inverse_scheduler.config)
         inverse_scheduler.set_timesteps(timesteps=timesteps)
-        # 4. DDIM eq. (12) run forward, eps of the original model at the source level
-        latents = self._encode(x0)
+        # 4. DDIM eq. (12) run forward from the image's latents, eps of the original model at the source level
+        latents = self.encode_image(x0)
         with lora.adapters_disabled(self.unet):  # once for the loop, not per call
             for t in self.progress_bar(inverse_scheduler.timesteps):
                 source_t = max(inverse_scheduler.source_timestep(t), 0)
-                noise_pred = self._predict_noise(latents, source_t)
+                noise_pred = self._predict_noise(latents, source_t, condition=condition)
                 next_latents = inverse_scheduler.step(noise_pred, t, latents).prev_sample
                 # fixed-point refinement (k > 0): eps at the target level, as the generation step evaluates it
                 for _ in range(num_fixed_point_iterations):
-                    noise_pred = self._predict_noise(next_latents, t)
+                    noise_pred = self._predict_noise(next_latents, t, condition=condition)
                     next_latents = inverse_scheduler.step(noise_pred, t, latents).prev_sample
                 latents = next_latents
         if not return_dict:
@@ -463,6 +549,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         adapters: Mapping[str, float | Callable[[int], float]] | None = None,
         adapter_masks: Mapping[str, torch.Tensor] | None = None,
         num_fixed_point_iterations: int = 0,
+        prompt: str | None = None,
+        guidance_scale: float = 1.0,
         **kwargs,
     ) -> DiffusionCLIPPipelineOutput | tuple:
         r"""
@@ -501,6 +589,14 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             num_fixed_point_iterations (`int`, *optional*, defaults to 0): Fixed-point refinements of every
                 inversion step (see `invert`; ignored with ``latents``). With ``num_inference_steps ==
                 num_inversion_steps`` they make the unedited regeneration match the input.
+            prompt (`str`, *optional*): For a text-conditioned UNet (Stable Diffusion), the prompt it is conditioned
+                on while inverting and regenerating (the empty prompt by default; the adapter's source prompt is the
+                other natural choice). Encoded once.
+            guidance_scale (`float`, *optional*, defaults to 1.0): Classifier-free guidance for the *generation*
+                only: ``eps = eps("") + g * (eps(prompt) - eps(""))``. 1 means none, the default: the DDIM round trip
+                is exact only without guidance, because the inversion follows the unguided ODE; with ``g > 1`` the
+                regeneration drifts from the input (null-text-style inversion, which would repair that, is not
+                part of this package). Needs a text-conditioned UNet and a non-empty ``prompt``.
 
         Examples:
 
@@ -522,6 +618,12 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             num_fixed_point_iterations,
         )
         batch_size = self._batch_size(image, latents)
+        guidance_scale = check_number(guidance_scale, "guidance_scale", minimum=1)
+        if guidance_scale > 1 and (self.text_encoder is None or not prompt):
+            raise ValueError(
+                f"`guidance_scale`={guidance_scale} needs a text-conditioned UNet and a non-empty `prompt`, got "
+                f"prompt={prompt!r}."
+            )
         mix = build_mix(
             edit_strength, adapters, adapter_masks, self.lora_adapters, batch_size, self.unet.config.sample_size
         )
@@ -538,17 +640,22 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         if latents is None:
             latents = self.invert(
                 image, t0=t0, num_inversion_steps=num_inversion_steps,
-                num_fixed_point_iterations=num_fixed_point_iterations,
+                num_fixed_point_iterations=num_fixed_point_iterations, prompt=prompt,
             ).x_t0  # fmt: skip
         latents = latents.to(device=self._execution_device, dtype=self.unet.dtype)
         x_t0 = latents
+        condition = self.encode_prompt(prompt, batch_size)
+        unconditional = self.encode_prompt(None, batch_size) if guidance_scale > 1 else None
         # 3. Generation grid [t0, ..., 0] on the scheduler
         timesteps = ddim_timesteps(t0, num_inference_steps, self.num_train_timesteps)
         scheduler = GridDDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(timesteps=timesteps)
         # 4. Denoising loop with the current (adapted) UNet, or the mix of original and adapted predictions
         for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
-            noise_pred = self._mixed_noise(latents, t, mix)
+            noise_pred = self._mixed_noise(latents, t, mix, condition)
+            if unconditional is not None:  # classifier-free guidance (generation only, lossy: see the docstring)
+                noise_uncond = self._mixed_noise(latents, t, mix, unconditional)
+                noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
             step = scheduler.step(noise_pred, t, latents, eta=eta, generator=generator)
             latents = step.prev_sample
             if callback_on_step_end is not None:
@@ -558,7 +665,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                 if callback_outputs is not None:
                     latents = callback_outputs.get("latents", latents)
         # 5. Post-process
-        images = postprocess_image(self._decode(latents), output_type)
+        images = postprocess_image(self.decode_latents(latents), output_type)
         self.maybe_free_model_hooks()
         generation_grid = [int(t) for t in scheduler.timesteps]
         if not return_dict:
@@ -617,11 +724,11 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             image, edit_t0, num_inversion_steps, num_inference_steps,
             num_fixed_point_iterations=num_fixed_point_iterations,
         )  # fmt: skip
-        for name, value in (("n_iter", n_iter), ("num_denoise_steps", num_denoise_steps)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        # 2. Preprocess image
-        x0 = self._encode(self.prepare_image(image))
+        check_positive_int(n_iter, "n_iter")
+        check_positive_int(num_denoise_steps, "num_denoise_steps")
+        # 2. Preprocess image, into the UNet's space
+        x0 = self.encode_image(self.prepare_image(image))
+        condition = self.encode_prompt(None, x0.shape[0])
         alpha_t0 = self.scheduler.alphas_cumprod[t0].to(device=x0.device, dtype=x0.dtype)
         scheduler = GridDDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(timesteps=ddim_timesteps(t0, num_denoise_steps, self.num_train_timesteps))
@@ -630,19 +737,19 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x = alpha_t0.sqrt() * x0 + (1 - alpha_t0).sqrt() * noise
             for t in scheduler.timesteps:
-                x = scheduler.step(self._predict_noise(x, t, adapted=False), t, x).prev_sample
+                x = scheduler.step(self._predict_noise(x, t, adapted=False, condition=condition), t, x).prev_sample
             x0 = x
-        x0 = x0.clamp(-1, 1)  # a generated image, displayed and edited in the valid range (as diffusers' output)
+        domain = self.decode_latents(x0).clamp(-1, 1)  # a generated image, edited in the valid range
         # 4. Edit with the active adapters, if any
         if lora.adapters_enabled(self.unet):
             images = self.edit(
-                self._decode(x0), t0=edit_t0, num_inversion_steps=num_inversion_steps,
+                domain, t0=edit_t0, num_inversion_steps=num_inversion_steps,
                 num_inference_steps=num_inference_steps, output_type=output_type,
                 num_fixed_point_iterations=num_fixed_point_iterations,
             ).images  # fmt: skip
         else:
-            images = postprocess_image(self._decode(x0), output_type)
-        domain_images = postprocess_image(self._decode(x0), output_type)
+            images = postprocess_image(domain, output_type)
+        domain_images = postprocess_image(domain, output_type)
         if not return_dict:
             return (images, domain_images)
         return DiffusionCLIPTranslationOutput(images=images, domain_images=domain_images)

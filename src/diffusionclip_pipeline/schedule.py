@@ -78,7 +78,12 @@ def _ddim_update(
         pred_epsilon = model_output
     elif prediction_type == "sample":
         pred_original_sample = model_output
-        pred_epsilon = (sample - alpha_prod_t ** (0.5) * pred_original_sample) / beta_prod_t ** (0.5)
+        if float(beta_prod_t) == 0.0:
+            # from the clean image (alpha = 1) the noise direction is undefined: take eps = 0, the limit for a
+            # perfect model (diffusers' DDIMInverseScheduler divides by zero here, diffusers#10920)
+            pred_epsilon = torch.zeros_like(sample)
+        else:
+            pred_epsilon = (sample - alpha_prod_t ** (0.5) * pred_original_sample) / beta_prod_t ** (0.5)
     elif prediction_type == "v_prediction":
         pred_original_sample = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
         pred_epsilon = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample

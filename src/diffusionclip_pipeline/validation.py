@@ -28,6 +28,7 @@ __all__ = [
     "check_number",
     "check_positive_int",
     "check_prompt",
+    "check_prompt_or_empty",
     "check_timestep",
     "short_repr",
 ]
@@ -135,6 +136,15 @@ def check_prompt(value, name: str) -> str:
         raise TypeError(f"`{name}` must be a string, got {short_repr(value)} ({type(value).__name__}).")
     if not value.strip():
         raise ValueError(f"`{name}` must be a non-empty string, got {value!r}.")
+    return value
+
+
+def check_prompt_or_empty(value, name: str) -> str:
+    """A prompt that may be empty (`None` is the empty prompt), e.g. the conditioning text of a diffusion UNet."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a string or None, got {short_repr(value)} ({type(value).__name__}).")
     return value
 
 
