@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import random_images
 
 from diffusionclip_pipeline import IMAGENET_TEMPLATES, CLIPDirectionalLoss, direction_loss
-from diffusionclip_pipeline.clip_loss import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from diffusionclip_pipeline.clip_loss import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, unknown_words
 
 
 @pytest.fixture
@@ -179,3 +179,21 @@ def test_source_embeddings_not_reusable_with_augmentations(clip_model, tokenizer
     src = random_images(1)
     with pytest.raises(ValueError, match="`source_embeds`"):
         loss_fn(src, src, "a", "b", source_embeds=loss_fn.encode_images(src))
+
+
+def test_unknown_words_are_those_the_tokenizer_only_spells_out(tokenizer):
+    # the tiny tokenizer merges "red", "blue", "circle", ... into one token each; other words fall back to characters
+    assert unknown_words(tokenizer, "a photo of a red circle") == []
+    assert unknown_words(tokenizer, "A Cat, a dog and a CAT: 2024 dogs!") == ["Cat", "dog", "and", "dogs"]
+    assert unknown_words(tokenizer, "ox") == []  # two characters or fewer: too short to tell
+    assert tokenizer.tokenize("cat") == ["c", "a", "t</w>"]
+
+
+def test_unknown_words_with_a_tokenizer_that_has_an_unk_token():
+    class WordTokenizer:  # a word-level vocabulary with an unknown token, as BERT-style tokenizers have
+        unk_token = "[UNK]"
+
+        def tokenize(self, word):
+            return [word.lower()] if word.lower() in {"face", "smiling"} else ["[UNK]"]
+
+    assert unknown_words(WordTokenizer(), "smiling face of Zeus") == ["of", "Zeus"]

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +26,43 @@ LOSS_TYPES = ("cosine", "neg_log")
 def _features(output) -> torch.Tensor:
     """transformers 5 returns `BaseModelOutputWithPooling` (projected embedding in ``pooler_output``), 4.x a tensor."""
     return output if torch.is_tensor(output) else output.pooler_output
+
+
+_WORD = re.compile(r"[^\W_]+")  # runs of letters and digits (any script)
+_WORD_MARKERS = ("</w>", "\u2581", "\u0120")  # end of word (CLIP BPE), start of word (SentencePiece, GPT-2 BPE)
+
+
+def _piece(token: str) -> str:
+    for marker in _WORD_MARKERS:
+        token = token.replace(marker, "")
+    return token
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """The words of ``text`` that ``tokenizer`` does not know, in order, each once.
+
+    A word (a run of letters and digits; numbers are never reported) is unknown if the tokenizer gives its
+    ``unk_token`` for it, or if it falls apart into single characters (or bytes) only while being longer than 2
+    characters: CLIP's byte-level BPE has no unknown token, so a word it never merged is the sign.
+
+    Example:
+
+    ```py
+    >>> unknown_words(tokenizer, "a photo of a zxqv")
+    ['zxqv']
+    ```
+    """
+    unk = getattr(tokenizer, "unk_token", None)
+    found, seen = [], set()
+    for word in _WORD.findall(text):
+        if word.isdigit() or word.lower() in seen:
+            continue
+        seen.add(word.lower())
+        tokens = tokenizer.tokenize(word)
+        pieces = [_piece(t) for t in tokens]
+        if (unk is not None and unk in tokens) or (len(word) > 2 and all(len(p) <= 1 for p in pieces)):
+            found.append(word)
+    return found
 
 
 def direction_loss(image_direction: torch.Tensor, text_direction: torch.Tensor, loss_type: str = "cosine"):

@@ -11,7 +11,8 @@ Two schemes (paper Fig. 3 / supplementary B.1; `shared/reference/official.md` se
 
 The parts, each changeable on its own: `build_losses` (the loss terms, `FinetuneLoss`), `training_images` and
 `precompute_latents` (the data), `TrainStep` (optimizer, mixed precision, gradient accumulation, clipping, non-finite
-checks), `SCHEMES` (one function per scheme) and `finetune`, which ties them together and undoes everything if a run
+checks), `SCHEMES` (one function per scheme), the checkpoints (`read_checkpoint`; written every ``checkpoint_every``
+optimizer steps, resumed bit for bit) and `finetune`, which ties them together and undoes everything if a run
 fails. Only this module creates optimizers. The test-bed measurements behind the defaults are in
 `docs/testbed-experiments.md`.
 """
@@ -19,6 +20,7 @@ fails. Only this module creates optimizers. The test-bed measurements behind the
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import warnings
@@ -27,13 +29,15 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from diffusers.utils import BaseOutput
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from . import lora
 from ._version import __version__
-from .clip_loss import LOSS_TYPES, CLIPDirectionalLoss
+from .atomic import atomic_directory
+from .clip_loss import LOSS_TYPES, CLIPDirectionalLoss, unknown_words
 from .lora import (
     DEFAULT_TARGET_MODULES,
+    LORA_WEIGHT_NAME,
     LoraSettings,
     adapter_names,
     adapter_parameters,
@@ -54,6 +58,7 @@ from .validation import (
     check_positive_int,
     check_prompt,
     check_timestep,
+    short_repr,
 )
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -290,7 +295,9 @@ def training_images(
         unet = pipe.unet
         shape = (config.num_sampled_images, unet.config.in_channels) + (unet.config.sample_size,) * 2
         noise = torch.randn(shape, generator=generator).to(device, unet.dtype)
-        with adapters_disabled(unet):
+        with adapters_disabled(unet), warnings.catch_warnings():
+            # the original model on purpose: `edit`'s NoAdapterWarning (only a reconstruction) is expected here
+            warnings.filterwarnings("ignore", message="No adapter is active")
             images = pipe.edit(
                 latents=noise, t0=pipe.num_train_timesteps - 1, num_inference_steps=config.num_sampling_steps,
                 output_type="pt",
@@ -387,6 +394,7 @@ class TrainStep:
         self.amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
         fp16 = self.amp_dtype is torch.float16
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
+        self.num_updates = 0  # accumulation boundaries passed (optimizer steps, including any the scaler skipped)
 
     def predict(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """The adapted UNet's noise prediction at integer timestep ``t``, in ``x``'s dtype."""
@@ -421,6 +429,49 @@ class TrainStep:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.num_updates += 1
+
+    @property
+    def pending_gradients(self) -> bool:
+        """True while gradients are accumulated but not yet applied (between accumulation boundaries)."""
+        return any(p.grad is not None for p in self.params)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a checkpoint needs to continue bit for bit, at an optimizer-step boundary: the optimizer's tensors
+        (``"state.<param index>.<key>"``) and everything else as JSON (param groups, the `GradScaler`'s state, the
+        update counter and accelerate's micro-step counter, which decides the accumulation boundaries)."""
+        optimizer = self.optimizer.state_dict()
+        tensors, rest = {}, {}
+        for index, entry in optimizer["state"].items():
+            for key, value in entry.items():
+                if torch.is_tensor(value):
+                    tensors[f"state.{index}.{key}"] = value
+                else:
+                    rest.setdefault(str(index), {})[key] = value
+        return tensors, {
+            "optimizer": {"param_groups": optimizer["param_groups"], "state": rest},
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "num_updates": self.num_updates,
+            "accelerator_step": int(self.accelerator.step),
+        }
+
+    def load_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """Restores what `state` returned (the tensors are copied into fresh memory: views into a file's buffer
+        can be unaligned, and CPU kernels round differently on unaligned memory)."""
+        entries: dict[int, dict] = {int(i): dict(entry) for i, entry in state["optimizer"]["state"].items()}
+        for key, value in tensors.items():
+            _, index, name = key.split(".", 2)
+            entries.setdefault(int(index), {})[name] = value.clone()
+        current = self.optimizer.state_dict()["param_groups"]
+        groups = [
+            {k: tuple(v) if isinstance(now.get(k), tuple) else v for k, v in group.items()}  # JSON made tuples lists
+            for group, now in zip(state["optimizer"]["param_groups"], current)
+        ]
+        self.optimizer.load_state_dict({"state": entries, "param_groups": groups})
+        if self.grad_scaler is not None:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        self.num_updates = int(state["num_updates"])
+        self.accelerator.step = int(state["accelerator_step"])
 
     def check_result(self, x: torch.Tensor, t: int) -> None:
         """After the last optimizer step: raises `NonFiniteLossError` if an adapter weight is NaN/inf, or if the
@@ -484,34 +535,288 @@ SCHEMES: dict[str, Callable[..., list[float]]] = {
 }
 
 
-def _train(pipe, step: TrainStep, loss_fn: FinetuneLoss, x0, x_t0, config: FinetuneConfig, generator) -> list[float]:
-    """``config.num_epochs`` passes over the images, shuffled by ``generator``; returns the loss history."""
+def _train(
+    pipe, step: TrainStep, loss_fn: FinetuneLoss, x0, x_t0, config: FinetuneConfig, generator,
+    checkpoints: _Checkpointer | None = None, resume: Checkpoint | None = None,
+) -> list[float]:  # fmt: skip
+    """``config.num_epochs`` passes over the images, shuffled by ``generator``; returns the loss history. With
+    ``checkpoints``, writes one whenever due (at batch ends); with ``resume``, continues where that checkpoint was."""
     scheduler = GridDDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(timesteps=ddim_timesteps(config.t0, config.num_train_steps, pipe.num_train_timesteps))
     train_batch = SCHEMES[config.scheme]
     # data-parallel shards: every process gets the same number of batches (indices wrap around)
     n, world, rank = x0.shape[0], step.accelerator.num_processes, step.accelerator.process_index
     per_process = math.ceil(n / world)
+    num_batches = math.ceil(per_process / config.batch_size)
     loss_history: list[float] = []
-    progress = pipe.progress_bar(total=config.num_epochs * math.ceil(per_process / config.batch_size))
+    first_epoch, first_batch = 0, 0
+    if resume is not None:
+        loss_history, first_epoch, first_batch = list(resume.loss_history), resume.epoch, resume.batch
+        resume.restore(step, generator, loss_fn.clip_losses)
+    progress = pipe.progress_bar(total=config.num_epochs * num_batches)
+    if first_epoch or first_batch:  # a resumed run: rate and time left from this run's batches only
+        progress.n = progress.last_print_n = progress.initial = first_epoch * num_batches + first_batch
     try:
-        for epoch in range(config.num_epochs):
+        for epoch in range(first_epoch, config.num_epochs):
+            epoch_start = generator.get_state()  # what a checkpoint within this epoch stores to redraw its order
             order = torch.randperm(n, generator=generator).tolist()
             order = (order * world)[: per_process * world][rank::world]
-            for b, start in enumerate(range(0, per_process, config.batch_size)):
-                idx = order[start : start + config.batch_size]
+            for b in range(first_batch if epoch == first_epoch else 0, num_batches):
+                idx = order[b * config.batch_size : (b + 1) * config.batch_size]
                 x0_src = x0[idx]
                 losses = train_batch(
                     step, loss_fn, scheduler, x_t0[idx], x0_src, loss_fn.source_embeddings(x0_src),
                     f"epoch {epoch}, batch {b}",
                 )  # fmt: skip
                 loss_history.extend(losses)
-                progress.set_postfix(epoch=epoch, loss=f"{loss_history[-1]:.4f}")
+                # a dict keeps this order (keyword arguments would be sorted): epoch, optimizer steps, last loss
+                progress.set_postfix({"epoch": epoch, "step": step.num_updates, "loss": f"{loss_history[-1]:.4f}"})
                 progress.update(1)
+                if checkpoints is not None and checkpoints.due(step):
+                    if b + 1 < num_batches:  # next: batch b + 1 of this epoch, in this epoch's order
+                        checkpoints.write(step, loss_fn, epoch, b + 1, epoch_start, loss_history)
+                    else:
+                        checkpoints.write(step, loss_fn, epoch + 1, 0, generator.get_state(), loss_history)
     finally:
         progress.close()
     step.check_result(x_t0[:1], int(scheduler.timesteps[0]))
     return loss_history
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------
+
+CHECKPOINT_NAME = "checkpoint-latest"
+TRAINER_STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+RANDOM_STATES_NAME = "random_states.safetensors"
+CHECKPOINT_FORMAT = "diffusionclip-finetune-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_tensors(*tensors: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for x in tensors:
+        x = x.detach().cpu().contiguous()
+        digest.update(f"{tuple(x.shape)}|{x.dtype}|".encode())
+        digest.update(x.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def _config_settings(config: FinetuneConfig, prompt_src: str, prompt_tar: str) -> dict:
+    """The settings known before any work: every `FinetuneConfig` field and the prompts."""
+    return _jsonable({**asdict(config), "prompt_src": prompt_src, "prompt_tar": prompt_tar})
+
+
+def _model_settings(pipe) -> dict:
+    """The identity of the base UNet (config and weights, adapters excluded) and the noise schedule."""
+    scheduler = json.dumps(
+        {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}, sort_keys=True, default=str
+    )
+    return {"base_unet": weights_fingerprint(pipe.unet), "scheduler": hashlib.sha256(scheduler.encode()).hexdigest()}
+
+
+def _data_settings(loss_fn: FinetuneLoss, x0: torch.Tensor, x_t0: torch.Tensor) -> dict:
+    """Fingerprints of the training images, their latents and the CLIP direction(s) (prompts or direction images,
+    in each CLIP's space: a change of CLIP model changes them too)."""
+    return {
+        "num_clip_models": len(loss_fn.clip_losses),
+        "direction": _sha256_tensors(*loss_fn.directions),
+        "training_images": _sha256_tensors(x0),
+        "latents": _sha256_tensors(x_t0),
+    }
+
+
+def _check_settings(saved: dict, current: dict, path: str) -> None:
+    """`ValueError` naming every setting in ``current`` that differs from the checkpoint's."""
+    differ = [key for key in current if key not in saved or saved[key] != current[key]]
+    if differ:
+        shown = ", ".join(
+            f"`{k}` (checkpoint: {short_repr(saved.get(k), 60)}, now: {short_repr(current[k], 60)})" for k in differ
+        )
+        raise ValueError(
+            f"Cannot resume from {path!r}: these settings differ from the checkpoint's: {shown}. Resume with the "
+            "settings, prompts, images and base model of the interrupted run."
+        )
+
+
+@dataclass
+class Checkpoint:
+    """A fine-tuning checkpoint read back by `read_checkpoint` (validated: complete, checksums match).
+
+    Args:
+        path (`str`): Its folder.
+        epoch (`int`) / batch (`int`): Where training continues: batch ``batch`` of epoch ``epoch``.
+        num_updates (`int`): Optimizer steps done.
+        loss_history (`list[float]`): The losses so far.
+        settings (`dict`): The run's settings and fingerprints (see `finetune`).
+        adapter (`dict[str, torch.Tensor]`): The adapter's weights (peft keys).
+        optimizer_tensors (`dict[str, torch.Tensor]`) / trainer_state (`dict`): For `TrainStep.load_state`.
+        random_states (`dict[str, torch.Tensor]`): The generator states.
+    """
+
+    path: str
+    epoch: int
+    batch: int
+    num_updates: int
+    loss_history: list[float]
+    settings: dict
+    adapter: dict[str, torch.Tensor]
+    optimizer_tensors: dict[str, torch.Tensor]
+    trainer_state: dict
+    random_states: dict[str, torch.Tensor]
+
+    def restore(self, step: TrainStep, generator: torch.Generator, clip_losses: list[CLIPDirectionalLoss]) -> None:
+        """Optimizer, scaler, counters and every random state as they were when the checkpoint was written (the
+        shuffling generator as it was at the start of ``epoch``, to redraw that epoch's order)."""
+        step.load_state(self.optimizer_tensors, self.trainer_state)
+        generator.set_state(self.random_states["shuffle"])
+        for i, fn in enumerate(clip_losses):
+            fn._generator.set_state(self.random_states[f"clip_augment.{i}"])
+        torch.set_rng_state(self.random_states["torch"])
+        if step.device.type == "cuda" and "torch_cuda" in self.random_states:  # absent if written on another device
+            torch.cuda.set_rng_state(self.random_states["torch_cuda"], step.device)
+
+    def load_adapter_weights(self, unet, adapter_name: str) -> None:
+        """Copies the checkpoint's adapter weights into the fresh adapter ``adapter_name`` (same keys and shapes)."""
+        params = _adapter_parameters_by_key(unet, adapter_name)
+        if params.keys() != self.adapter.keys():
+            missing, unexpected = (
+                sorted(params.keys() - self.adapter.keys()),
+                sorted(self.adapter.keys() - params.keys()),
+            )
+            raise ValueError(
+                f"The adapter in {self.path!r} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}."
+            )
+        with torch.no_grad():
+            for key, p in params.items():
+                if p.shape != self.adapter[key].shape:
+                    raise ValueError(
+                        f"The adapter in {self.path!r} does not fit: {key} has shape "
+                        f"{tuple(self.adapter[key].shape)}, expected {tuple(p.shape)}."
+                    )
+                p.copy_(self.adapter[key])
+
+
+def _adapter_parameters_by_key(unet, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    """The adapter's parameters under peft's state-dict keys (``<module>.lora_A.weight``: the adapter name dropped)."""
+    params = {}
+    for part in ("A", "B"):
+        suffix = f".lora_{part}.{adapter_name}.weight"
+        for name, p in unet.named_parameters():
+            if name.endswith(suffix):
+                params[f"{name[: -len(suffix)]}.lora_{part}.weight"] = p
+    return params
+
+
+def _resolve_checkpoint(path) -> str:
+    """``path`` itself, or its ``checkpoint-latest`` (a `checkpoint_dir` may be given to `resume_from`)."""
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)) and os.path.isfile(
+        os.path.join(path, CHECKPOINT_NAME, TRAINER_STATE_NAME)
+    ):
+        return os.path.join(path, CHECKPOINT_NAME)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Reads and validates a checkpoint folder written by `finetune` (or a ``checkpoint_dir`` holding one).
+
+    Safetensors and JSON only (never pickle). Every file's SHA-256 is checked against ``trainer_state.json`` (written
+    last); a missing, truncated or corrupt file, or a checkpoint of another format, raises `ValueError`.
+    """
+    path = _resolve_checkpoint(path)
+    state_path = os.path.join(path, TRAINER_STATE_NAME)
+    if not os.path.isfile(state_path):
+        raise ValueError(f"`resume_from` {path!r} is not a fine-tuning checkpoint (no {TRAINER_STATE_NAME}).")
+    try:
+        with open(state_path, encoding="utf-8") as handle:
+            state = json.load(handle)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a {CHECKPOINT_FORMAT}")
+        if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+            raise ValueError(f"format version {state.get('format_version')!r}, expected {CHECKPOINT_FORMAT_VERSION}")
+        for name in (LORA_WEIGHT_NAME, OPTIMIZER_NAME, RANDOM_STATES_NAME):
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                raise ValueError(f"{name} is missing")
+            if _sha256_file(file) != state["files"][name]:
+                raise ValueError(f"{name} does not match its checksum (truncated or corrupt)")
+        adapter = lora.read_adapter_file(os.path.join(path, LORA_WEIGHT_NAME)).state_dict
+        optimizer_tensors = load_file(os.path.join(path, OPTIMIZER_NAME))
+        random_states = load_file(os.path.join(path, RANDOM_STATES_NAME))
+        trainer_state = {k: state[k] for k in ("optimizer", "grad_scaler", "num_updates", "accelerator_step")}
+        checkpoint = Checkpoint(
+            path=path, epoch=check_non_negative_int(state["epoch"], "epoch"),
+            batch=check_non_negative_int(state["batch"], "batch"),
+            num_updates=check_non_negative_int(state["num_updates"], "num_updates"),
+            loss_history=[float(v) for v in state["loss_history"]], settings=dict(state["settings"]),
+            adapter={k: v.clone() for k, v in adapter.items()}, optimizer_tensors=optimizer_tensors,
+            trainer_state=trainer_state, random_states=random_states,
+        )  # fmt: skip
+        needed = ["shuffle", "torch"] + [f"clip_augment.{i}" for i in range(int(state["settings"]["num_clip_models"]))]
+        missing = [key for key in needed if key not in random_states]
+        if missing:
+            raise ValueError(f"no random state {missing}")
+    except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError, ValueError) as error:
+        raise ValueError(f"The checkpoint at {path!r} is unreadable or incomplete: {error}") from error
+    return checkpoint
+
+
+@dataclass
+class _Checkpointer:
+    """Writes ``<checkpoint_dir>/checkpoint-latest`` every ``every`` optimizer steps, at a batch end with no
+    gradients pending, replacing the previous one atomically."""
+
+    checkpoint_dir: str
+    every: int
+    unet: object
+    adapter_name: str
+    settings: dict
+    last: int = 0  # `num_updates` at the last checkpoint
+
+    def due(self, step: TrainStep) -> bool:
+        return step.num_updates - self.last >= self.every and not step.pending_gradients
+
+    def write(self, step: TrainStep, loss_fn: FinetuneLoss, epoch: int, batch: int, shuffle_state, loss_history):
+        optimizer_tensors, trainer_state = step.state()
+        random_states = {"shuffle": shuffle_state, "torch": torch.get_rng_state()}
+        random_states.update(
+            {f"clip_augment.{i}": fn._generator.get_state() for i, fn in enumerate(loss_fn.clip_losses)}
+        )
+        if step.device.type == "cuda":
+            random_states["torch_cuda"] = torch.cuda.get_rng_state(step.device)
+        with atomic_directory(os.path.join(self.checkpoint_dir, CHECKPOINT_NAME)) as tmp:
+            lora.save_adapter(self.unet, tmp, self.adapter_name)
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in optimizer_tensors.items()},
+                os.path.join(tmp, OPTIMIZER_NAME),
+                metadata={"format": "pt"},
+            )
+            save_file(random_states, os.path.join(tmp, RANDOM_STATES_NAME), metadata={"format": "pt"})
+            files = {
+                name: _sha256_file(os.path.join(tmp, name))
+                for name in (LORA_WEIGHT_NAME, OPTIMIZER_NAME, RANDOM_STATES_NAME)
+            }
+            state = {
+                "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+                "package_version": __version__, "epoch": epoch, "batch": batch, **trainer_state,
+                "loss_history": loss_history, "settings": self.settings, "files": files,
+            }  # fmt: skip
+            with open(os.path.join(tmp, TRAINER_STATE_NAME), "w", encoding="utf-8") as handle:
+                json.dump(state, handle, indent=1)
+        self.last = step.num_updates
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
@@ -532,6 +837,54 @@ def _check_inputs(pipe, prompt_src, prompt_tar, config, adapter_name, identity_l
     elif config.identity_loss_weight > 0:
         raise ValueError("`identity_loss_weight` > 0 needs an `identity_loss` callable.")
     check_timestep(config.t0, "t0", pipe.num_train_timesteps)
+
+
+def _check_checkpointing(checkpoint_dir, checkpoint_every, resume_from) -> None:
+    for name, value in (("checkpoint_dir", checkpoint_dir), ("resume_from", resume_from)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"`{name}` must be a folder path (str or os.PathLike), got {short_repr(value)}.")
+    if checkpoint_every is not None:
+        check_positive_int(checkpoint_every, "checkpoint_every")
+    if checkpoint_dir is not None and checkpoint_every is None:
+        raise ValueError("`checkpoint_dir` needs `checkpoint_every` (optimizer steps between checkpoints).")
+    if checkpoint_every is not None and checkpoint_dir is None:
+        raise ValueError(f"`checkpoint_every`={checkpoint_every} needs a `checkpoint_dir` to write to.")
+    if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+        raise ValueError(f"`checkpoint_dir` {os.fspath(checkpoint_dir)!r} exists and is not a folder.")
+    if resume_from is not None and not os.path.isdir(resume_from):
+        raise ValueError(f"`resume_from` {os.fspath(resume_from)!r} is not a folder (a checkpoint to resume from).")
+
+
+def _same_prompts(prompt_src: str, prompt_tar: str) -> bool:
+    return prompt_src.strip().lower() == prompt_tar.strip().lower()
+
+
+def _warn_if_same_prompts(prompt_src, prompt_tar, config, text_direction: bool) -> None:
+    if text_direction and config.clip_loss_weight > 0 and _same_prompts(prompt_src, prompt_tar):
+        warnings.warn(
+            f"`prompt_src` and `prompt_tar` are the same ({prompt_src.strip()!r}): the text direction is zero, so "
+            "the directional CLIP loss is constant and nothing will be learnt from it.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_about_unknown_words(pipe, prompt_src, prompt_tar, config, text_direction: bool) -> None:
+    """One warning per prompt the CLIP loss uses that has words a CLIP tokenizer does not know (`unknown_words`)."""
+    used = [("prompt_src", prompt_src), ("prompt_tar", prompt_tar)] if text_direction else []
+    if config.global_clip_loss_weight > 0 and not text_direction:
+        used.append(("prompt_tar", prompt_tar))
+    for name, prompt in used:
+        words = []
+        for _, tokenizer in pipe.clip_models:
+            words += [w for w in unknown_words(tokenizer, prompt) if w not in words]
+        if words:
+            warnings.warn(
+                f"`{name}` {prompt!r} has words the CLIP tokenizer does not know: {words} (they fall back to single "
+                "characters, which carry little meaning for CLIP); the direction may not be what you meant.",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _prepare_direction_images(pipe, source_images, target_images):
@@ -572,20 +925,25 @@ class _UNetState:
             p.requires_grad_(flag)
 
 
-def _train_adapter(pipe, adapter_name, loss_fn, x0, x_t0, config, accelerator, generator, state) -> list[float]:
+def _train_adapter(
+    pipe, adapter_name, loss_fn, x0, x_t0, config, accelerator, generator, state, checkpoints=None, resume=None
+) -> list[float]:
     """Trains the freshly added adapter (float32 weights, even on a half-precision UNet, as
-    `diffusers.training_utils.cast_training_params` does); leaves its weights frozen and the UNet's modes as before."""
+    `diffusers.training_utils.cast_training_params` does), from the weights of ``resume`` if given; leaves its weights
+    frozen and the UNet's modes as before."""
     unet, step = pipe.unet, None
     params = adapter_parameters(unet, adapter_name)
     for p in params:
         if p.dtype != torch.float32:
             p.data = p.data.float()
     try:
+        if resume is not None:
+            resume.load_adapter_weights(unet, adapter_name)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         step = TrainStep(unet, params, config, accelerator)
         unet.train()
-        return _train(pipe, step, loss_fn, x0, x_t0, config, generator)
+        return _train(pipe, step, loss_fn, x0, x_t0, config, generator, checkpoints, resume)
     finally:
         if step is not None:
             step.close()
@@ -625,6 +983,9 @@ def finetune(
     source_images=None,
     target_images=None,
     cache_dir: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume_from: str | os.PathLike | None = None,
     accelerator=None,
 ) -> FinetuneOutput:
     r"""
@@ -658,6 +1019,24 @@ def finetune(
         source_images / target_images (*optional*): Image-guided direction (both or neither): the mean difference of
             the two sets' CLIP image embeddings replaces the text direction.
         cache_dir (`str` or `os.PathLike`, *optional*): Folder for the precomputed latents (see `precompute_latents`).
+        checkpoint_dir (`str` or `os.PathLike`, *optional*): Folder for a resumable checkpoint, written every
+            ``checkpoint_every`` optimizer steps to ``checkpoint_dir/checkpoint-latest/`` (only the latest is kept;
+            the new one replaces it atomically, so a kill at any moment leaves the previous complete one). It holds
+            the adapter (``pytorch_lora_weights.safetensors``, loadable with `load_lora_weights`), the optimizer's
+            tensors (``optimizer.safetensors``), the random states (``random_states.safetensors``: the shuffling
+            generator, each CLIP loss's view generator, torch's global generator) and ``trainer_state.json`` (epoch,
+            batch and step counters, the loss history, the optimizer's other state, the `GradScaler`'s state, the
+            settings and fingerprints, and every file's SHA-256). Safetensors and JSON only, never pickle.
+        checkpoint_every (`int`, *optional*): Optimizer steps between checkpoints (needs ``checkpoint_dir``, and
+            vice versa). Checkpoints are taken at batch ends with no gradients pending: with ``scheme="efficient"``
+            (an optimizer step per generation step) the count is rounded up to the end of the batch, and with
+            ``gradient_accumulation_steps`` > 1 to the next batch end that is also an accumulation boundary.
+        resume_from (`str` or `os.PathLike`, *optional*): A checkpoint folder (or a ``checkpoint_dir``) to continue
+            from: the final adapter and the loss history are then bit for bit those of an uninterrupted run (same
+            device and software). The settings (every `FinetuneConfig` field), prompts, training images and their
+            latents, the CLIP direction and the base UNet must be the checkpoint's, else `ValueError` naming what
+            differs, before training; a truncated or corrupt checkpoint is a `ValueError` too. Not supported with
+            several processes yet.
         accelerator (`accelerate.Accelerator`, *optional*): For multi-process (DDP) training; by default a
             single-process one with ``config.gradient_accumulation_steps``.
 
@@ -675,9 +1054,17 @@ def finetune(
     """
     from accelerate import Accelerator
 
-    # 1. Check inputs (before any work) and prepare the images
+    # 1. Check inputs (before any work), the checkpoint to resume from and its settings; prepare the images
     config = FinetuneConfig() if config is None else config
     _check_inputs(pipe, prompt_src, prompt_tar, config, adapter_name, identity_loss, source_images, target_images)
+    _check_checkpointing(checkpoint_dir, checkpoint_every, resume_from)
+    _warn_if_same_prompts(prompt_src, prompt_tar, config, text_direction=source_images is None)
+    resume = read_checkpoint(resume_from) if resume_from is not None else None
+    settings = None
+    if checkpoint_dir is not None or resume is not None:
+        settings = _config_settings(config, prompt_src, prompt_tar)
+        if resume is not None:
+            _check_settings(resume.settings, settings, resume.path)
     x0 = pipe.prepare_image(images, name="images") if images is not None else None
     direction_images = _prepare_direction_images(pipe, source_images, target_images)
 
@@ -685,28 +1072,46 @@ def finetune(
     if accelerator is None:
         on_cpu = pipe.unet.device.type == "cpu"
         accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=on_cpu)
+    if settings is not None and accelerator.num_processes > 1:
+        raise ValueError("`checkpoint_dir` and `resume_from` are not supported with several processes yet.")
     device = accelerator.device
     pipe.to(device)
+    if settings is not None:
+        settings.update(_model_settings(pipe))
+        if resume is not None:
+            _check_settings(resume.settings, settings, resume.path)
 
     # 3. Losses, training images (given or sampled) and their latents x_t0 (once, no grad, reused across epochs)
     loss_fn = build_losses(pipe, config, prompt_src, prompt_tar, direction_images, identity_loss, device)
+    _warn_about_unknown_words(pipe, prompt_src, prompt_tar, config, text_direction=direction_images is None)
     generator = torch.Generator().manual_seed(config.seed)  # sampled images' noise first, then the shuffling
     x0 = training_images(pipe, x0, config, device, generator)
     x_t0, hits = precompute_latents(
         pipe, x0, config.t0, config.num_inversion_steps, config.batch_size, cache_dir,
         num_fixed_point_iterations=config.num_fixed_point_iterations,
     )  # fmt: skip
+    checkpoints = None
+    if settings is not None:
+        settings.update(_data_settings(loss_fn, x0, x_t0))
+        if resume is not None:
+            _check_settings(resume.settings, settings, resume.path)
+        if checkpoint_dir is not None:
+            checkpoints = _Checkpointer(os.fspath(checkpoint_dir), checkpoint_every, pipe.unet, adapter_name, settings)
+            checkpoints.last = resume.num_updates if resume is not None else 0
 
     # 4. The new adapter (identical init on every process: same seed); from here on, any error removes it again and
-    #    restores the previous adapters
+    #    restores the previous adapters. Training draws from torch's global generator (if at all) inside the same
+    #    seeded fork: reproducible from the seed, restorable from a checkpoint, and the caller's state is untouched.
     unet = pipe.unet
     state = _UNetState.of(unet)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed)
             add_adapter(unet, config.lora, adapter_name)
-        # 5. Train it
-        loss_history = _train_adapter(pipe, adapter_name, loss_fn, x0, x_t0, config, accelerator, generator, state)
+            # 5. Train it (from the checkpoint's weights, optimizer and random states when resuming)
+            loss_history = _train_adapter(
+                pipe, adapter_name, loss_fn, x0, x_t0, config, accelerator, generator, state, checkpoints, resume
+            )
         # 6. Record where it came from
         provenance = _provenance(prompt_src, prompt_tar, direction_images, loss_fn, config)
         lora.set_provenance(unet, adapter_name, provenance)
