@@ -52,6 +52,8 @@ logger = logging.get_logger(__name__)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 OUTPUT_TYPES = ("pil", "np", "pt")
+ENCODINGS = ("ddim", "noise")
+INVERSION_STARTS = ("clean", "official")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -285,6 +287,12 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
 
     # ---- the encode/decode seam of latent models -------------------------------------------------------------
 
+    def noise_to(self, x0: torch.Tensor, t0: int, generator=None) -> torch.Tensor:
+        """``sqrt(a_t0) x0 + sqrt(1 - a_t0) eps``: the forward process q(x_t0 | x0), ``eps`` from ``generator``."""
+        alpha = self.scheduler.alphas_cumprod[int(t0)].to(device=x0.device, dtype=x0.dtype)
+        noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+
     @property
     def autoencoder(self):
         """The latent model's autoencoder (``vae`` or ``vqvae``), `None` for a pixel-space UNet."""
@@ -468,6 +476,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         num_fixed_point_iterations: int = 0,
         return_dict: bool = True,
         prompt: str | None = None,
+        encoding: str = "ddim",
+        inversion_start: str = "clean",
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> DiffusionCLIPInversionOutput | tuple:
         r"""
         Deterministic DDIM inversion (the DDIM ODE run forward, eta = 0) of ``image`` from t = 0 to ``t0``.
@@ -497,24 +508,43 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             return_dict (`bool`, *optional*, defaults to `True`): Return a dataclass instead of a tuple.
             prompt (`str`, *optional*): For a text-conditioned UNet (Stable Diffusion), the prompt it is conditioned
                 on while inverting; the empty prompt by default. Invert and regenerate with the same prompt.
+            encoding (`str`, *optional*, defaults to `"ddim"`): ``"ddim"`` is the deterministic inversion above;
+                ``"noise"`` is EffDiff's fast encoding (Starodubcev et al., arXiv 2304.04344): the closed-form forward
+                noise ``x_t0 = sqrt(a_t0) x0 + sqrt(1 - a_t0) eps`` with ``eps`` drawn from ``generator`` — no UNet
+                call, stochastic (the regeneration does not return the input), seeded by ``generator``.
+            inversion_start (`str`, *optional*, defaults to `"clean"`): Where the DDIM inversion starts. ``"clean"``
+                (ours): the first step goes from the clean image (alpha = 1) to the grid's first point t = 0 with
+                ``eps(x0, 0)``, then on; ``num_inversion_steps`` UNet calls. ``"official"``: as the official
+                DiffusionCLIP code, the clean image is taken as ``x`` at t = 0 (``alphas_cumprod[0]``) and the first
+                step is skipped: ``num_inversion_steps - 1`` calls, latents reproducible against that code.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): The noise of ``encoding="noise"``.
 
         Returns:
             [`DiffusionCLIPInversionOutput`] or `tuple`: ``(x_t0, timesteps, image)``; ``x_t0`` is in the UNet's
             (latent) space, ``image`` the preprocessed input in pixels.
         """
         # 1. Check inputs
-        self.check_inputs(image, t0, num_inversion_steps, num_fixed_point_iterations=num_fixed_point_iterations)
+        self.check_inputs(
+            image, t0, num_inversion_steps, generator=generator, num_fixed_point_iterations=num_fixed_point_iterations
+        )
+        check_choice(encoding, "encoding", ENCODINGS)
+        check_choice(inversion_start, "inversion_start", INVERSION_STARTS)
         # 2. Preprocess image to [-1, 1], encode the prompt of a conditional UNet
         x0 = self.prepare_image(image)
+        if encoding == "noise":  # EffDiff: closed-form forward noising, no UNet call
+            x_t0 = self.noise_to(self.encode_image(x0), t0, generator)
+            return (x_t0, [int(t0)], x0) if not return_dict else DiffusionCLIPInversionOutput(x_t0, [int(t0)], x0)
         condition = self.encode_prompt(prompt, x0.shape[0])
         # 3. Inversion grid [0, ..., t0] on the inverse scheduler
         timesteps = ddim_timesteps(t0, num_inversion_steps, self.num_train_timesteps)
         inverse_scheduler = GridDDIMInverseScheduler.from_config(self.inverse_scheduler.config)
         inverse_scheduler.set_timesteps(timesteps=timesteps)
+        # "official": the clean image is x at t = 0, so the first step (alpha 1 -> alphas_cumprod[0]) is skipped
+        steps = inverse_scheduler.timesteps[1:] if inversion_start == "official" else inverse_scheduler.timesteps
         # 4. DDIM eq. (12) run forward from the image's latents, eps of the original model at the source level
         latents = self.encode_image(x0)
         with lora.adapters_disabled(self.unet):  # once for the loop, not per call
-            for t in self.progress_bar(inverse_scheduler.timesteps):
+            for t in self.progress_bar(steps):
                 source_t = max(inverse_scheduler.source_timestep(t), 0)
                 noise_pred = self._predict_noise(latents, source_t, condition=condition)
                 next_latents = inverse_scheduler.step(noise_pred, t, latents).prev_sample
@@ -551,6 +581,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         num_fixed_point_iterations: int = 0,
         prompt: str | None = None,
         guidance_scale: float = 1.0,
+        encoding: str = "ddim",
+        inversion_start: str = "clean",
         **kwargs,
     ) -> DiffusionCLIPPipelineOutput | tuple:
         r"""
@@ -597,6 +629,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                 is exact only without guidance, because the inversion follows the unguided ODE; with ``g > 1`` the
                 regeneration drifts from the input (null-text-style inversion, which would repair that, is not
                 part of this package). Needs a text-conditioned UNet and a non-empty ``prompt``.
+            encoding (`str`, *optional*, defaults to `"ddim"`), inversion_start (`str`, *optional*, defaults to
+                `"clean"`): How ``image`` is brought to ``t0`` (see `invert`): ``encoding="noise"`` is EffDiff's
+                zero-call stochastic encoding, seeded by ``generator``.
 
         Examples:
 
@@ -640,7 +675,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         if latents is None:
             latents = self.invert(
                 image, t0=t0, num_inversion_steps=num_inversion_steps,
-                num_fixed_point_iterations=num_fixed_point_iterations, prompt=prompt,
+                num_fixed_point_iterations=num_fixed_point_iterations, prompt=prompt, encoding=encoding,
+                inversion_start=inversion_start, generator=generator,
             ).x_t0  # fmt: skip
         latents = latents.to(device=self._execution_device, dtype=self.unet.dtype)
         x_t0 = latents
@@ -729,13 +765,11 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         # 2. Preprocess image, into the UNet's space
         x0 = self.encode_image(self.prepare_image(image))
         condition = self.encode_prompt(None, x0.shape[0])
-        alpha_t0 = self.scheduler.alphas_cumprod[t0].to(device=x0.device, dtype=x0.dtype)
         scheduler = GridDDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(timesteps=ddim_timesteps(t0, num_denoise_steps, self.num_train_timesteps))
         # 3. Rounds of q-sampling to t0 and deterministic DDIM back with the original model
         for _ in self.progress_bar(range(n_iter)):
-            noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            x = alpha_t0.sqrt() * x0 + (1 - alpha_t0).sqrt() * noise
+            x = self.noise_to(x0, t0, generator)
             for t in scheduler.timesteps:
                 x = scheduler.step(self._predict_noise(x, t, adapted=False, condition=condition), t, x).prev_sample
             x0 = x
