@@ -13,7 +13,7 @@ import torch
 from conftest import make_pipeline, random_images
 from peft.utils import get_peft_model_state_dict
 
-from diffusionclip_pipeline.finetune import CHECKPOINT_NAME, TRAINER_STATE_NAME, read_checkpoint
+from diffusionclip_pipeline.checkpointing import CHECKPOINT_NAME, TRAINER_STATE_NAME, read_checkpoint
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = ("red circle", "blue circle")

@@ -275,3 +275,67 @@ def test_latent_pipeline_edits_with_an_adapter(tmp_path):
     assert lora.adapter_names(pipe.unet) == ["a"]
     assert not torch.equal(pipe.edit(x, **EDIT).images, base)
     assert torch.equal(pipe.edit(x, edit_strength=0.0, **EDIT).images, base)
+
+
+# ---- fine-tuning through the decoder -------------------------------------------------------------------------
+
+TINY = dict(t0=100, num_inversion_steps=2, num_train_steps=2, num_epochs=1, batch_size=2, learning_rate=1e-2)
+
+
+def make_tiny_decoder(seed: int = 0):
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny(
+        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1), latent_channels=4,
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["ldm", "sd"])
+@pytest.mark.parametrize("scheme", ["efficient", "full_chain", "one_step"])
+def test_one_fine_tuning_step_per_scheme_on_latent_models(tmp_path, layout, scheme):
+    pipe = load(stock_ldm(tmp_path) if layout == "ldm" else stock_sd(tmp_path))
+    autoencoder = pipe.autoencoder
+    before = {k: v.clone() for k, v in autoencoder.state_dict().items()}
+    flags = [p.requires_grad for p in autoencoder.parameters()]
+    x = random_images(2, size=16, seed=9)
+    base = pipe.edit(x, **EDIT).images
+    out = pipe.finetune("red circle", "blue circle", images=x, scheme=scheme, **TINY)
+    assert all(torch.isfinite(torch.tensor(out.loss_history)))
+    assert not torch.equal(pipe.edit(x, **EDIT).images, base)
+    # the autoencoder is a frozen part of the loss: unchanged, and its requires_grad flags as before
+    assert all(torch.equal(before[k], v) for k, v in autoencoder.state_dict().items())
+    assert [p.requires_grad for p in autoencoder.parameters()] == flags
+    assert all(p.grad is None for p in autoencoder.parameters())
+
+
+def get_adapter(pipe, name="default"):
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.clone() for k, v in get_peft_model_state_dict(pipe.unet, adapter_name=name).items()}
+
+
+def test_latent_l1_spaces_tiny_decoder_prompt_and_decoder_checkpointing(tmp_path):
+    folder = stock_sd(tmp_path)
+    images = random_images(2, size=16, seed=10)
+
+    def adapter_after(**kwargs):
+        pipe = load(folder)
+        pipe.finetune("red circle", "blue circle", images=images, **TINY, **kwargs)
+        return get_adapter(pipe)
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    pixel = adapter_after()
+    assert same(pixel, adapter_after(decoder_gradient_checkpointing=True))  # recomputation, same gradients
+    assert not same(pixel, adapter_after(l1_space="latent"))
+    assert not same(pixel, adapter_after(conditioning_prompt="red circle"))
+    assert not same(pixel, adapter_after(loss_vae=make_tiny_decoder()))
+    ldm = load(stock_ldm(tmp_path))
+    with pytest.raises(ValueError, match="`conditioning_prompt` needs a text-conditioned UNet"):
+        ldm.finetune("red circle", "blue circle", images=images, conditioning_prompt="red circle", **TINY)
+    with pytest.raises(ValueError, match="`l1_space`"):
+        ldm.finetune("red circle", "blue circle", images=images, l1_space="both", **TINY)
+    assert ldm.lora_adapters == []

@@ -19,8 +19,8 @@ fails. Only this module creates optimizers. The test-bed measurements behind the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import math
 import os
 import warnings
@@ -29,15 +29,22 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from diffusers.utils import BaseOutput
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from . import lora
+from . import autoencoder, lora
 from ._version import __version__
-from .atomic import atomic_directory
+from .checkpointing import (
+    Checkpoint,
+    _check_settings,
+    _Checkpointer,
+    _config_settings,
+    _data_settings,
+    _model_settings,
+    read_checkpoint,
+)
 from .clip_loss import LOSS_TYPES, CLIPDirectionalLoss, unknown_words
 from .lora import (
     DEFAULT_TARGET_MODULES,
-    LORA_WEIGHT_NAME,
     LoraSettings,
     adapter_names,
     adapter_parameters,
@@ -57,11 +64,14 @@ from .validation import (
     check_number,
     check_positive_int,
     check_prompt,
+    check_prompt_or_empty,
     check_timestep,
     short_repr,
 )
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+ENCODINGS = ("ddim", "noise")
+L1_SPACES = ("pixel", "latent")
 LOSS_WEIGHTS = (
     "clip_loss_weight", "global_clip_loss_weight", "l1_loss_weight", "sparse_loss_weight", "identity_loss_weight",
 )  # fmt: skip
@@ -107,13 +117,28 @@ class FinetuneConfig:
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (scale alpha / r)."})
     lora_target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES, metadata={"help": "Module names."})
-    scheme: str = field(default="efficient", metadata={"help": "'efficient' (step-wise) or 'full_chain'."})
+    scheme: str = field(
+        default="efficient", metadata={"help": "'efficient' (step-wise), 'full_chain' or 'one_step' (EffDiff)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of LoRA init, shuffling and sampled images."})
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16' (autocast)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute UNet activations in backward."})
     max_grad_norm: float | None = field(default=None, metadata={"help": "Clip the LoRA gradient norm (None: off)."})
     num_sampled_images: int = field(default=8, metadata={"help": "Images sampled from the model if none given."})
     num_sampling_steps: int = field(default=50, metadata={"help": "DDIM steps to sample those images."})
+    encoding: str = field(
+        default="ddim",
+        metadata={"help": "x_t0 of the training images: 'ddim' (inversion) or 'noise' (EffDiff: forward noise)."},
+    )
+    conditioning_prompt: str = field(
+        default="", metadata={"help": "Text-conditioned UNets (Stable Diffusion): the prompt it is conditioned on."}
+    )
+    l1_space: str = field(
+        default="pixel", metadata={"help": "Latent models: L1 on the decoded images ('pixel') or on the latents."}
+    )
+    decoder_gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Latent models: recompute the decoder's activations in backward."}
+    )
 
     def __post_init__(self):
         # t0's upper bound, T - 1, is the model's: checked by `finetune`
@@ -141,6 +166,12 @@ class FinetuneConfig:
             self.max_grad_norm = check_number(self.max_grad_norm, "max_grad_norm", minimum=0, min_inclusive=False)
         self.seed = check_int(self.seed, "seed")
         self.gradient_checkpointing = check_bool(self.gradient_checkpointing, "gradient_checkpointing")
+        check_choice(self.encoding, "encoding", ENCODINGS)
+        check_choice(self.l1_space, "l1_space", L1_SPACES)
+        self.conditioning_prompt = check_prompt_or_empty(self.conditioning_prompt, "conditioning_prompt")
+        self.decoder_gradient_checkpointing = check_bool(
+            self.decoder_gradient_checkpointing, "decoder_gradient_checkpointing"
+        )
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = (self.lora_target_modules,)
         self.lora_target_modules = self.lora.target_modules  # validates rank, alpha and targets
@@ -204,6 +235,15 @@ def sparse_change(x0_src: torch.Tensor, x0_pred: torch.Tensor, eps: float = SPAR
 
 
 @dataclass
+class SourceBatch:
+    """A batch's source images in pixels, their CLIP embeddings (or ``None`` each) and latents (or ``None``)."""
+
+    images: torch.Tensor
+    embeds: list
+    latents: torch.Tensor | None = None
+
+
+@dataclass
 class FinetuneLoss:
     r"""The fine-tuning objective on one predicted image (DiffusionCLIP, arXiv 2110.02711, Sec. 3.2, plus extra terms):
 
@@ -226,29 +266,44 @@ class FinetuneLoss:
     prompt_tar: str
     config: FinetuneConfig
     identity_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    decoder: torch.nn.Module | None = None  # the autoencoder `decode` runs (kept frozen during training)
 
     @property
     def use_clip(self) -> bool:
         return self.config.clip_loss_weight > 0 or self.config.global_clip_loss_weight > 0
 
-    def source_embeddings(self, x0_src: torch.Tensor) -> list[torch.Tensor | None]:
-        """Once per batch, reused by every generation step (the official code re-encodes the source each step);
-        ``None`` each when the CLIP loss is off or draws new random views at every call."""
-        if not self.use_clip or self.config.clip_num_augmentations > 0:
-            return [None] * len(self.clip_losses)
+    def source_batch(self, x0_src: torch.Tensor) -> SourceBatch:
+        """What the loss needs of a batch's source images, once per batch and reused by every generation step (the
+        official code re-encodes the source each step): the CLIP embeddings (``None`` each when the CLIP loss is off
+        or draws new random views at every call) and, for an L1 in latent space, the source latents."""
+        embeds = [None] * len(self.clip_losses)
+        latents = None
         with torch.no_grad():
-            return [fn.encode_images(x0_src) for fn in self.clip_losses]
+            if self.use_clip and self.config.clip_num_augmentations == 0:
+                embeds = [fn.encode_images(x0_src) for fn in self.clip_losses]
+            if self.encode is not None and self.config.l1_space == "latent":
+                latents = self.encode(x0_src)
+        return SourceBatch(x0_src, embeds, latents)
 
-    def __call__(self, x0_src: torch.Tensor, x0_pred: torch.Tensor, src_embeds: list) -> torch.Tensor:
+    def __call__(self, source: SourceBatch, x0_pred: torch.Tensor) -> torch.Tensor:
+        """The loss of ``x0_pred`` (the UNet's space: decoded to pixels first for a latent model)."""
         config = self.config
+        latents_pred = x0_pred
+        if self.decode is not None:  # latent model: CLIP (and the pixel L1) see the decoded image, with gradients
+            x0_pred = self.decode(x0_pred).to(source.images.dtype)
+        x0_src = source.images
         loss = x0_pred.new_zeros(())
         if self.use_clip:
             clip_losses = [
                 fn(x0_src, x0_pred, self.prompt_src, self.prompt_tar, text_direction=direction, source_embeds=embeds)
-                for fn, direction, embeds in zip(self.clip_losses, self.directions, src_embeds)
+                for fn, direction, embeds in zip(self.clip_losses, self.directions, source.embeds)
             ]
             loss = loss + sum(clip_losses) / len(clip_losses)
-        if config.l1_loss_weight > 0:
+        if config.l1_loss_weight > 0 and source.latents is not None:
+            loss = loss + config.l1_loss_weight * (source.latents - latents_pred).abs().mean()
+        elif config.l1_loss_weight > 0:
             loss = loss + config.l1_loss_weight * (x0_src - x0_pred).abs().mean()
         if config.sparse_loss_weight > 0:
             loss = loss + config.sparse_loss_weight * sparse_change(x0_src, x0_pred).mean()
@@ -259,11 +314,13 @@ class FinetuneLoss:
 
 def build_losses(
     pipe, config: FinetuneConfig, prompt_src: str, prompt_tar: str, direction_images=None, identity_loss=None,
-    device: torch.device | None = None,
+    device: torch.device | None = None, loss_vae=None,
 ) -> FinetuneLoss:  # fmt: skip
     """The `FinetuneLoss` of a run: one `CLIPDirectionalLoss` per CLIP of ``pipe.clip_models`` (the default CLIP is
     loaded if the pipeline has none), with the text direction of the prompts or, given ``direction_images = (source,
-    target)`` (prepared tensors), the image-set direction in each CLIP's own embedding space."""
+    target)`` (prepared tensors), the image-set direction in each CLIP's own embedding space. For a latent model the
+    predicted ``x0`` is decoded to pixels for the loss, by the pipeline's autoencoder or by ``loss_vae`` (e.g. TAESD,
+    an `AutoencoderTiny` sharing the latent space)."""
     pipe.require_clip()
     clip_losses = [
         CLIPDirectionalLoss(
@@ -279,7 +336,17 @@ def build_losses(
     else:  # image-guided: the mean embedding change between the two image sets
         source_set, target_set = (x.to(device) for x in direction_images)
         directions = [fn.image_set_direction(source_set, target_set) for fn in clip_losses]
-    return FinetuneLoss(clip_losses, directions, prompt_src, prompt_tar, config, identity_loss)
+    decode = encode = None
+    if pipe.autoencoder is not None:
+        if loss_vae is None:
+            decode = pipe.decode_latents
+        else:
+            decode = lambda z: autoencoder.decode(loss_vae, z.to(loss_vae.dtype))  # noqa: E731
+        encode = pipe.encode_image
+    decoder = loss_vae if loss_vae is not None else pipe.autoencoder
+    return FinetuneLoss(
+        clip_losses, directions, prompt_src, prompt_tar, config, identity_loss, decode, encode, decoder
+    )
 
 
 # ---- the data ------------------------------------------------------------------------------------------------
@@ -316,9 +383,10 @@ def _latent_cache_key(x0: torch.Tensor, t0: int, steps: int, unet_fingerprint: s
 
 def precompute_latents(
     pipe, x0: torch.Tensor, t0: int, num_inversion_steps: int, batch_size: int, cache_dir=None,
-    num_fixed_point_iterations: int = 0,
+    num_fixed_point_iterations: int = 0, prompt: str | None = None, encoding: str = "ddim", generator=None,
 ):  # fmt: skip
-    """``x_t0`` of every image by deterministic inversion with the original UNet (no grad), optionally cached.
+    """``x_t0`` of every image by deterministic inversion with the original UNet (no grad), optionally cached;
+    with ``encoding="noise"`` by EffDiff's closed-form forward noise from ``generator`` instead (never cached).
 
     The cache holds one safetensors file per image, keyed by the image's content, ``t0``, the step count, the
     fixed-point iterations and the base UNet's config and weights, so a cache entry can never be used for other
@@ -327,11 +395,16 @@ def precompute_latents(
     Returns:
         `tuple[torch.Tensor, int]`: the latents and how many came from the cache.
     """
+    if encoding == "noise":
+        with torch.no_grad():
+            return pipe.noise_to(pipe.encode_image(x0), t0, generator), 0
     latents = [None] * x0.shape[0]
     keys = [None] * x0.shape[0]
     hits = 0
     if cache_dir is not None:
         fingerprint = weights_fingerprint(pipe.unet)
+        if prompt:  # a conditional UNet's inversion depends on its prompt (keys of the empty prompt stay as they were)
+            fingerprint += f"|prompt={prompt}"
         for i in range(x0.shape[0]):
             keys[i] = _latent_cache_key(x0[i], t0, num_inversion_steps, fingerprint, num_fixed_point_iterations)
             path = os.path.join(cache_dir, f"latent-{keys[i]}.safetensors")
@@ -343,7 +416,7 @@ def precompute_latents(
         idx = todo[start : start + batch_size]
         out = pipe.invert(
             x0[idx], t0=t0, num_inversion_steps=num_inversion_steps,
-            num_fixed_point_iterations=num_fixed_point_iterations, return_dict=False,
+            num_fixed_point_iterations=num_fixed_point_iterations, return_dict=False, prompt=prompt,
         )[0]  # fmt: skip
         for j, i in enumerate(idx):
             latents[i] = out[j : j + 1]
@@ -395,11 +468,13 @@ class TrainStep:
         fp16 = self.amp_dtype is torch.float16
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
         self.num_updates = 0  # accumulation boundaries passed (optimizer steps, including any the scaler skipped)
+        self.condition = None  # a text-conditioned UNet's encoder hidden states (batch-first), set by the run
 
     def predict(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """The adapted UNet's noise prediction at integer timestep ``t``, in ``x``'s dtype."""
+        kwargs = {} if self.condition is None else {"encoder_hidden_states": self.condition[: x.shape[0]]}
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            return self.model(x, torch.tensor(t, device=self.device)).sample.to(x.dtype)
+            return self.model(x, torch.tensor(t, device=self.device), **kwargs).sample.to(x.dtype)
 
     def accumulate(self):
         """Context of one micro-batch (accelerate syncs gradients only at accumulation boundaries)."""
@@ -504,34 +579,45 @@ class TrainStep:
 # ---- the schemes: one function per batch, one shared signature ------------------------------------------------
 
 
-def _train_batch_efficient(step: TrainStep, loss_fn: FinetuneLoss, scheduler, x, x0_src, src_embeds, where):
+def _train_batch_efficient(step: TrainStep, loss_fn: FinetuneLoss, scheduler, x, source: SourceBatch, where):
     """The paper's GPU-efficient fine-tuning: one update per generation step, loss on that step's ``x0_hat``; the
     chain itself is detached. Returns the loss of every step."""
     losses = []
     for t in [int(t) for t in scheduler.timesteps]:
         with step.accumulate():
             out = scheduler.step(step.predict(x, t), t, x)
-            loss = loss_fn(x0_src, out.pred_original_sample, src_embeds)
+            loss = loss_fn(source, out.pred_original_sample)
             step(loss, f"{where}, timestep {t}")
         x = out.prev_sample.detach()  # from the pre-update weights, as the official code
         losses.append(loss.item())
     return losses
 
 
-def _train_batch_full_chain(step: TrainStep, loss_fn: FinetuneLoss, scheduler, x, x0_src, src_embeds, where):
+def _train_batch_full_chain(step: TrainStep, loss_fn: FinetuneLoss, scheduler, x, source: SourceBatch, where):
     """The paper's original fine-tuning: backpropagate through the whole generation chain, loss on the final image.
     Returns the batch's one loss."""
     with step.accumulate():
         for t in [int(t) for t in scheduler.timesteps]:
             x = scheduler.step(step.predict(x, t), t, x).prev_sample
-        loss = loss_fn(x0_src, x, src_embeds)
+        loss = loss_fn(source, x)
         step(loss, where)
+    return [loss.item()]
+
+
+def _train_batch_one_step(step: TrainStep, loss_fn: FinetuneLoss, scheduler, x, source: SourceBatch, where):
+    """EffDiff's fine-tuning (Starodubcev et al., arXiv 2304.04344): the loss on the ``x0_hat`` of one UNet call at
+    ``t0`` from ``x_t0``: one forward and backward per image. Returns the batch's one loss."""
+    t = int(scheduler.timesteps[0])  # the grid's top: t0
+    with step.accumulate():
+        loss = loss_fn(source, scheduler.step(step.predict(x, t), t, x).pred_original_sample)
+        step(loss, f"{where}, timestep {t}")
     return [loss.item()]
 
 
 SCHEMES: dict[str, Callable[..., list[float]]] = {
     "efficient": _train_batch_efficient,
     "full_chain": _train_batch_full_chain,
+    "one_step": _train_batch_one_step,
 }
 
 
@@ -563,11 +649,8 @@ def _train(
             order = (order * world)[: per_process * world][rank::world]
             for b in range(first_batch if epoch == first_epoch else 0, num_batches):
                 idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-                x0_src = x0[idx]
-                losses = train_batch(
-                    step, loss_fn, scheduler, x_t0[idx], x0_src, loss_fn.source_embeddings(x0_src),
-                    f"epoch {epoch}, batch {b}",
-                )  # fmt: skip
+                source = loss_fn.source_batch(x0[idx])
+                losses = train_batch(step, loss_fn, scheduler, x_t0[idx], source, f"epoch {epoch}, batch {b}")
                 loss_history.extend(losses)
                 # a dict keeps this order (keyword arguments would be sorted): epoch, optimizer steps, last loss
                 progress.set_postfix({"epoch": epoch, "step": step.num_updates, "loss": f"{loss_history[-1]:.4f}"})
@@ -581,242 +664,6 @@ def _train(
         progress.close()
     step.check_result(x_t0[:1], int(scheduler.timesteps[0]))
     return loss_history
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------------------
-
-CHECKPOINT_NAME = "checkpoint-latest"
-TRAINER_STATE_NAME = "trainer_state.json"
-OPTIMIZER_NAME = "optimizer.safetensors"
-RANDOM_STATES_NAME = "random_states.safetensors"
-CHECKPOINT_FORMAT = "diffusionclip-finetune-checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _sha256_tensors(*tensors: torch.Tensor) -> str:
-    digest = hashlib.sha256()
-    for x in tensors:
-        x = x.detach().cpu().contiguous()
-        digest.update(f"{tuple(x.shape)}|{x.dtype}|".encode())
-        digest.update(x.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _jsonable(value):
-    return json.loads(json.dumps(value))
-
-
-def _config_settings(config: FinetuneConfig, prompt_src: str, prompt_tar: str) -> dict:
-    """The settings known before any work: every `FinetuneConfig` field and the prompts."""
-    return _jsonable({**asdict(config), "prompt_src": prompt_src, "prompt_tar": prompt_tar})
-
-
-def _model_settings(pipe) -> dict:
-    """The identity of the base UNet (config and weights, adapters excluded) and the noise schedule."""
-    scheduler = json.dumps(
-        {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}, sort_keys=True, default=str
-    )
-    return {"base_unet": weights_fingerprint(pipe.unet), "scheduler": hashlib.sha256(scheduler.encode()).hexdigest()}
-
-
-def _data_settings(loss_fn: FinetuneLoss, x0: torch.Tensor, x_t0: torch.Tensor) -> dict:
-    """Fingerprints of the training images, their latents and the CLIP direction(s) (prompts or direction images,
-    in each CLIP's space: a change of CLIP model changes them too)."""
-    return {
-        "num_clip_models": len(loss_fn.clip_losses),
-        "direction": _sha256_tensors(*loss_fn.directions),
-        "training_images": _sha256_tensors(x0),
-        "latents": _sha256_tensors(x_t0),
-    }
-
-
-def _check_settings(saved: dict, current: dict, path: str) -> None:
-    """`ValueError` naming every setting in ``current`` that differs from the checkpoint's."""
-    differ = [key for key in current if key not in saved or saved[key] != current[key]]
-    if differ:
-        shown = ", ".join(
-            f"`{k}` (checkpoint: {short_repr(saved.get(k), 60)}, now: {short_repr(current[k], 60)})" for k in differ
-        )
-        raise ValueError(
-            f"Cannot resume from {path!r}: these settings differ from the checkpoint's: {shown}. Resume with the "
-            "settings, prompts, images and base model of the interrupted run."
-        )
-
-
-@dataclass
-class Checkpoint:
-    """A fine-tuning checkpoint read back by `read_checkpoint` (validated: complete, checksums match).
-
-    Args:
-        path (`str`): Its folder.
-        epoch (`int`) / batch (`int`): Where training continues: batch ``batch`` of epoch ``epoch``.
-        num_updates (`int`): Optimizer steps done.
-        loss_history (`list[float]`): The losses so far.
-        settings (`dict`): The run's settings and fingerprints (see `finetune`).
-        adapter (`dict[str, torch.Tensor]`): The adapter's weights (peft keys).
-        optimizer_tensors (`dict[str, torch.Tensor]`) / trainer_state (`dict`): For `TrainStep.load_state`.
-        random_states (`dict[str, torch.Tensor]`): The generator states.
-    """
-
-    path: str
-    epoch: int
-    batch: int
-    num_updates: int
-    loss_history: list[float]
-    settings: dict
-    adapter: dict[str, torch.Tensor]
-    optimizer_tensors: dict[str, torch.Tensor]
-    trainer_state: dict
-    random_states: dict[str, torch.Tensor]
-
-    def restore(self, step: TrainStep, generator: torch.Generator, clip_losses: list[CLIPDirectionalLoss]) -> None:
-        """Optimizer, scaler, counters and every random state as they were when the checkpoint was written (the
-        shuffling generator as it was at the start of ``epoch``, to redraw that epoch's order)."""
-        step.load_state(self.optimizer_tensors, self.trainer_state)
-        generator.set_state(self.random_states["shuffle"])
-        for i, fn in enumerate(clip_losses):
-            fn._generator.set_state(self.random_states[f"clip_augment.{i}"])
-        torch.set_rng_state(self.random_states["torch"])
-        if step.device.type == "cuda" and "torch_cuda" in self.random_states:  # absent if written on another device
-            torch.cuda.set_rng_state(self.random_states["torch_cuda"], step.device)
-
-    def load_adapter_weights(self, unet, adapter_name: str) -> None:
-        """Copies the checkpoint's adapter weights into the fresh adapter ``adapter_name`` (same keys and shapes)."""
-        params = _adapter_parameters_by_key(unet, adapter_name)
-        if params.keys() != self.adapter.keys():
-            missing, unexpected = (
-                sorted(params.keys() - self.adapter.keys()),
-                sorted(self.adapter.keys() - params.keys()),
-            )
-            raise ValueError(
-                f"The adapter in {self.path!r} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}."
-            )
-        with torch.no_grad():
-            for key, p in params.items():
-                if p.shape != self.adapter[key].shape:
-                    raise ValueError(
-                        f"The adapter in {self.path!r} does not fit: {key} has shape "
-                        f"{tuple(self.adapter[key].shape)}, expected {tuple(p.shape)}."
-                    )
-                p.copy_(self.adapter[key])
-
-
-def _adapter_parameters_by_key(unet, adapter_name: str) -> dict[str, torch.nn.Parameter]:
-    """The adapter's parameters under peft's state-dict keys (``<module>.lora_A.weight``: the adapter name dropped)."""
-    params = {}
-    for part in ("A", "B"):
-        suffix = f".lora_{part}.{adapter_name}.weight"
-        for name, p in unet.named_parameters():
-            if name.endswith(suffix):
-                params[f"{name[: -len(suffix)]}.lora_{part}.weight"] = p
-    return params
-
-
-def _resolve_checkpoint(path) -> str:
-    """``path`` itself, or its ``checkpoint-latest`` (a `checkpoint_dir` may be given to `resume_from`)."""
-    path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)) and os.path.isfile(
-        os.path.join(path, CHECKPOINT_NAME, TRAINER_STATE_NAME)
-    ):
-        return os.path.join(path, CHECKPOINT_NAME)
-    return path
-
-
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Reads and validates a checkpoint folder written by `finetune` (or a ``checkpoint_dir`` holding one).
-
-    Safetensors and JSON only (never pickle). Every file's SHA-256 is checked against ``trainer_state.json`` (written
-    last); a missing, truncated or corrupt file, or a checkpoint of another format, raises `ValueError`.
-    """
-    path = _resolve_checkpoint(path)
-    state_path = os.path.join(path, TRAINER_STATE_NAME)
-    if not os.path.isfile(state_path):
-        raise ValueError(f"`resume_from` {path!r} is not a fine-tuning checkpoint (no {TRAINER_STATE_NAME}).")
-    try:
-        with open(state_path, encoding="utf-8") as handle:
-            state = json.load(handle)
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"not a {CHECKPOINT_FORMAT}")
-        if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-            raise ValueError(f"format version {state.get('format_version')!r}, expected {CHECKPOINT_FORMAT_VERSION}")
-        for name in (LORA_WEIGHT_NAME, OPTIMIZER_NAME, RANDOM_STATES_NAME):
-            file = os.path.join(path, name)
-            if not os.path.isfile(file):
-                raise ValueError(f"{name} is missing")
-            if _sha256_file(file) != state["files"][name]:
-                raise ValueError(f"{name} does not match its checksum (truncated or corrupt)")
-        adapter = lora.read_adapter_file(os.path.join(path, LORA_WEIGHT_NAME)).state_dict
-        optimizer_tensors = load_file(os.path.join(path, OPTIMIZER_NAME))
-        random_states = load_file(os.path.join(path, RANDOM_STATES_NAME))
-        trainer_state = {k: state[k] for k in ("optimizer", "grad_scaler", "num_updates", "accelerator_step")}
-        checkpoint = Checkpoint(
-            path=path, epoch=check_non_negative_int(state["epoch"], "epoch"),
-            batch=check_non_negative_int(state["batch"], "batch"),
-            num_updates=check_non_negative_int(state["num_updates"], "num_updates"),
-            loss_history=[float(v) for v in state["loss_history"]], settings=dict(state["settings"]),
-            adapter={k: v.clone() for k, v in adapter.items()}, optimizer_tensors=optimizer_tensors,
-            trainer_state=trainer_state, random_states=random_states,
-        )  # fmt: skip
-        needed = ["shuffle", "torch"] + [f"clip_augment.{i}" for i in range(int(state["settings"]["num_clip_models"]))]
-        missing = [key for key in needed if key not in random_states]
-        if missing:
-            raise ValueError(f"no random state {missing}")
-    except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError, ValueError) as error:
-        raise ValueError(f"The checkpoint at {path!r} is unreadable or incomplete: {error}") from error
-    return checkpoint
-
-
-@dataclass
-class _Checkpointer:
-    """Writes ``<checkpoint_dir>/checkpoint-latest`` every ``every`` optimizer steps, at a batch end with no
-    gradients pending, replacing the previous one atomically."""
-
-    checkpoint_dir: str
-    every: int
-    unet: object
-    adapter_name: str
-    settings: dict
-    last: int = 0  # `num_updates` at the last checkpoint
-
-    def due(self, step: TrainStep) -> bool:
-        return step.num_updates - self.last >= self.every and not step.pending_gradients
-
-    def write(self, step: TrainStep, loss_fn: FinetuneLoss, epoch: int, batch: int, shuffle_state, loss_history):
-        optimizer_tensors, trainer_state = step.state()
-        random_states = {"shuffle": shuffle_state, "torch": torch.get_rng_state()}
-        random_states.update(
-            {f"clip_augment.{i}": fn._generator.get_state() for i, fn in enumerate(loss_fn.clip_losses)}
-        )
-        if step.device.type == "cuda":
-            random_states["torch_cuda"] = torch.cuda.get_rng_state(step.device)
-        with atomic_directory(os.path.join(self.checkpoint_dir, CHECKPOINT_NAME)) as tmp:
-            lora.save_adapter(self.unet, tmp, self.adapter_name)
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in optimizer_tensors.items()},
-                os.path.join(tmp, OPTIMIZER_NAME),
-                metadata={"format": "pt"},
-            )
-            save_file(random_states, os.path.join(tmp, RANDOM_STATES_NAME), metadata={"format": "pt"})
-            files = {
-                name: _sha256_file(os.path.join(tmp, name))
-                for name in (LORA_WEIGHT_NAME, OPTIMIZER_NAME, RANDOM_STATES_NAME)
-            }
-            state = {
-                "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
-                "package_version": __version__, "epoch": epoch, "batch": batch, **trainer_state,
-                "loss_history": loss_history, "settings": self.settings, "files": files,
-            }  # fmt: skip
-            with open(os.path.join(tmp, TRAINER_STATE_NAME), "w", encoding="utf-8") as handle:
-                json.dump(state, handle, indent=1)
-        self.last = step.num_updates
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
@@ -837,6 +684,11 @@ def _check_inputs(pipe, prompt_src, prompt_tar, config, adapter_name, identity_l
     elif config.identity_loss_weight > 0:
         raise ValueError("`identity_loss_weight` > 0 needs an `identity_loss` callable.")
     check_timestep(config.t0, "t0", pipe.num_train_timesteps)
+    if config.conditioning_prompt and pipe.text_encoder is None:
+        raise ValueError(
+            f"`conditioning_prompt` needs a text-conditioned UNet; this one is unconditional: "
+            f"{config.conditioning_prompt!r}."
+        )
 
 
 def _check_checkpointing(checkpoint_dir, checkpoint_every, resume_from) -> None:
@@ -925,6 +777,29 @@ class _UNetState:
             p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def _frozen_decoders(pipe, loss_fn: FinetuneLoss, config: FinetuneConfig):
+    """The autoencoders the loss decodes through get no gradients of their own (and, if asked, recompute their
+    activations in backward); both as before afterwards."""
+    modules = [m for m in {id(m): m for m in (pipe.autoencoder, loss_fn.decoder) if m is not None}.values()]
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    checkpointing = [(m, bool(getattr(m, "is_gradient_checkpointing", False))) for m in modules]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    if config.decoder_gradient_checkpointing:
+        for m in modules:
+            if getattr(m, "_supports_gradient_checkpointing", False):
+                m.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, was in checkpointing:
+            if m.is_gradient_checkpointing and not was:
+                m.disable_gradient_checkpointing()
+
+
 def _train_adapter(
     pipe, adapter_name, loss_fn, x0, x_t0, config, accelerator, generator, state, checkpoints=None, resume=None
 ) -> list[float]:
@@ -942,8 +817,10 @@ def _train_adapter(
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         step = TrainStep(unet, params, config, accelerator)
+        step.condition = pipe.encode_prompt(config.conditioning_prompt, config.batch_size)
         unet.train()
-        return _train(pipe, step, loss_fn, x0, x_t0, config, generator, checkpoints, resume)
+        with _frozen_decoders(pipe, loss_fn, config):
+            return _train(pipe, step, loss_fn, x0, x_t0, config, generator, checkpoints, resume)
     finally:
         if step is not None:
             step.close()
@@ -954,21 +831,30 @@ def _train_adapter(
 
 
 def _provenance(prompt_src, prompt_tar, direction_images, loss_fn: FinetuneLoss, config: FinetuneConfig) -> dict:
-
+    """What the adapter's file records about its training (the latent and EffDiff settings only where they apply)."""
+    extra = {}
+    if config.encoding != "ddim":
+        extra["encoding"] = config.encoding
+    if loss_fn.decode is not None:  # a latent model
+        extra.update(conditioning_prompt=config.conditioning_prompt, l1_space=config.l1_space)
+        extra["loss_decoder"] = type(loss_fn.decoder).__name__
     return {
-        "prompt_src": prompt_src,
-        "prompt_tar": prompt_tar,
-        "direction": "images" if direction_images is not None else "text",
-        "num_clip_models": len(loss_fn.clip_losses),
-        "t0": config.t0,
-        "num_inversion_steps": config.num_inversion_steps,
-        "num_fixed_point_iterations": config.num_fixed_point_iterations,
-        "num_train_steps": config.num_train_steps,
-        "num_epochs": config.num_epochs,
-        "learning_rate": config.learning_rate,
-        "scheme": config.scheme,
-        "seed": config.seed,
-        "package_version": __version__,
+        **extra,
+        **{
+            "prompt_src": prompt_src,
+            "prompt_tar": prompt_tar,
+            "direction": "images" if direction_images is not None else "text",
+            "num_clip_models": len(loss_fn.clip_losses),
+            "t0": config.t0,
+            "num_inversion_steps": config.num_inversion_steps,
+            "num_fixed_point_iterations": config.num_fixed_point_iterations,
+            "num_train_steps": config.num_train_steps,
+            "num_epochs": config.num_epochs,
+            "learning_rate": config.learning_rate,
+            "scheme": config.scheme,
+            "seed": config.seed,
+            "package_version": __version__,
+        },
     }
 
 
@@ -987,6 +873,7 @@ def finetune(
     checkpoint_every: int | None = None,
     resume_from: str | os.PathLike | None = None,
     accelerator=None,
+    loss_vae=None,
 ) -> FinetuneOutput:
     r"""
     Trains a new LoRA adapter ``adapter_name`` on ``pipe.unet`` so that editing moves images from ``prompt_src`` to
@@ -1039,6 +926,15 @@ def finetune(
             several processes yet.
         accelerator (`accelerate.Accelerator`, *optional*): For multi-process (DDP) training; by default a
             single-process one with ``config.gradient_accumulation_steps``.
+        loss_vae ([`~diffusers.AutoencoderTiny`], *optional*): Latent models only: a smaller decoder of the same
+            latent space (e.g. TAESD, ``madebyollin/taesd`` for SD 1.x / 2.x) that decodes ``x0_hat`` for the loss
+            instead of the pipeline's autoencoder (frozen; editing still decodes with the pipeline's own).
+
+    Latent models (LDM, Stable Diffusion): training runs on the latents; the predicted ``x0`` is decoded with
+    gradients (``config.decoder_gradient_checkpointing`` trades time for memory) for the CLIP loss and, with
+    ``config.l1_space="pixel"`` (the default: the same weight means the same as for pixel models), for the L1 term
+    against the input image; ``"latent"`` takes L1 between the latents instead. A text-conditioned UNet is
+    conditioned on ``config.conditioning_prompt`` (empty by default), for the inversion and the training alike.
 
     Returns:
         [`FinetuneOutput`]: the adapter name and the loss of every optimizer step.
@@ -1082,13 +978,14 @@ def finetune(
             _check_settings(resume.settings, settings, resume.path)
 
     # 3. Losses, training images (given or sampled) and their latents x_t0 (once, no grad, reused across epochs)
-    loss_fn = build_losses(pipe, config, prompt_src, prompt_tar, direction_images, identity_loss, device)
+    loss_fn = build_losses(pipe, config, prompt_src, prompt_tar, direction_images, identity_loss, device, loss_vae)
     _warn_about_unknown_words(pipe, prompt_src, prompt_tar, config, text_direction=direction_images is None)
     generator = torch.Generator().manual_seed(config.seed)  # sampled images' noise first, then the shuffling
     x0 = training_images(pipe, x0, config, device, generator)
     x_t0, hits = precompute_latents(
         pipe, x0, config.t0, config.num_inversion_steps, config.batch_size, cache_dir,
-        num_fixed_point_iterations=config.num_fixed_point_iterations,
+        num_fixed_point_iterations=config.num_fixed_point_iterations, prompt=config.conditioning_prompt,
+        encoding=config.encoding, generator=generator,
     )  # fmt: skip
     checkpoints = None
     if settings is not None:

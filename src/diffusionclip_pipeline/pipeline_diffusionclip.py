@@ -805,6 +805,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int | None = None,
         resume_from: str | os.PathLike | None = None,
+        loss_vae=None,
         **kwargs,
     ) -> FinetuneOutput:
         r"""
@@ -830,6 +831,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             checkpoint_dir (`str`, *optional*): Folder for resumable checkpoints (adapter, optimizer, RNG states,
                 epoch and step, settings), written atomically every ``checkpoint_every`` optimizer steps.
             checkpoint_every (`int`, *optional*): Optimizer steps between checkpoints (needs ``checkpoint_dir``).
+            loss_vae ([`~diffusers.AutoencoderTiny`], *optional*): Latent models: a small decoder of the same latent
+                space (TAESD) that decodes ``x0_hat`` for the loss only (see `finetune.finetune`).
             resume_from (`str`, *optional*): A checkpoint folder to continue from; the final adapter is then bit
                 for bit the one an uninterrupted run gives. Settings that differ from the checkpoint's are an error.
 
@@ -837,7 +840,12 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             [`FinetuneOutput`]: the adapter name and the loss of every optimizer step.
         """
         config = FinetuneConfig.from_kwargs(config, **kwargs)
-        checkpointing = dict(checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume_from=resume_from)
+        checkpointing = dict(
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume_from=resume_from,
+            loss_vae=loss_vae,
+        )
         return finetune(
             self, prompt_src, prompt_tar, images=images, config=config, adapter_name=adapter_name,
             identity_loss=identity_loss, source_images=source_images, target_images=target_images, cache_dir=cache_dir,
