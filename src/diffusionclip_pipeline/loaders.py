@@ -6,12 +6,18 @@ no adapter state of its own, so ``pipe.unet.set_adapters(...)`` and ``pipe.set_a
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import tempfile
+import uuid
 import warnings
 
 import torch
 
-from . import lora
+from . import lora, model_card
+from .image_io import image_grid, save_atomic
+from .image_processing import postprocess_image
 from .validation import check_adapter_name, check_bool, check_number
 
 
@@ -31,18 +37,7 @@ class DiffusionCLIPLoraLoaderMixin:
         """The adapters the UNet currently applies (empty when none is loaded or all are disabled)."""
         return lora.active_adapters(self.unet) if lora.adapters_enabled(self.unet) else []
 
-    @lora.serialised
-    def save_lora_weights(
-        self, save_directory: str | os.PathLike, adapter_name: str | None = None, dtype: torch.dtype | None = None
-    ) -> str:
-        """Writes one adapter as ``save_directory/pytorch_lora_weights.safetensors`` (safetensors only, atomic).
-
-        The file uses diffusers' LoRA layout (``unet.``-prefixed keys, ``lora_adapter_metadata``) and records the
-        base UNet's config fingerprint and the adapter's provenance (prompts, t0, steps, package version).
-        ``adapter_name`` may be omitted when there is one adapter. ``dtype=torch.float16`` halves the file (2.4 MB
-        instead of 4.8 MB for `google/ddpm-celebahq-256` at rank 4); by default the weights are stored as trained and
-        reload bit for bit. Returns the file's path.
-        """
+    def _adapter_to_save(self, adapter_name: str | None) -> str:
         names = lora.adapter_names(self.unet)
         if adapter_name is None:
             if not names:
@@ -51,7 +46,117 @@ class DiffusionCLIPLoraLoaderMixin:
                 raise ValueError(f"Pass `adapter_name`: the UNet has several adapters {names}.")
             adapter_name = names[0]
         check_adapter_name(adapter_name)
-        return lora.save_adapter(self.unet, os.fspath(save_directory), adapter_name, dtype=dtype)
+        return adapter_name
+
+    @lora.serialised
+    def save_lora_weights(
+        self,
+        save_directory: str | os.PathLike,
+        adapter_name: str | None = None,
+        dtype: torch.dtype | None = None,
+        example_images=None,
+        example_edit_kwargs: dict | None = None,
+        license: str | None = None,
+    ) -> str:
+        """Writes one adapter as ``save_directory/pytorch_lora_weights.safetensors`` (safetensors only, atomic), with
+        its model card ``README.md``.
+
+        The file uses diffusers' LoRA layout (``unet.``-prefixed keys, ``lora_adapter_metadata``) and records the
+        base UNet's config fingerprint and the adapter's provenance (prompts, t0, steps, package version).
+        ``adapter_name`` may be omitted when there is one adapter. ``dtype=torch.float16`` halves the file (2.4 MB
+        instead of 4.8 MB for `google/ddpm-celebahq-256` at rank 4); by default the weights are stored as trained and
+        reload bit for bit. Returns the file's path.
+
+        The card (`model_card.adapter_card`) is a Hugging Face model card: YAML metadata (``library_name``,
+        ``base_model`` when the UNet came from the hub, ``tags``, ``license`` when given) and the prompts, settings
+        and validation scores the adapter recorded. ``example_images`` (any form `edit` accepts) are edited with the
+        adapter alone (`edit` with ``t0`` of the fine-tuning, then ``example_edit_kwargs``) into ``grid.png``, top
+        row before, bottom row after, which the card shows; without them no grid is made (nothing is computed). A
+        ``README.md`` that this package did not write is left alone, with a warning. A ``save_directory`` ending in
+        ``.safetensors`` is the weights file itself: no card then. Every file is written atomically (temporary file,
+        then rename), the grid and the card after the weights, and everything is computed before the first write.
+        """
+        adapter_name = self._adapter_to_save(adapter_name)
+        return self._write_adapter(save_directory, adapter_name, dtype, example_images, example_edit_kwargs, license)
+
+    @lora.serialised
+    def _write_adapter(
+        self, save_directory, adapter_name, dtype, example_images, example_edit_kwargs, license, repo_id=None
+    ) -> str:
+        path = os.fspath(save_directory)
+        if path.endswith(".safetensors") and not os.path.isdir(path):
+            if example_images is not None:
+                raise ValueError(f"`example_images` needs a folder for `save_directory`, got the file {path!r}.")
+            return lora.save_adapter(self.unet, path, adapter_name, dtype=dtype)
+        grid, grid_settings = None, None
+        if example_images is not None:
+            grid, grid_settings = self._example_grid(adapter_name, example_images, example_edit_kwargs)
+        settings = lora.adapter_settings(self.unet, adapter_name)
+        card = model_card.adapter_card(
+            adapter_name, lora.get_provenance(self.unet, adapter_name),
+            {"rank": settings.rank, "alpha": settings.alpha, "target_modules": list(settings.target_modules)},
+            base_model=self._base_model_id(), repo_id=repo_id, grid_file=model_card.GRID_NAME if grid else None,
+            grid_settings=grid_settings, license=license,
+        )  # fmt: skip
+        weights = lora.save_adapter(self.unet, path, adapter_name, dtype=dtype)
+        if grid is not None:
+            save_atomic(grid, os.path.join(path, model_card.GRID_NAME))
+        _write_card(os.path.join(path, model_card.CARD_NAME), card)
+        return weights
+
+    def _base_model_id(self) -> str | None:
+        """The base model's hub id: the UNet's ``_name_or_path``, else the pipeline's, when either names the hub."""
+        for name in (self.unet.config.get("_name_or_path"), getattr(self, "name_or_path", None)):
+            if model_card.hub_model_id(name):
+                return model_card.hub_model_id(name)
+        return None
+
+    def _example_grid(self, adapter_name: str, images, edit_kwargs: dict | None):
+        """``images`` edited with ``adapter_name`` alone, as a before/after grid, and the `edit` settings used."""
+        if edit_kwargs is not None and not isinstance(edit_kwargs, dict):
+            raise TypeError(f"`example_edit_kwargs` must be a dict of `edit` arguments, got {type(edit_kwargs)}.")
+        settings = {"t0": lora.get_provenance(self.unet, adapter_name).get("t0", 500), **(edit_kwargs or {})}
+        x0 = self.prepare_image(images, name="example_images")
+        with lora.using_adapters(self.unet, [adapter_name]):
+            edited = self.edit(x0, **{**settings, "output_type": "pil"}).images
+        before = postprocess_image(x0, "pil")
+        return image_grid([before, edited]), settings
+
+    def push_adapter_to_hub(
+        self,
+        repo_id: str,
+        adapter_name: str | None = None,
+        token: str | None = None,
+        private: bool = False,
+        commit_message: str | None = None,
+        example_images=None,
+        example_edit_kwargs: dict | None = None,
+        license: str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """Uploads one adapter to the Hugging Face Hub as the model repository ``repo_id`` (created if missing).
+
+        The folder `save_lora_weights` writes (weights, model card with ``repo_id`` in its usage example, and the
+        before/after ``grid.png`` when ``example_images`` are given) is written to a temporary folder and uploaded
+        with `huggingface_hub.HfApi.upload_folder`. ``token`` defaults to the logged-in one; ``private`` applies
+        when the repository is created. Returns the `huggingface_hub.CommitInfo` of the upload.
+
+        >>> pipe.push_adapter_to_hub("me/smile-lora", example_images=faces[:4], license="apache-2.0")
+        """
+        from huggingface_hub import HfApi
+
+        if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+            raise ValueError(f"`repo_id` must be a hub id 'owner/name', got {repo_id!r}.")
+        check_bool(private, "private")
+        adapter_name = self._adapter_to_save(adapter_name)
+        with tempfile.TemporaryDirectory(prefix="diffusionclip-adapter-") as folder:
+            self._write_adapter(
+                folder, adapter_name, dtype, example_images, example_edit_kwargs, license, repo_id=repo_id
+            )  # holds the UNet's lock while writing; the upload does not need it
+            api = HfApi(token=token)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            message = commit_message or f"Upload DiffusionCLIP adapter {adapter_name!r}"
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
 
     @lora.serialised
     def load_lora_weights(
@@ -131,3 +236,27 @@ class DiffusionCLIPLoraLoaderMixin:
         if active:
             lora.set_adapters(self.unet, active, [weights[n] for n in active])
             lora.set_adapters_enabled(self.unet, enabled)
+
+
+def _write_card(path: str, text: str) -> None:
+    """Writes the card atomically (temporary file, then rename), unless ``path`` holds a README of someone else."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if not model_card.is_adapter_card(f.read()):
+                warnings.warn(
+                    f"{path!r} exists and was not written by diffusionclip-pipeline: not replaced.", stacklevel=4
+                )
+                return
+    directory = os.path.dirname(path)
+    for leftover in glob.glob(os.path.join(glob.escape(directory), ".tmp-*.md")):  # of a killed save
+        with contextlib.suppress(OSError):
+            os.remove(leftover)
+    tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}.md")
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
