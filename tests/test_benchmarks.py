@@ -32,3 +32,13 @@ def test_bench_edit_tiny(capsys):
     assert all(r["edit_s"] > 0 and r["floor_s"] > 0 for r in rows)
     assert "edit / floor" in capsys.readouterr().out
     sys.modules.pop("bench_edit", None)
+
+
+@pytest.mark.slow
+def test_bench_latent_tiny(capsys):
+    import bench_latent
+
+    bench_latent.main(["--tiny", "--resolution", "32", "--steps", "1"])
+    out = capsys.readouterr().out
+    for name in bench_latent.CONFIGS:
+        assert f"| {name} |" in out and "failed" not in out

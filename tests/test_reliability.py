@@ -75,7 +75,7 @@ def test_interrupted_adapter_save_leftovers_are_cleaned_by_the_next_save(tmp_pat
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / ".tmp-abc123.safetensors").write_bytes(b"")  # as a SIGKILL during the write leaves it
     pipe.save_lora_weights(tmp_path / "a")
-    assert os.listdir(tmp_path / "a") == ["pytorch_lora_weights.safetensors"]
+    assert sorted(os.listdir(tmp_path / "a")) == ["README.md", "pytorch_lora_weights.safetensors"]
 
 
 def test_threads_sharing_a_pipeline_or_a_unet_get_the_serial_results():
