@@ -16,6 +16,8 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from diffusionclip_pipeline.cli import checked
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="hub id or folder (real models)")
     parser.add_argument("--lora", default=None, help="adapter folder or file")
@@ -26,15 +28,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--device", default=None)
     parser.add_argument("--testbed", action="store_true", help="offline run on the shipped test-bed")
+    parser.add_argument("--threads", type=int, default=None, action=checked("check_positive_int"),
+                        help="CPU threads (default: OMP_NUM_THREADS, else 1 with --testbed, whose models are tiny, "
+                             "else torch's default); on a busy machine fewer threads are faster")  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     from diffusionclip_pipeline import CLIPDirectionalLoss, DiffusionCLIPPipeline
+    from diffusionclip_pipeline.cli import set_num_threads
     from diffusionclip_pipeline.evaluation import directional_clip_similarity, mean_absolute_error, ssim
     from diffusionclip_pipeline.image_io import read_images
 
     args = parse_args(argv)
+    set_num_threads(args.threads, recommended=1 if args.testbed else None)
     if args.testbed:
         from diffusionclip_pipeline import testbed
         from diffusionclip_pipeline.testbed import RECOMMENDED_EDIT, RECOMMENDED_FINETUNE, render_dataset

@@ -19,6 +19,8 @@ import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from diffusionclip_pipeline.cli import checked
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Pipeline folder, DDPM repository id/folder, or 'testbed'.")
     parser.add_argument("--clip", default=None, help="CLIP id or folder when the model folder has none.")
@@ -40,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-sampled-images", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="Folder caching the inverted latents.")
+    parser.add_argument("--threads", type=int, default=None, action=checked("check_positive_int"),
+                        help="CPU threads per process (default: OMP_NUM_THREADS, else 1 for --model testbed, else "
+                             "torch's default); on a busy machine fewer threads are faster")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -56,10 +61,11 @@ def adapter_digest(pipe, adapter_name: str) -> str:
 def main(argv=None) -> int:
     from accelerate import PartialState
 
-    from diffusionclip_pipeline.cli import load_pipeline  # hub ids, folders and registered names ('testbed')
+    from diffusionclip_pipeline.cli import load_pipeline, set_num_threads  # load: hub ids, folders, 'testbed'
     from diffusionclip_pipeline.image_io import read_images
 
     args = parse_args(argv)
+    set_num_threads(args.threads, recommended=1 if args.model == "testbed" else None)
     state = PartialState(cpu=not torch.cuda.is_available())
     pipe = load_pipeline(args.model, args.clip, clip_2=args.clip_2)
     pipe.set_progress_bar_config(disable=not state.is_main_process)

@@ -29,6 +29,8 @@ REAL_SETTINGS = dict(num_inversion_steps=40, num_train_steps=6, num_epochs=5, le
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from diffusionclip_pipeline.cli import checked
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edit", choices=sorted(PRESETS), required=True)
     parser.add_argument("--images", nargs="*", help="training/test image files or folders (real models)")
@@ -36,14 +38,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="folder for the adapter and the before/after grid")
     parser.add_argument("--device", default=None, help="e.g. cuda")
     parser.add_argument("--testbed", action="store_true", help="run offline on the shipped test-bed instead")
+    parser.add_argument("--threads", type=int, default=None, action=checked("check_positive_int"),
+                        help="CPU threads (default: OMP_NUM_THREADS, else 1 with --testbed, whose models are tiny, "
+                             "else torch's default); on a busy machine fewer threads are faster")  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     from diffusionclip_pipeline import DiffusionCLIPPipeline
+    from diffusionclip_pipeline.cli import set_num_threads
     from diffusionclip_pipeline.image_io import image_grid, read_images, save_atomic
 
     args = parse_args(argv)
+    set_num_threads(args.threads, recommended=1 if args.testbed else None)
     model, src, tar, t0 = PRESETS[args.edit]
     if args.testbed:
         from diffusionclip_pipeline import testbed

@@ -68,7 +68,7 @@ def test_finetune_with_a_second_clip(setup, capsys):
     settings = read_adapter_file(str(setup / "ada")).settings
     assert (settings.rank, settings.alpha) == (2, 2.0)
     assert main([*argv, "--clip-2", str(setup / "nowhere")]) == 2
-    assert "cannot load --clip-2" in capsys.readouterr().err
+    assert "--clip-2 " in (err := capsys.readouterr().err) and "nowhere: no such folder" in err
 
 
 def test_translate_writes_three_row_grid(setup):
@@ -83,7 +83,7 @@ def test_translate_writes_three_row_grid(setup):
         (["edit", "--images", "nowhere.png", "--output", "o"], "no such image file or folder: nowhere.png"),
         # the model's own range (here [1, 999]) is checked by the pipeline, after loading
         (["edit", "--images", "{imgs}", "--output", "{tmp}/o", "--t0", "1000"], "`t0` must be an integer in [1, 999]"),
-        (["edit", "--images", "{imgs}", "--output", "{tmp}/o", "--lora", "{tmp}/none"], "No LoRA weights"),
+        (["edit", "--images", "{imgs}", "--output", "{tmp}/o", "--lora", "{tmp}/none"], "no such adapter file"),
         (
             [
                 "edit",
@@ -98,7 +98,7 @@ def test_translate_writes_three_row_grid(setup):
                 "--lora",
                 "{tmp}/none",
             ],
-            "No LoRA weights",
+            "no such adapter file",
         ),  # fmt: skip
     ],
 )
@@ -106,7 +106,7 @@ def test_bad_arguments_give_one_line(setup, capsys, argv, message):
     argv = [a.format(imgs=setup / "imgs", tmp=setup) for a in argv]
     assert main([argv[0], "--model", str(setup / "pipe"), *argv[1:]]) == 2
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("diffusionclip")]
+    errors = [line for line in err.splitlines() if line.startswith("diffusionclip") and ": error: " in line]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
 
 
@@ -146,11 +146,16 @@ def test_demo_option_values_are_checked_while_parsing(capsys):
     assert capsys.readouterr().err == "diffusionclip demo: error: `--num-test` must be a positive integer, got 0.\n"
 
 
+def commands_listed(help_text: str) -> list[str]:
+    """The sub-commands in ``diffusionclip --help``'s usage line, ``{finetune,edit,...}``."""
+    return help_text.split("{", 1)[1].split("}", 1)[0].split(",")
+
+
 def test_help_and_usage_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
-    assert "finetune,edit,translate,demo" in capsys.readouterr().out
+    assert {"finetune", "edit", "translate", "demo"} <= set(commands_listed(capsys.readouterr().out))
     with pytest.raises(SystemExit) as exit_info:
         main(["sharpen"])
     assert exit_info.value.code == 2
@@ -197,7 +202,7 @@ def test_a_broken_plugin_is_reported_and_skipped(registry, monkeypatch, capsys):
         main(["--help"])
     captured = capsys.readouterr()
     assert "plugin 'broken' (diffusionclip_pipeline.no_such_module:register) not loaded" in captured.err
-    assert "finetune,edit,translate,demo" in captured.out
+    assert {"finetune", "edit", "translate", "demo"} <= set(commands_listed(captured.out))
 
 
 def test_registered_model_and_command(setup, registry, monkeypatch, capsys):

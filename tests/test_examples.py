@@ -43,3 +43,15 @@ def test_evaluate_runs_on_testbed(one_epoch, capsys):
     assert 1 >= results["SSIM (reconstruction)"] > results["SSIM (edit vs input)"]
     assert results["MAE (reconstruction)"] < 0.05 and -1 <= results["S_dir (edit)"] <= 1
     assert "| S_dir (edit) |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["showcase.py", "evaluate.py", "finetune.py"])
+def test_examples_take_threads(name, capsys):
+    required = {"showcase.py": ["--edit", "smiling", "--output", "o"], "evaluate.py": [],
+                "finetune.py": ["--model", "testbed", "--src", "a", "--tar", "b", "--output", "o"]}[name]  # fmt: skip
+    parse_args = load(name)["parse_args"]
+    assert parse_args([*required, "--threads", "1"]).threads == 1
+    assert parse_args(required).threads is None  # OMP_NUM_THREADS, else 1 on the test-bed, else torch's default
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*required, "--threads", "0"])
+    assert exit_info.value.code == 2 and "`--threads` must be a positive integer, got 0." in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Image files in and out for the command line, the examples and the test-bed: read, tile into a grid, write.
+"""Image files in and out for the command line, the examples and the test-bed: find, read, tile into a grid, write.
 
 Neutral on purpose: it imports nothing else from the package, so any module (the CLI, its plugins, the examples)
 can use it without an import cycle.
@@ -7,26 +7,22 @@ can use it without an import cycle.
 from __future__ import annotations
 
 import os
+import tempfile
+import warnings
 
 import PIL.Image
 
-__all__ = ["IMAGE_SUFFIXES", "image_grid", "read_images", "save_atomic"]
+__all__ = ["IMAGE_SUFFIXES", "find_images", "image_grid", "read_image", "read_images", "save_atomic", "unique_stems"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def read_images(paths: list[str]) -> tuple[list[PIL.Image.Image], list[str]]:
-    """Images from files and folders (a folder's images sorted by name), converted to RGB.
-
-    Args:
-        paths (`list[str]`): Image files and folders; a folder contributes its files ending in `IMAGE_SUFFIXES`.
-
-    Returns:
-        `tuple[list[PIL.Image.Image], list[str]]`: the images and their file names (without the folder).
+def find_images(paths: list[str]) -> list[str]:
+    """The image files that ``paths`` name: files as given, and each folder's files ending in `IMAGE_SUFFIXES`
+    (sorted by name). Nothing is opened.
 
     Raises:
-        `FileNotFoundError`: a path does not exist. `ValueError`: no image was found. `OSError`: a file is not an
-        image PIL can read.
+        `FileNotFoundError`: a path does not exist. `ValueError`: no image was found.
     """
     files = []
     for path in paths:
@@ -38,13 +34,62 @@ def read_images(paths: list[str]) -> tuple[list[PIL.Image.Image], list[str]]:
             raise FileNotFoundError(f"no such image file or folder: {path}")
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {paths}")
-    images = []
-    for f in files:
-        try:
-            images.append(PIL.Image.open(f).convert("RGB"))
-        except (OSError, PIL.UnidentifiedImageError) as error:
-            raise OSError(f"cannot read image {f}: {error}") from error
-    return images, [os.path.basename(f) for f in files]
+    return files
+
+
+def read_image(path: str) -> PIL.Image.Image:
+    """The image at ``path``, fully read and converted to RGB.
+
+    Raises:
+        `OSError` naming ``path``: not an image PIL can read, truncated, or larger than PIL's decompression-bomb
+        limit (``PIL.Image.MAX_IMAGE_PIXELS``; a file whose header claims, say, 30000x30000 pixels is refused before
+        any pixel is decoded).
+    """
+    try:
+        with warnings.catch_warnings():  # PIL only warns between 1x and 2x its limit: refuse those too
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as image:
+                return image.convert("RGB")
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
+        raise OSError(f"cannot read image {path}: refused as a possible decompression bomb ({error})") from error
+    except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken files
+        raise OSError(f"cannot read image {path}: {error}") from error
+
+
+def read_images(paths: list[str]) -> tuple[list[PIL.Image.Image], list[str]]:
+    """Images from files and folders (a folder's images sorted by name), converted to RGB.
+
+    Args:
+        paths (`list[str]`): Image files and folders; a folder contributes its files ending in `IMAGE_SUFFIXES`.
+
+    Returns:
+        `tuple[list[PIL.Image.Image], list[str]]`: the images and their file names (without the folder; two inputs
+        may share one, see `unique_stems`).
+
+    Raises:
+        `FileNotFoundError`: a path does not exist. `ValueError`: no image was found. `OSError`: a file is not an
+        image PIL can read (see `read_image`).
+    """
+    files = find_images(paths)
+    return [read_image(f) for f in files], [os.path.basename(f) for f in files]
+
+
+def unique_stems(files: list[str]) -> list[str]:
+    """One output stem per input file, unique even when files of different folders (or suffixes) share a name.
+
+    The first ``x.png`` keeps ``x``; later ones get ``x-1``, ``x-2``, ... (skipping stems another input has), so
+    ``["a/x.png", "b/x.png", "c/y.png"]`` gives ``["x", "x-1", "y"]``.
+    """
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+    taken, result = set(), []
+    for stem in stems:
+        candidate, k = stem, 0
+        while candidate in taken or (candidate != stem and candidate in stems):
+            k += 1
+            candidate = f"{stem}-{k}"
+        taken.add(candidate)
+        result.append(candidate)
+    return result
 
 
 def image_grid(rows: list[list[PIL.Image.Image]], pad: int = 2) -> PIL.Image.Image:
@@ -65,15 +110,26 @@ def image_grid(rows: list[list[PIL.Image.Image]], pad: int = 2) -> PIL.Image.Ima
 
 
 def save_atomic(image: PIL.Image.Image, path: str) -> None:
-    """Writes ``image`` to ``path`` through a temporary file, so that ``path`` never holds a partial image.
+    """Writes ``image`` to ``path`` through a temporary file in the same folder, so that ``path`` never holds a
+    partial image: an error or an interruption (a full disk, Ctrl-C) leaves the old file or none, and no temporary
+    file behind.
 
     The format follows ``path``'s extension (PNG when PIL does not know it).
     """
     image_format = PIL.Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
-    tmp = path + ".tmp"
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
-        image.save(tmp, format=image_format)
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=image_format)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0o600; a plain save would honour the umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

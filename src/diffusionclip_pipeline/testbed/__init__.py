@@ -1,24 +1,28 @@
-"""Offline test-bed world (coloured shapes on white) and the tiny models trained on it."""
+"""Offline test-bed world (coloured shapes on white) and the tiny models trained on it.
 
-from .pipeline import WEIGHTS_DIR, load_pipeline
-from .settings import RECOMMENDED_EDIT, RECOMMENDED_FINETUNE
-from .world import (
-    COLOURS,
-    SHAPES,
-    TEMPLATES,
-    background_change,
-    caption,
-    classify_shape,
-    colour_fraction,
-    dominant_colour,
-    edit_success,
-    foreground_mask,
-    is_clean_shape,
-    mask_iou,
-    render_dataset,
-    render_shape,
-    sample_scene,
-)
+The names below are imported when first used (PEP 562), so that importing the package, or its CLI plugin
+(`cli_plugin`, loaded by every ``diffusionclip`` command), does not import torch: ``diffusionclip --help`` stays
+quick. ``from diffusionclip_pipeline.testbed import load_pipeline`` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "WEIGHTS_DIR": "pipeline",
+    "load_pipeline": "pipeline",
+    "RECOMMENDED_EDIT": "settings",
+    "RECOMMENDED_FINETUNE": "settings",
+    **{
+        name: "world"
+        for name in (
+            "COLOURS", "SHAPES", "TEMPLATES", "background_change", "caption", "classify_shape", "colour_fraction",
+            "dominant_colour", "edit_success", "foreground_mask", "is_clean_shape", "mask_iou", "render_dataset",
+            "render_shape", "sample_scene",
+        )
+    },
+}  # fmt: skip
 
 __all__ = [
     "RECOMMENDED_EDIT",
@@ -41,3 +45,21 @@ __all__ = [
     "render_shape",
     "sample_scene",
 ]
+
+
+_SUBMODULES = ("cli_plugin", "demo", "pipeline", "settings", "world")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:  # `testbed.world` without importing it first
+        return importlib.import_module(f"{__name__}.{name}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

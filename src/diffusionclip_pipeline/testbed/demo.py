@@ -68,10 +68,11 @@ def run_edit_experiment(
 
 
 def run_demo(output_dir: str = "diffusionclip-demo", source: str = "red", target: str = "blue", num_test: int = 16,
-             seed: int = 0) -> dict:  # fmt: skip
+             seed: int = 0, progress_bars: bool = False) -> dict:  # fmt: skip
     """Fine-tunes the test-bed for "{source} circle" -> "{target} circle", edits ``num_test`` held-out circles,
     writes ``before_after.png`` (top: input, bottom: edited) and the adapter to ``output_dir``, and prints the success
-    rate. Returns `run_edit_experiment`'s result."""
+    rate. ``progress_bars`` shows the fine-tuning and editing bars on stderr (on a terminal). Returns
+    `run_edit_experiment`'s result."""
     for name, colour in (("source", source), ("target", target)):
         check_choice(colour, name, world.COLOURS)
     if source == target:
@@ -79,6 +80,8 @@ def run_demo(output_dir: str = "diffusionclip-demo", source: str = "red", target
     check_positive_int(num_test, "num_test")
     check_non_negative_int(seed, "seed")
     pipe = load_pipeline()
+    if progress_bars:
+        pipe.set_progress_bar_config(disable=None, leave=False)  # None: on a terminal only
     print(f"fine-tuning the test-bed DDPM: '{source} circle' -> '{target} circle' on 16 rendered images ...")
     result = run_edit_experiment(pipe, source, target, num_test=num_test, seed=seed)
     os.makedirs(output_dir, exist_ok=True)
