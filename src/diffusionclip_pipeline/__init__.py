@@ -1,30 +1,56 @@
-"""DiffusionCLIP for diffusers (Kim, Kwon, Ye, CVPR 2022, arXiv 2110.02711)."""
+"""DiffusionCLIP for diffusers (Kim, Kwon, Ye, CVPR 2022, arXiv 2110.02711).
+
+The names below are imported when first used (PEP 562), so that `diffusionclip_pipeline.cli` (the ``diffusionclip``
+command) starts without importing torch, diffusers or transformers: ``diffusionclip --help`` and usage errors are
+quick. ``from diffusionclip_pipeline import DiffusionCLIPPipeline`` works as before.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from ._version import __version__
-from .clip_loss import CLIPDirectionalLoss, direction_loss
-from .finetune import FinetuneConfig, FinetuneOutput, NonFiniteLossError
-from .loaders import DiffusionCLIPLoraLoaderMixin
-from .pipeline_diffusionclip import DiffusionCLIPPipeline, NoAdapterWarning
-from .pipeline_output import DiffusionCLIPInversionOutput, DiffusionCLIPPipelineOutput
-from .schedule import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timesteps
-from .templates import IMAGENET_TEMPLATES
-from .unet import LoraUNet2DModel
 
-__all__ = [
-    "CLIPDirectionalLoss",
-    "DiffusionCLIPLoraLoaderMixin",
-    "DiffusionCLIPInversionOutput",
-    "DiffusionCLIPPipeline",
-    "DiffusionCLIPPipelineOutput",
-    "FinetuneConfig",
-    "FinetuneOutput",
-    "GridDDIMInverseScheduler",
-    "GridDDIMScheduler",
-    "IMAGENET_TEMPLATES",
-    "LoraUNet2DModel",
-    "NoAdapterWarning",
-    "NonFiniteLossError",
-    "__version__",
-    "ddim_timesteps",
-    "direction_loss",
-]
+_EXPORTS = {
+    "CLIPDirectionalLoss": "clip_loss",
+    "direction_loss": "clip_loss",
+    "FinetuneConfig": "finetune",
+    "FinetuneOutput": "finetune",
+    "NonFiniteLossError": "finetune",
+    "DiffusionCLIPLoraLoaderMixin": "loaders",
+    "DiffusionCLIPPipeline": "pipeline_diffusionclip",
+    "NoAdapterWarning": "pipeline_diffusionclip",
+    "DiffusionCLIPInversionOutput": "pipeline_output",
+    "DiffusionCLIPPipelineOutput": "pipeline_output",
+    "GridDDIMInverseScheduler": "schedule",
+    "GridDDIMScheduler": "schedule",
+    "ddim_timesteps": "schedule",
+    "IMAGENET_TEMPLATES": "templates",
+    "LoraUNet2DModel": "unet",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
+    from .clip_loss import CLIPDirectionalLoss, direction_loss
+    from .finetune import FinetuneConfig, FinetuneOutput, NonFiniteLossError
+    from .loaders import DiffusionCLIPLoraLoaderMixin
+    from .pipeline_diffusionclip import DiffusionCLIPPipeline, NoAdapterWarning
+    from .pipeline_output import DiffusionCLIPInversionOutput, DiffusionCLIPPipelineOutput
+    from .schedule import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timesteps
+    from .templates import IMAGENET_TEMPLATES
+    from .unet import LoraUNet2DModel
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

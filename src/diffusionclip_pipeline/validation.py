@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Iterable
 from numbers import Integral, Real
 
 import numpy as np
-import torch
 
 __all__ = [
     "ADAPTER_NAME_PATTERN",
@@ -39,7 +39,8 @@ ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 def short_repr(value, limit: int = 120) -> str:
     """``repr(value)`` cut to ``limit`` characters (tensors and arrays are shown by type and shape)."""
-    if torch.is_tensor(value) or isinstance(value, np.ndarray):
+    torch = sys.modules.get("torch")  # never imported: then the value cannot be a tensor
+    if (torch is not None and torch.is_tensor(value)) or isinstance(value, np.ndarray):
         return f"{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -166,8 +167,10 @@ def check_adapter_name(value, name: str = "adapter_name") -> str:
     return value
 
 
-def check_finite_tensor(value: torch.Tensor, name: str) -> torch.Tensor:
+def check_finite_tensor(value, name: str):
     """``value`` if it holds no NaN or infinity."""
+    import torch
+
     if not torch.is_tensor(value):
         raise TypeError(f"`{name}` must be a torch tensor, got {short_repr(value)} ({type(value).__name__}).")
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
