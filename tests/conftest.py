@@ -111,6 +111,18 @@ def clip_model(tokenizer) -> CLIPModel:
     return make_clip(tokenizer)
 
 
+@pytest.fixture
+def setup(tmp_path):
+    """A saved tiny pipeline folder (``tmp_path/pipe``) and three input PNGs (``tmp_path/imgs``), for CLI tests."""
+    from diffusionclip_pipeline.image_processing import postprocess_image
+
+    make_pipeline().save_pretrained(tmp_path / "pipe")
+    (tmp_path / "imgs").mkdir()
+    for i, image in enumerate(postprocess_image(random_images(3))):
+        image.save(tmp_path / "imgs" / f"img{i}.png")
+    return tmp_path
+
+
 def random_images(batch: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, size, size, generator=generator) * 2 - 1

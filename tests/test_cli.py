@@ -3,25 +3,15 @@ from importlib.metadata import EntryPoint, entry_points
 
 import PIL.Image
 import pytest
-from conftest import make_clip, make_pipeline, make_tokenizer, random_images
+from conftest import make_clip, make_pipeline, make_tokenizer
 
 from diffusionclip_pipeline import cli
 from diffusionclip_pipeline.cli import PLUGIN_GROUP, main, register_command, register_model
 from diffusionclip_pipeline.image_io import image_grid
-from diffusionclip_pipeline.image_processing import postprocess_image
 from diffusionclip_pipeline.lora import read_adapter_file
 
 FAST = ["--t0", "50", "--num-inversion-steps", "2"]
 FINETUNE = ["finetune", "--src", "a", "--tar", "b"]
-
-
-@pytest.fixture
-def setup(tmp_path):
-    make_pipeline().save_pretrained(tmp_path / "pipe")
-    (tmp_path / "imgs").mkdir()
-    for i, image in enumerate(postprocess_image(random_images(3))):
-        image.save(tmp_path / "imgs" / f"img{i}.png")
-    return tmp_path
 
 
 def test_finetune_then_edit_with_adapter(setup, capsys):

@@ -10,7 +10,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import make_pipeline, random_images
 
 from diffusionclip_pipeline import DiffusionCLIPPipeline, cli
 from diffusionclip_pipeline.cli import main, quiet_loading, register_command, set_num_threads
@@ -20,15 +19,6 @@ from diffusionclip_pipeline.testbed.cli_plugin import parse_prompt, render_train
 
 FAST_EDIT = ["--t0", "50", "--num-inversion-steps", "2", "--num-inference-steps", "2"]
 FAST_FINETUNE = ["--t0", "50", "--num-inversion-steps", "2", "--num-train-steps", "1", "--num-epochs", "1"]
-
-
-@pytest.fixture
-def setup(tmp_path):
-    make_pipeline().save_pretrained(tmp_path / "pipe")
-    (tmp_path / "imgs").mkdir()
-    for i, image in enumerate(postprocess_image(random_images(3))):
-        image.save(tmp_path / "imgs" / f"img{i}.png")
-    return tmp_path
 
 
 @pytest.fixture

@@ -17,19 +17,9 @@ from diffusionclip_pipeline import DiffusionCLIPPipeline
 from diffusionclip_pipeline import finetune as finetune_module
 from diffusionclip_pipeline.cli import main
 from diffusionclip_pipeline.image_io import unique_stems
-from diffusionclip_pipeline.image_processing import postprocess_image
 
 FAST_EDIT = ["--t0", "50", "--num-inversion-steps", "2", "--num-inference-steps", "2"]
 FAST_FINETUNE = ["--t0", "50", "--num-inversion-steps", "2", "--num-train-steps", "1", "--num-epochs", "1"]
-
-
-@pytest.fixture
-def setup(tmp_path):
-    make_pipeline().save_pretrained(tmp_path / "pipe")
-    (tmp_path / "imgs").mkdir()
-    for i, image in enumerate(postprocess_image(random_images(3))):
-        image.save(tmp_path / "imgs" / f"img{i}.png")
-    return tmp_path
 
 
 def edit_argv(setup, *extra):
