@@ -10,6 +10,7 @@ with `testbed.edit_success`. About 80-100 s per edit of 64 images on one CPU thr
     python scripts/testbed/edits.py --seed 5 --num-test 32 --set global_clip_loss_weight=1.0   # a README sweep row
     python scripts/testbed/edits.py --edit-set num_fixed_point_iterations=1       # exact inversion when editing
     python scripts/testbed/edits.py --single-clip                     # the shipped CLIP alone (no clip_2/)
+    python scripts/testbed/edits.py --kind latent                     # the latent test-bed, its recommendations
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
-from diffusionclip_pipeline.testbed import RECOMMENDED_EDIT, RECOMMENDED_FINETUNE, load_pipeline  # noqa: E402
+from diffusionclip_pipeline.testbed import load_pipeline  # noqa: E402
 from diffusionclip_pipeline.testbed.demo import run_edit_experiment  # noqa: E402
+from diffusionclip_pipeline.testbed.settings import recommended  # noqa: E402
 
 # one edit per source colour, each on a different shape, plus the shape edit the issue asks for
 DEFAULT_EDITS = ["red:blue:circle", "green:yellow:triangle", "blue:red:square", "yellow:green:circle",
@@ -51,6 +53,7 @@ def main() -> None:
     p.add_argument("--weights", help="another test-bed weights folder (default: the shipped one)")
     p.add_argument("--single-clip", action="store_true", help="leave out the second CLIP (clip_2/): one CLIP loss")
     p.add_argument("--json", help="also append the results here (JSON lines)")
+    p.add_argument("--kind", choices=("pixel", "latent"), default="pixel", help="which test-bed")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -64,8 +67,9 @@ def main() -> None:
         return out
 
     overrides, edit_overrides = parse_settings(args.set), parse_settings(args.edit_set)
-    settings = {**RECOMMENDED_FINETUNE, **overrides}
-    edit_settings = {**RECOMMENDED_EDIT, **edit_overrides}
+    recommended_finetune, recommended_edit = recommended(args.kind)
+    settings = {**recommended_finetune, **overrides}
+    edit_settings = {**recommended_edit, **edit_overrides}
     clips = "the shipped CLIP only" if args.single_clip else "both CLIPs if the weights have two"
     print(f"settings: {settings}; edit: {edit_settings}; {clips}; seed {args.seed}; {args.num_test} held-out images "
           "per edit\n")  # fmt: skip
@@ -78,7 +82,7 @@ def main() -> None:
             p.error(f"--edits takes source:target:shape[:target_shape], got {spec!r}")
         source, target, shape = parts[:3]
         target_shape = parts[3] if len(parts) == 4 else None
-        pipe = load_pipeline(args.weights, second_clip=not args.single_clip)
+        pipe = load_pipeline(args.weights, second_clip=not args.single_clip, kind=args.kind)
         pipe.set_progress_bar_config(disable=True)
         start = time.perf_counter()
         result = run_edit_experiment(
@@ -96,10 +100,12 @@ def main() -> None:
               f"{pct('fraction_ok')} | {pct('iou_ok')} | {pct('shape_ok')} | {pct('background_ok')} | {bg:.3f} |",
               flush=True)  # fmt: skip
         if args.json:
-            record = dict(edit=name, settings=settings, edit_settings=edit_settings, seed=args.seed,
+            record = dict(edit=name, kind=args.kind, settings=settings, edit_settings=edit_settings, seed=args.seed,
                           clip_models=len(pipe.clip_models),
                           num_test=args.num_test, success=result["success_rate"], criteria=c,
-                          mean_background_change=bg, seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+                          mean_background_change=bg, seconds=round(time.perf_counter() - start, 1),
+                          train_seconds=round(result["train_seconds"], 1),
+                          edit_seconds=round(result["edit_seconds"], 1))  # fmt: skip
             with open(args.json, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
