@@ -12,6 +12,9 @@ import importlib
 _EXPORTS = {
     "WEIGHTS_DIR": "pipeline",
     "load_pipeline": "pipeline",
+    "FAST_EDIT": "settings",
+    "FAST_FINETUNE": "settings",
+    "LATENT_WEIGHTS_DIR": "pipeline",
     "RECOMMENDED_EDIT": "settings",
     "RECOMMENDED_FINETUNE": "settings",
     **{
@@ -25,6 +28,9 @@ _EXPORTS = {
 }  # fmt: skip
 
 __all__ = [
+    "FAST_EDIT",
+    "FAST_FINETUNE",
+    "LATENT_WEIGHTS_DIR",
     "RECOMMENDED_EDIT",
     "RECOMMENDED_FINETUNE",
     "WEIGHTS_DIR",

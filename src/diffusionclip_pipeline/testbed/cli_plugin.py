@@ -22,12 +22,18 @@ NUM_THREADS = 1
 
 
 def register() -> None:
-    """Registers the model ``testbed`` (with `RECOMMENDED_FINETUNE` / `RECOMMENDED_EDIT`, one thread, and
-    `render_training_images`) and the ``demo`` command."""
+    """Registers the models ``testbed`` (with `RECOMMENDED_FINETUNE` / `RECOMMENDED_EDIT`, one thread, and
+    `render_training_images`) and ``testbed-latent`` (the latent test-bed, with its own recommendations), and the
+    ``demo`` command."""
     register_model(
         "testbed", load=_load_pipeline, finetune_defaults=_recommended_finetune, edit_defaults=_recommended_edit,
         help="the offline test-bed shipped with the package, with its recommended settings",
         render=render_training_images, num_threads=NUM_THREADS,
+    )  # fmt: skip
+    register_model(
+        "testbed-latent", load=_load_latent_pipeline, finetune_defaults=_recommended_finetune_latent,
+        edit_defaults=_recommended_edit_latent, render=render_training_images, num_threads=NUM_THREADS,
+        help="the offline latent test-bed (a tiny Stable-Diffusion-shaped model) shipped with the package",
     )  # fmt: skip
     register_command(
         "demo", help="offline: fine-tune the test-bed for a colour edit, edit held-out images",
@@ -39,6 +45,24 @@ def _load_pipeline():
     from .pipeline import load_pipeline
 
     return load_pipeline()
+
+
+def _load_latent_pipeline():
+    from .pipeline import load_pipeline
+
+    return load_pipeline(kind="latent")
+
+
+def _recommended_finetune_latent() -> dict:
+    from .settings import recommended
+
+    return recommended("latent")[0]
+
+
+def _recommended_edit_latent() -> dict:
+    from .settings import recommended
+
+    return recommended("latent")[1]
 
 
 def _recommended_finetune() -> dict:
@@ -102,6 +126,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         action=checked("check_non_negative_int"),
         help="data seed: which circles are rendered for fine-tuning (seed) and editing (seed + 1)",
     )
+    parser.add_argument(
+        "--latent", action="store_true", help="the latent test-bed (VAE + text-conditioned UNet, SD's layout)"
+    )
 
 
 def run_demo_command(args: argparse.Namespace) -> None:
@@ -111,4 +138,4 @@ def run_demo_command(args: argparse.Namespace) -> None:
         raise ValueError(f"`--source` and `--target` are the same colour ({args.source!r}): nothing to edit.")
     check_output(args.output)
     run_demo(output_dir=args.output, source=args.source, target=args.target, num_test=args.num_test, seed=args.seed,
-             progress_bars=not args.quiet)  # fmt: skip
+             progress_bars=not args.quiet, kind="latent" if args.latent else "pixel")  # fmt: skip

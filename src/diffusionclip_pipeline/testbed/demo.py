@@ -11,8 +11,8 @@ import PIL.Image
 from ..image_io import image_grid, save_atomic
 from ..validation import check_choice, check_non_negative_int, check_positive_int
 from . import world
-from .pipeline import load_pipeline
-from .settings import RECOMMENDED_EDIT, RECOMMENDED_FINETUNE
+from .pipeline import KINDS, load_pipeline
+from .settings import recommended
 
 
 def run_edit_experiment(
@@ -27,15 +27,22 @@ def run_edit_experiment(
     finetune_kwargs: dict | None = None,
     edit_kwargs: dict | None = None,
     adapter_name: str = "default",
+    kind: str | None = None,
 ) -> dict:
     """Fine-tunes ``pipe`` for "{source_colour} {shape}" -> "{target_colour or source_colour} {target_shape or shape}"
     on ``num_train`` rendered images and edits ``num_test`` other ones (seeds ``seed`` and ``seed + 1``).
+
+    ``finetune_kwargs`` / ``edit_kwargs`` override the test-bed's recommended settings for ``kind`` (``"pixel"`` or
+    ``"latent"``; by default the pipeline's: latent when it has an autoencoder).
 
     Returns:
         `dict`: ``success_rate``, the rate of every criterion, the per-image reports, the timings, and the source
         and edited PIL images.
     """
-    size = pipe.unet.config.sample_size
+    kind = kind or ("latent" if pipe.autoencoder is not None else "pixel")
+    check_choice(kind, "kind", KINDS)
+    recommended_finetune, recommended_edit = recommended(kind)
+    size = pipe.resolution
     target_colour_name = target_colour or source_colour
     prompt_src = f"{source_colour} {shape}"
     prompt_tar = f"{target_colour_name} {target_shape or shape}"
@@ -44,11 +51,11 @@ def run_edit_experiment(
     start = time.perf_counter()
     output = pipe.finetune(
         prompt_src, prompt_tar, images=train, adapter_name=adapter_name,
-        **{**RECOMMENDED_FINETUNE, **(finetune_kwargs or {})},
+        **{**recommended_finetune, **(finetune_kwargs or {})},
     )  # fmt: skip
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    edited = pipe.edit(test, output_type="pil", **{**RECOMMENDED_EDIT, **(edit_kwargs or {})}).images
+    edited = pipe.edit(test, output_type="pil", **{**recommended_edit, **(edit_kwargs or {})}).images
     edit_s = time.perf_counter() - start
     reports = [
         world.edit_success(s, e, target_colour=target_colour, target_shape=target_shape) for s, e in zip(test, edited)
@@ -68,22 +75,24 @@ def run_edit_experiment(
 
 
 def run_demo(output_dir: str = "diffusionclip-demo", source: str = "red", target: str = "blue", num_test: int = 16,
-             seed: int = 0, progress_bars: bool = False) -> dict:  # fmt: skip
+             seed: int = 0, progress_bars: bool = False, kind: str = "pixel") -> dict:  # fmt: skip
     """Fine-tunes the test-bed for "{source} circle" -> "{target} circle", edits ``num_test`` held-out circles,
     writes ``before_after.png`` (top: input, bottom: edited) and the adapter to ``output_dir``, and prints the success
-    rate. ``progress_bars`` shows the fine-tuning and editing bars on stderr (on a terminal). Returns
-    `run_edit_experiment`'s result."""
+    rate. ``progress_bars`` shows the fine-tuning and editing bars on stderr (on a terminal); ``kind="latent"`` runs
+    on the latent (Stable-Diffusion-shaped) test-bed. Returns `run_edit_experiment`'s result."""
     for name, colour in (("source", source), ("target", target)):
         check_choice(colour, name, world.COLOURS)
     if source == target:
         raise ValueError(f"`source` and `target` are the same colour ({source!r}): nothing to edit.")
     check_positive_int(num_test, "num_test")
     check_non_negative_int(seed, "seed")
-    pipe = load_pipeline()
+    check_choice(kind, "kind", KINDS)
+    pipe = load_pipeline(kind=kind)
     if progress_bars:
         pipe.set_progress_bar_config(disable=None, leave=False)  # None: on a terminal only
-    print(f"fine-tuning the test-bed DDPM: '{source} circle' -> '{target} circle' on 16 rendered images ...")
-    result = run_edit_experiment(pipe, source, target, num_test=num_test, seed=seed)
+    model = "latent test-bed (VAE + text-conditioned UNet)" if kind == "latent" else "test-bed DDPM"
+    print(f"fine-tuning the {model}: '{source} circle' -> '{target} circle' on 16 rendered images ...")
+    result = run_edit_experiment(pipe, source, target, num_test=num_test, seed=seed, kind=kind)
     os.makedirs(output_dir, exist_ok=True)
     scale = 3
     rows = [[im.resize((im.width * scale, im.height * scale), PIL.Image.Resampling.NEAREST) for im in row]

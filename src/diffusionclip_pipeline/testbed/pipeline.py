@@ -4,31 +4,47 @@ from __future__ import annotations
 
 import os
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+WEIGHTS_DIR = os.path.join(_HERE, "weights")
+LATENT_WEIGHTS_DIR = os.path.join(_HERE, "weights_latent")
+"""The latent test-bed: a Stable-Diffusion-layout folder (``model_index.json``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``unet/``, ``scheduler/``) that the stock `StableDiffusionPipeline.from_pretrained` loads too. The
+CLIP of the loss is the pixel test-bed's (``WEIGHTS_DIR/clip``), not copied."""
+
+KINDS = ("pixel", "latent")
 
 
-def load_pipeline(weights_dir: str | os.PathLike | None = None, dtype=None, second_clip: bool = True):
-    """The test-bed pipeline (tiny DDPM + tiny CLIP of the shapes world), loaded offline from ``weights_dir``.
+def load_pipeline(
+    weights_dir: str | os.PathLike | None = None, dtype=None, second_clip: bool = True, kind: str = "pixel"
+):
+    """The test-bed pipeline, loaded offline: the tiny pixel DDPM (``kind="pixel"``) or the tiny Stable-Diffusion-
+    shaped latent model (``kind="latent"``) of the shapes world, with the tiny CLIP(s) of the loss.
 
     Args:
-        weights_dir (`str`, *optional*): A folder with ``unet/``, ``scheduler/``, ``clip/`` and ``tokenizer/``, and
-            optionally ``clip_2/`` + ``tokenizer_2/`` (default: the weights shipped in the package).
+        weights_dir (`str`, *optional*): For ``kind="pixel"``, a folder with ``unet/``, ``scheduler/``, ``clip/`` and
+            ``tokenizer/``, and optionally ``clip_2/`` + ``tokenizer_2/`` (default: the weights shipped in the
+            package). For ``kind="latent"``, a Stable Diffusion folder (default: `LATENT_WEIGHTS_DIR`); the CLIPs
+            then come from the shipped pixel test-bed folder.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): Some weights are stored in fp16; all are
             cast to ``dtype``.
         second_clip (`bool`, *optional*, defaults to `True`): Load the second CLIP (``clip_2/``) if the folder has
             one; fine-tuning then averages the CLIP loss over both (why: docs/testbed-experiments.md, "Two CLIPs").
+        kind (`str`, *optional*, defaults to `"pixel"`): ``"pixel"`` or ``"latent"`` (docs/testbed-latent.md).
 
     Returns:
         [`DiffusionCLIPPipeline`]: on the CPU, progress bars off (also while loading).
     """
     import torch
     from diffusers import DDPMScheduler, UNet2DModel
-    from transformers import CLIPModel, CLIPTokenizer
 
     from ..cli import quiet_loading
     from ..pipeline_diffusionclip import DiffusionCLIPPipeline
 
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
     dtype = torch.float32 if dtype is None else dtype
+    if kind == "latent":
+        return _load_latent(weights_dir, dtype, second_clip)
 
     root = os.fspath(weights_dir or WEIGHTS_DIR)
     missing = [d for d in ("unet", "scheduler", "clip", "tokenizer") if not os.path.isdir(os.path.join(root, d))]
@@ -37,15 +53,36 @@ def load_pipeline(weights_dir: str | os.PathLike | None = None, dtype=None, seco
     with quiet_loading():  # no "Loading weights: 100%|...| 110/110" bars for a local, tiny model
         unet = UNet2DModel.from_pretrained(os.path.join(root, "unet"), dtype=dtype)
         scheduler = DDPMScheduler.from_pretrained(os.path.join(root, "scheduler"))
-        clip_model = CLIPModel.from_pretrained(os.path.join(root, "clip"), dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer"))
-        clip_model_2 = tokenizer_2 = None
-        if second_clip and os.path.isdir(os.path.join(root, "clip_2")):
-            clip_model_2 = CLIPModel.from_pretrained(os.path.join(root, "clip_2"), dtype=dtype)
-            tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer_2"))
-    pipe = DiffusionCLIPPipeline(
-        unet=unet, scheduler=scheduler, clip_model=clip_model, clip_tokenizer=tokenizer,
-        clip_model_2=clip_model_2, clip_tokenizer_2=tokenizer_2,
-    )  # fmt: skip
+        pipe = DiffusionCLIPPipeline(unet=unet, scheduler=scheduler, **_load_clips(root, second_clip, dtype))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_clips(root: str, second_clip: bool, dtype) -> dict:
+    """The CLIP(s) of the loss from ``root/clip`` (+ ``root/clip_2``), as `DiffusionCLIPPipeline` keywords."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    clips = {
+        "clip_model": CLIPModel.from_pretrained(os.path.join(root, "clip"), dtype=dtype),
+        "clip_tokenizer": CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer")),
+    }
+    if second_clip and os.path.isdir(os.path.join(root, "clip_2")):
+        clips["clip_model_2"] = CLIPModel.from_pretrained(os.path.join(root, "clip_2"), dtype=dtype)
+        clips["clip_tokenizer_2"] = CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer_2"))
+    return clips
+
+
+def _load_latent(weights_dir, dtype, second_clip: bool):
+    from ..cli import quiet_loading
+    from ..pipeline_diffusionclip import DiffusionCLIPPipeline
+
+    root = os.fspath(weights_dir or LATENT_WEIGHTS_DIR)
+    if not os.path.isfile(os.path.join(root, "model_index.json")):
+        raise FileNotFoundError(
+            f"The latent test-bed folder {root!r} has no model_index.json; build it with "
+            "`python scripts/testbed/export_latent.py` (docs/testbed-latent.md)."
+        )
+    with quiet_loading():
+        pipe = DiffusionCLIPPipeline.from_pretrained(root, dtype=dtype, **_load_clips(WEIGHTS_DIR, second_clip, dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe
