@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import math
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
+import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 from safetensors.torch import load_file
 
-from . import autoencoder, lora
+from . import autoencoder, evaluation, lora
 from ._version import __version__
 from .checkpointing import (
     Checkpoint,
@@ -43,6 +46,8 @@ from .checkpointing import (
     read_checkpoint,
 )
 from .clip_loss import LOSS_TYPES, CLIPDirectionalLoss, unknown_words
+from .image_io import image_grid
+from .image_processing import postprocess_image
 from .lora import (
     DEFAULT_TARGET_MODULES,
     LoraSettings,
@@ -75,6 +80,11 @@ L1_SPACES = ("pixel", "latent")
 LOSS_WEIGHTS = (
     "clip_loss_weight", "global_clip_loss_weight", "l1_loss_weight", "sparse_loss_weight", "identity_loss_weight",
 )  # fmt: skip
+# `keep_best` criteria: the validation scores (`evaluation.score_edits`); larger is better except for `mae`
+KEEP_BEST = ("s_dir", "s_dir_2", "clip_score", "mae", "ssim")
+# accelerate's trackers (`report_to`) and the packages they need (any one of them)
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "comet_ml": ("comet_ml",)}
+TRACKER_PROJECT = "diffusionclip-finetune"
 
 
 @dataclass
@@ -204,6 +214,12 @@ class FinetuneOutput(BaseOutput):
         config (`FinetuneConfig`): The settings used.
         num_cached_latents (`int`): How many training latents came from the on-disk cache.
         num_clip_models (`int`): Over how many CLIP models the CLIP loss was averaged (2 with `clip_model_2`).
+        validation (`list[dict]`): With ``validation_images``: one dict per validated epoch, in order, with
+            ``"epoch"`` (1-based) and the scores of `evaluation.score_edits` (``"s_dir"``, ``"s_dir_2"`` with a second
+            CLIP, ``"mae"``, ``"ssim"``, ``"clip_score"``); empty without.
+        best_epoch (`int`, *optional*): With ``keep_best``: the (1-based) epoch whose adapter weights were kept.
+        validation_grid (`PIL.Image.Image`, *optional*): With ``validation_images``: the held-out images as the
+            model sees them (first row), then their edit at each validated epoch (one row each, in order).
     """
 
     adapter_name: str
@@ -211,6 +227,9 @@ class FinetuneOutput(BaseOutput):
     config: FinetuneConfig
     num_cached_latents: int = 0
     num_clip_models: int = 1
+    validation: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    validation_grid: PIL.Image.Image | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -623,10 +642,12 @@ SCHEMES: dict[str, Callable[..., list[float]]] = {
 
 def _train(
     pipe, step: TrainStep, loss_fn: FinetuneLoss, x0, x_t0, config: FinetuneConfig, generator,
-    checkpoints: _Checkpointer | None = None, resume: Checkpoint | None = None,
+    checkpoints: _Checkpointer | None = None, resume: Checkpoint | None = None, validation: _Validation | None = None,
 ) -> list[float]:  # fmt: skip
     """``config.num_epochs`` passes over the images, shuffled by ``generator``; returns the loss history. With
-    ``checkpoints``, writes one whenever due (at batch ends); with ``resume``, continues where that checkpoint was."""
+    ``checkpoints``, writes one whenever due (at batch ends); with ``resume``, continues where that checkpoint was;
+    with ``validation``, validates at the end of the epochs it is due and finally keeps the best epoch's weights (if
+    asked). The loss goes to the accelerator's trackers, if it has any."""
     scheduler = GridDDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(timesteps=ddim_timesteps(config.t0, config.num_train_steps, pipe.num_train_timesteps))
     train_batch = SCHEMES[config.scheme]
@@ -642,6 +663,8 @@ def _train(
     progress = pipe.progress_bar(total=config.num_epochs * num_batches)
     if first_epoch or first_batch:  # a resumed run: rate and time left from this run's batches only
         progress.n = progress.last_print_n = progress.initial = first_epoch * num_batches + first_batch
+    tracking = bool(step.accelerator.trackers)
+    scores: dict[str, str] = {}  # the last validation's, shown in the progress bar from then on
     try:
         for epoch in range(first_epoch, config.num_epochs):
             epoch_start = generator.get_state()  # what a checkpoint within this epoch stores to redraw its order
@@ -653,17 +676,276 @@ def _train(
                 losses = train_batch(step, loss_fn, scheduler, x_t0[idx], source, f"epoch {epoch}, batch {b}")
                 loss_history.extend(losses)
                 # a dict keeps this order (keyword arguments would be sorted): epoch, optimizer steps, last loss
-                progress.set_postfix({"epoch": epoch, "step": step.num_updates, "loss": f"{loss_history[-1]:.4f}"})
+                postfix = {"epoch": epoch, "step": step.num_updates, "loss": f"{loss_history[-1]:.4f}"}
+                progress.set_postfix({**postfix, **scores})
                 progress.update(1)
+                if tracking:
+                    step.accelerator.log(
+                        {"train/loss": sum(losses) / len(losses), "epoch": epoch + 1}, step.num_updates
+                    )
                 if checkpoints is not None and checkpoints.due(step):
                     if b + 1 < num_batches:  # next: batch b + 1 of this epoch, in this epoch's order
                         checkpoints.write(step, loss_fn, epoch, b + 1, epoch_start, loss_history)
                     else:
                         checkpoints.write(step, loss_fn, epoch + 1, 0, generator.get_state(), loss_history)
+            if validation is not None and validation.due(epoch + 1, config.num_epochs):
+                entry = validation(epoch + 1, step)
+                scores = {k: f"{v:.3f}" for k, v in entry.items() if k != "epoch"}
+                progress.set_postfix({**postfix, **scores})
     finally:
         progress.close()
     step.check_result(x_t0[:1], int(scheduler.timesteps[0]))
+    if validation is not None:
+        validation.keep_best_weights(step.params)
     return loss_history
+
+
+# ---- validation during the run -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _progress_bars_off(pipe):
+    """No progress bars from the pipeline's own calls inside the block (the run's bar is open); its settings after
+    the block as they were."""
+    had = hasattr(pipe, "_progress_bar_config")
+    previous = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{**previous, "disable": True})
+    try:
+        yield
+    finally:
+        if had:
+            pipe.set_progress_bar_config(**previous)
+        else:
+            del pipe._progress_bar_config
+
+
+@dataclass
+class _Kept:
+    """An epoch's score and a copy of the adapter's weights then."""
+
+    value: float
+    epoch: int
+    weights: list[torch.Tensor]
+
+
+@dataclass
+class _Validation:
+    """Validation during a run (as diffusers' training scripts validate): at the end of every ``every``-th epoch and
+    after the last, the held-out images are edited with the current adapter (`evaluation.evaluate_edit` from their
+    latents ``x_t0``, computed once with the original model), scored, logged to the accelerator's trackers, and, with
+    ``keep_best``, the adapter's weights of the best epoch so far are copied.
+
+    It never changes training: no gradients, the UNet in eval mode for the edit (its mode restored), torch's random
+    state forked (the shuffling and CLIP-view generators are never touched), progress bars off.
+    """
+
+    pipe: object
+    x0: torch.Tensor  # the held-out images as prepared (model input, [-1, 1])
+    x_t0: torch.Tensor  # their latents at t0, by the original model
+    prompt_src: str
+    prompt_tar: str
+    clip_losses: list[CLIPDirectionalLoss]
+    edit_kwargs: dict
+    batch_size: int
+    every: int = 1
+    keep_best: str | None = None
+    min_ssim: float | None = None
+    history: list[dict] = field(default_factory=list)
+    rows: list[list] = field(default_factory=list)  # the grid: the inputs, then the edits of each validated epoch
+    best: _Kept | None = None  # the best eligible epoch so far (by `keep_best`)
+    fallback: _Kept | None = None  # while none is eligible: the epoch with the highest ssim
+    best_epoch: int | None = None
+
+    def due(self, epoch: int, num_epochs: int) -> bool:
+        """Whether to validate after (1-based) ``epoch``: every ``every``-th one, and the last."""
+        return epoch % self.every == 0 or epoch == num_epochs
+
+    def __call__(self, epoch: int, step: TrainStep) -> dict:
+        """Validates the adapter as it is after (1-based) ``epoch``; returns the entry added to `history`."""
+        pipe, unet = self.pipe, self.pipe.unet
+        training = unet.training
+        devices = [step.device] if step.device.type == "cuda" else []
+        unet.eval()
+        # the adapter frozen, as it is used after the run: CPU kernels can round differently on weights that
+        # require grad, even without autograd, so the scores are exactly those of the adapter as it is then
+        flags = [(p, p.requires_grad) for p in step.params]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            with torch.random.fork_rng(devices=devices), _progress_bars_off(pipe):
+                out = evaluation.evaluate_edit(
+                    pipe, self.x0, self.prompt_src, self.prompt_tar, self.clip_losses, self.batch_size,
+                    latents=self.x_t0, **self.edit_kwargs,
+                )  # fmt: skip
+        except FloatingPointError as error:
+            raise NonFiniteLossError(f"Validation after epoch {epoch}: {error}; {_DISCARDED} ({_HINT}).") from error
+        finally:
+            unet.train(training)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        entry = {"epoch": epoch, **out.scores}
+        self.history.append(entry)
+        if not self.rows:
+            self.rows.append(postprocess_image(out.source * 2 - 1))
+        edited = postprocess_image(out.images * 2 - 1)
+        self.rows.append(edited)
+        if self.keep_best is not None:
+            self._consider(entry, step.params)
+        _log_validation(step.accelerator, entry, image_grid([self.rows[0], edited]), step.num_updates)
+        return entry
+
+    def _consider(self, entry: dict, params: list[torch.nn.Parameter]) -> None:
+        value, ssim = entry[self.keep_best], entry["ssim"]
+        eligible = math.isfinite(value) and (self.min_ssim is None or ssim >= self.min_ssim)
+        if eligible:
+            better = evaluation.HIGHER_IS_BETTER[self.keep_best]
+            if self.best is None or (value > self.best.value if better else value < self.best.value):
+                self.best = _Kept(value, entry["epoch"], [p.detach().clone() for p in params])
+                self.fallback = None  # only needed while no epoch is eligible
+        elif self.best is None and (self.fallback is None or ssim > self.fallback.value):
+            self.fallback = _Kept(ssim, entry["epoch"], [p.detach().clone() for p in params])
+
+    def keep_best_weights(self, params: list[torch.nn.Parameter]) -> None:
+        """With ``keep_best``: sets the adapter's weights to the best epoch's, exactly (see `finetune`)."""
+        if self.keep_best is None:
+            return
+        kept = self.best
+        if kept is None:
+            kept = self.fallback
+            floor = f" reached `keep_best_min_ssim`={self.min_ssim}" if self.min_ssim is not None else " was eligible"
+            warnings.warn(
+                f"No validated epoch{floor} (with a finite `{self.keep_best}`): keeping epoch {kept.epoch}, the one "
+                f"with the highest ssim ({kept.value:.4f}).",
+                UserWarning,
+                stacklevel=2,
+            )
+        with torch.no_grad():
+            for p, weights in zip(params, kept.weights):
+                p.copy_(weights)
+        self.best_epoch = kept.epoch
+
+    @property
+    def grid(self) -> PIL.Image.Image | None:
+        return image_grid(self.rows) if self.rows else None
+
+    @property
+    def kept_scores(self) -> dict | None:
+        """The entry of the epoch whose weights the adapter ends with (the best or the last)."""
+        if not self.history:
+            return None
+        epoch = self.best_epoch if self.best_epoch is not None else self.history[-1]["epoch"]
+        return next(entry for entry in self.history if entry["epoch"] == epoch)
+
+
+def _log_validation(accelerator, entry: dict, grid: PIL.Image.Image, step: int) -> None:
+    """The scores (``validation/<name>``) and the before/after grid (``validation/grid``) to the trackers."""
+    if not accelerator.trackers:
+        return
+    accelerator.log(
+        {**{f"validation/{k}": v for k, v in entry.items() if k != "epoch"}, "epoch": entry["epoch"]}, step
+    )
+    array = np.asarray(grid)  # HWC uint8
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":  # SummaryWriter.add_images: a batch, NCHW unless told otherwise
+            tracker.log_images({"validation/grid": array[None]}, step=step, dataformats="NHWC")
+        elif "log_images" in type(tracker).__dict__:  # the others that log images take a list of HWC arrays
+            tracker.log_images({"validation/grid": [array]}, step=step)
+
+
+def _build_validation(pipe, x_val, prompt_src, prompt_tar, config: FinetuneConfig, device, every, keep_best, min_ssim):
+    """The run's `_Validation`: the held-out images' latents by the original model (every adapter bypassed), with
+    the run's ``t0``, inversion steps, fixed-point iterations, encoding (noise seeded by ``config.seed``) and
+    conditioning prompt; the edits regenerate them in ``config.num_train_steps`` steps, as training does."""
+    x_val = x_val.to(device)
+    prompt = config.conditioning_prompt or None
+    generator = torch.Generator().manual_seed(config.seed)  # for encoding="noise"; not the run's generator
+    with _progress_bars_off(pipe):
+        x_t0 = torch.cat([
+            pipe.invert(
+                x_val[start : start + config.batch_size], t0=config.t0, num_inversion_steps=config.num_inversion_steps,
+                num_fixed_point_iterations=config.num_fixed_point_iterations, prompt=prompt, encoding=config.encoding,
+                generator=generator,
+            ).x_t0
+            for start in range(0, x_val.shape[0], config.batch_size)
+        ])  # fmt: skip
+    return _Validation(
+        pipe, x_val, x_t0, prompt_src, prompt_tar, evaluation.scoring_losses(pipe),
+        dict(t0=config.t0, num_inference_steps=config.num_train_steps, prompt=prompt), config.batch_size,
+        every, keep_best, min_ssim,
+    )  # fmt: skip
+
+
+def _check_validation(
+    pipe, validation_images, validation_epochs, keep_best, keep_best_min_ssim, report_to, logging_dir, accelerator,
+    resume_from,
+):  # fmt: skip
+    """The validation and tracking arguments, before any work; returns ``keep_best_min_ssim`` as a float."""
+    check_positive_int(validation_epochs, "validation_epochs")
+    if keep_best is not None:
+        check_choice(keep_best, "keep_best", KEEP_BEST)
+        if validation_images is None:
+            raise ValueError(
+                f"`keep_best`={keep_best!r} needs `validation_images`, the held-out images whose scores pick the "
+                "epoch."
+            )
+        if keep_best == "s_dir_2" and pipe.clip_model_2 is None:
+            raise ValueError("`keep_best`='s_dir_2' needs a second CLIP (`clip_model_2`); this pipeline has one.")
+    if keep_best_min_ssim is not None:
+        keep_best_min_ssim = check_number(keep_best_min_ssim, "keep_best_min_ssim", minimum=-1, maximum=1)
+        if keep_best is None:
+            raise ValueError(
+                f"`keep_best_min_ssim`={keep_best_min_ssim} is a floor for `keep_best`; pass `keep_best` too."
+            )
+    if resume_from is not None and validation_images is not None:
+        raise ValueError(
+            "`validation_images` cannot be combined with `resume_from` yet: a checkpoint holds neither the validation "
+            "history nor the best epoch's weights. Resume without `validation_images` (validation never changes "
+            "training, so the adapter is still bit for bit the uninterrupted run's), or start the run again."
+        )
+    check_report_to(report_to, logging_dir, accelerator)
+    return keep_best_min_ssim
+
+
+def check_report_to(report_to: str | None, logging_dir=None, accelerator=None) -> None:
+    """Checks `finetune`'s ``report_to`` and ``logging_dir`` (see there) before any work: a tracker accelerate knows,
+    whose package is installed (`ImportError` otherwise), a folder when it needs one, and no ``accelerator`` of the
+    caller's (whose trackers are the caller's to set up)."""
+    if logging_dir is not None:
+        if not isinstance(logging_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"`logging_dir` must be a folder path (str or os.PathLike), got {short_repr(logging_dir)}."
+            )
+        if report_to is None:
+            raise ValueError(f"`logging_dir` {os.fspath(logging_dir)!r} is only used with `report_to`; pass both.")
+        if os.path.exists(logging_dir) and not os.path.isdir(logging_dir):
+            raise ValueError(f"`logging_dir` {os.fspath(logging_dir)!r} exists and is not a folder.")
+    if report_to is None:
+        return
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    check_choice(report_to, "report_to", tuple(LOGGER_TYPE_TO_CLASS))
+    if accelerator is not None:
+        raise ValueError(
+            f"`report_to`={report_to!r} sets up the trackers of the accelerator `finetune` creates; with your own "
+            "`accelerator`, create it with `log_with=` and call its `init_trackers`: its trackers get the same logs."
+        )
+    packages = TRACKER_PACKAGES.get(report_to, (report_to,))
+    if not any(importlib.util.find_spec(package) is not None for package in packages):
+        raise ImportError(
+            f"`report_to`={report_to!r} needs the {packages[0]!r} package, which is not installed: "
+            f"`pip install {packages[0]}`."
+        )
+    if LOGGER_TYPE_TO_CLASS[report_to].requires_logging_directory and logging_dir is None:
+        raise ValueError(f"`report_to`={report_to!r} writes its logs to a folder: pass `logging_dir`.")
+
+
+def _tracker_config(config: FinetuneConfig, prompt_src: str, prompt_tar: str, **extra) -> dict:
+    """The run's settings as the scalars (int, float, str, bool) every tracker stores as hyperparameters."""
+    values = {**asdict(config), "prompt_src": prompt_src, "prompt_tar": prompt_tar, **extra}
+    return {
+        k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else "none" if v is None else v
+        for k, v in values.items()
+    }
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
@@ -801,8 +1083,9 @@ def _frozen_decoders(pipe, loss_fn: FinetuneLoss, config: FinetuneConfig):
 
 
 def _train_adapter(
-    pipe, adapter_name, loss_fn, x0, x_t0, config, accelerator, generator, state, checkpoints=None, resume=None
-) -> list[float]:
+    pipe, adapter_name, loss_fn, x0, x_t0, config, accelerator, generator, state, checkpoints=None, resume=None,
+    validation=None,
+) -> list[float]:  # fmt: skip
     """Trains the freshly added adapter (float32 weights, even on a half-precision UNet, as
     `diffusers.training_utils.cast_training_params` does), from the weights of ``resume`` if given; leaves its weights
     frozen and the UNet's modes as before."""
@@ -820,7 +1103,7 @@ def _train_adapter(
         step.condition = pipe.encode_prompt(config.conditioning_prompt, config.batch_size)
         unet.train()
         with _frozen_decoders(pipe, loss_fn, config):
-            return _train(pipe, step, loss_fn, x0, x_t0, config, generator, checkpoints, resume)
+            return _train(pipe, step, loss_fn, x0, x_t0, config, generator, checkpoints, resume, validation)
     finally:
         if step is not None:
             step.close()
@@ -874,6 +1157,12 @@ def finetune(
     resume_from: str | os.PathLike | None = None,
     accelerator=None,
     loss_vae=None,
+    validation_images=None,
+    validation_epochs: int = 1,
+    keep_best: str | None = None,
+    keep_best_min_ssim: float | None = None,
+    report_to: str | None = None,
+    logging_dir: str | os.PathLike | None = None,
 ) -> FinetuneOutput:
     r"""
     Trains a new LoRA adapter ``adapter_name`` on ``pipe.unet`` so that editing moves images from ``prompt_src`` to
@@ -930,6 +1219,34 @@ def finetune(
             latent space (e.g. TAESD, ``madebyollin/taesd`` for SD 1.x / 2.x) that decodes ``x0_hat`` for the loss
             instead of the pipeline's autoencoder (frozen; editing still decodes with the pipeline's own).
 
+        validation_images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
+            Held-out images (any form `pipe.invert` accepts) to validate on, as diffusers' training scripts do: at the
+            end of every ``validation_epochs``-th epoch and after the last one, they are edited with the adapter as it
+            is then (`pipe.edit` with the run's ``t0``, ``num_train_steps`` generation steps from their ``x_t0``,
+            which the original model computes once, before training, with the run's inversion settings and
+            ``encoding``) and scored against the images as the model sees them (`evaluation.score_edits`):
+            ``s_dir`` (directional CLIP similarity with the training CLIP), ``s_dir_2`` (with `clip_model_2`, when
+            the pipeline has one), ``mae`` and ``ssim`` (how much of the image the edit kept) and ``clip_score``
+            (mean cosine between the edits' CLIP image embeddings and the target text's). The scores go to
+            `FinetuneOutput.validation`, the progress bar and the trackers (``report_to``). Validation never changes
+            training (no gradients; torch's random state forked; the shuffling and CLIP-view generators untouched):
+            the adapter is bit for bit the one of a run without it. Not combinable with ``resume_from`` yet.
+        validation_epochs (`int`, *optional*, defaults to 1): Validate after every k-th epoch (and after the last).
+        keep_best (`str`, *optional*): Keep the adapter weights of the best validated epoch instead of the last
+            one's: ``"s_dir"``, ``"s_dir_2"``, ``"clip_score"`` or ``"ssim"`` (the largest wins) or ``"mae"`` (the
+            smallest wins); on a tie, the earlier epoch. The weights are copied at validation time and set back
+            exactly at the end; `FinetuneOutput.best_epoch` says which epoch. Needs ``validation_images``.
+        keep_best_min_ssim (`float`, *optional*): An identity floor for ``keep_best``: epochs whose ``ssim`` is
+            below it are not eligible. If none is, the epoch with the highest ``ssim`` is kept, with a warning.
+        report_to (`str`, *optional*): An accelerate tracker (``"tensorboard"``, ``"wandb"``, ...; its package must
+            be installed, else `ImportError` before any work) for the loss of every batch (``train/loss``), the
+            validation scores (``validation/<name>``) and each validation's before/after grid (``validation/grid``),
+            all at the optimizer-step count; the settings are stored as its hyperparameters. Only with the accelerator
+            `finetune` creates: with your own ``accelerator``, initialise its trackers yourself (they get the same
+            logs).
+        logging_dir (`str` or `os.PathLike`, *optional*): The trackers' folder (needed by ``"tensorboard"``: the
+            events go to ``logging_dir/diffusionclip-finetune/``).
+
     Latent models (LDM, Stable Diffusion): training runs on the latents; the predicted ``x0`` is decoded with
     gradients (``config.decoder_gradient_checkpointing`` trades time for memory) for the CLIP loss and, with
     ``config.l1_space="pixel"`` (the default: the same weight means the same as for pixel models), for the L1 term
@@ -937,7 +1254,8 @@ def finetune(
     conditioned on ``config.conditioning_prompt`` (empty by default), for the inversion and the training alike.
 
     Returns:
-        [`FinetuneOutput`]: the adapter name and the loss of every optimizer step.
+        [`FinetuneOutput`]: the adapter name, the loss of every optimizer step and, with ``validation_images``, the
+        validation scores of every validated epoch, the epoch kept (``keep_best``) and the grid of the edits.
 
     Examples:
 
@@ -946,6 +1264,13 @@ def finetune(
 
     >>> out = finetune(pipe, "face", "smiling face", images=faces, config=FinetuneConfig(num_epochs=5))
     >>> edited = pipe.edit(faces[0], t0=500).images[0]
+
+    >>> # validate on held-out faces after every epoch, keep the epoch whose edits follow the text best
+    >>> out = finetune(
+    ...     pipe, "face", "smiling face", images=faces, adapter_name="smile", validation_images=held_out,
+    ...     keep_best="s_dir", keep_best_min_ssim=0.6, report_to="tensorboard", logging_dir="logs",
+    ... )
+    >>> out.best_epoch, out.validation[out.best_epoch - 1]
     ```
     """
     from accelerate import Accelerator
@@ -954,6 +1279,10 @@ def finetune(
     config = FinetuneConfig() if config is None else config
     _check_inputs(pipe, prompt_src, prompt_tar, config, adapter_name, identity_loss, source_images, target_images)
     _check_checkpointing(checkpoint_dir, checkpoint_every, resume_from)
+    keep_best_min_ssim = _check_validation(
+        pipe, validation_images, validation_epochs, keep_best, keep_best_min_ssim, report_to, logging_dir, accelerator,
+        resume_from,
+    )  # fmt: skip
     _warn_if_same_prompts(prompt_src, prompt_tar, config, text_direction=source_images is None)
     resume = read_checkpoint(resume_from) if resume_from is not None else None
     settings = None
@@ -963,11 +1292,15 @@ def finetune(
             _check_settings(resume.settings, settings, resume.path)
     x0 = pipe.prepare_image(images, name="images") if images is not None else None
     direction_images = _prepare_direction_images(pipe, source_images, target_images)
+    x_val = pipe.prepare_image(validation_images, name="validation_images") if validation_images is not None else None
 
     # 2. Device: the accelerator's; the pipeline moves there and stays
     if accelerator is None:
         on_cpu = pipe.unet.device.type == "cpu"
-        accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=on_cpu)
+        trackers = {} if report_to is None else {"log_with": report_to, "project_dir": logging_dir}
+        accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=on_cpu, **trackers
+        )
     if settings is not None and accelerator.num_processes > 1:
         raise ValueError("`checkpoint_dir` and `resume_from` are not supported with several processes yet.")
     device = accelerator.device
@@ -995,6 +1328,11 @@ def finetune(
         if checkpoint_dir is not None:
             checkpoints = _Checkpointer(os.fspath(checkpoint_dir), checkpoint_every, pipe.unet, adapter_name, settings)
             checkpoints.last = resume.num_updates if resume is not None else 0
+    validation = None
+    if x_val is not None:  # the held-out images' latents, by the original model, once
+        validation = _build_validation(
+            pipe, x_val, prompt_src, prompt_tar, config, device, validation_epochs, keep_best, keep_best_min_ssim
+        )
 
     # 4. The new adapter (identical init on every process: same seed); from here on, any error removes it again and
     #    restores the previous adapters. Training draws from torch's global generator (if at all) inside the same
@@ -1002,20 +1340,36 @@ def finetune(
     unet = pipe.unet
     state = _UNetState.of(unet)
     try:
+        if report_to is not None:  # the trackers of the accelerator made here (a caller's own are the caller's)
+            extra = dict(
+                validation_epochs=validation_epochs, keep_best=keep_best, keep_best_min_ssim=keep_best_min_ssim
+            )
+            accelerator.init_trackers(TRACKER_PROJECT, config=_tracker_config(config, prompt_src, prompt_tar, **extra))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed)
             add_adapter(unet, config.lora, adapter_name)
-            # 5. Train it (from the checkpoint's weights, optimizer and random states when resuming)
+            # 5. Train it (from the checkpoint's weights, optimizer and random states when resuming), validating
             loss_history = _train_adapter(
-                pipe, adapter_name, loss_fn, x0, x_t0, config, accelerator, generator, state, checkpoints, resume
-            )
-        # 6. Record where it came from
+                pipe, adapter_name, loss_fn, x0, x_t0, config, accelerator, generator, state, checkpoints, resume,
+                validation,
+            )  # fmt: skip
+        # 6. Record where it came from (and how it scored)
         provenance = _provenance(prompt_src, prompt_tar, direction_images, loss_fn, config)
+        if validation is not None:
+            provenance["validation"] = validation.kept_scores
+            if keep_best is not None:
+                provenance.update(keep_best=keep_best, best_epoch=validation.best_epoch)
         lora.set_provenance(unet, adapter_name, provenance)
     except BaseException:
         state.discard(unet, adapter_name)
         raise
+    finally:
+        if report_to is not None:
+            for tracker in accelerator.trackers:
+                tracker.finish()
     return FinetuneOutput(
         adapter_name=adapter_name, loss_history=loss_history, config=config, num_cached_latents=hits,
-        num_clip_models=len(loss_fn.clip_losses),
+        num_clip_models=len(loss_fn.clip_losses), validation=list(validation.history) if validation else [],
+        best_epoch=validation.best_epoch if validation else None,
+        validation_grid=validation.grid if validation else None,
     )  # fmt: skip
