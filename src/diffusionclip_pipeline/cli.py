@@ -1,4 +1,5 @@
-"""The ``diffusionclip`` command: ``finetune | edit | translate``, mirroring the Python API, and plugin commands.
+"""The ``diffusionclip`` command: ``finetune | edit | translate | sweep``, mirroring the Python API, and plugin
+commands.
 
 ``--model`` takes a hub id (``google/ddpm-celebahq-256``; needs the internet), a local pipeline or DDPM folder, or
 the name of a model a plugin registered.
@@ -20,8 +21,9 @@ arguments, published as an entry point of the group ``diffusionclip_pipeline.plu
     myplugin = "mypackage.cli_plugin:register"
 
 that calls `register_model` (a name, its loader, its recommended ``finetune`` / ``edit`` settings and CPU threads,
-and optionally a renderer of training images) and `register_command` (a sub-command: its arguments and what it
-runs). The CLI calls every plugin once, when it builds its parser or resolves a ``--model``. Entry points, because
+and optionally fast presets for ``--fast`` and a renderer of training images) and `register_command` (a
+sub-command: its arguments and what it runs). The CLI calls every plugin once, when it builds its parser or resolves
+a ``--model``. Entry points, because
 the dependency then points one way only (a plugin imports this module, never the reverse), a plugin in another
 distribution works exactly like one shipped here, and a missing or broken plugin costs only its own names: it is
 reported in one line and the rest of the CLI works.
@@ -61,7 +63,7 @@ __all__ = [
 ]
 
 PLUGIN_GROUP = "diffusionclip_pipeline.plugins"
-BUILTIN_COMMANDS = ("finetune", "edit", "translate")
+BUILTIN_COMMANDS = ("finetune", "edit", "translate", "sweep")
 DEBUG_ENV = "DIFFUSIONCLIP_DEBUG"
 DEFAULT_NUM_RENDERED = 16  # training images a registered model renders when --num-images is not given
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -79,8 +81,8 @@ Settings = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
 @dataclass(frozen=True)
 class RegisteredModel:
     """A ``--model`` name: its loader, the settings it recommends (read at each call, so edits to them count; a
-    callable is called then, so a plugin can defer heavy imports), and optionally a renderer of training images and
-    the CPU thread count it runs best with."""
+    callable is called then, so a plugin can defer heavy imports), and optionally its fast presets (``--fast``), a
+    renderer of training images and the CPU thread count it runs best with."""
 
     load: Callable[[], Any]
     finetune_defaults: Settings
@@ -88,10 +90,21 @@ class RegisteredModel:
     help: str = ""
     render: Callable[[str, int, int], list] | None = None
     num_threads: int | None = None
+    fast_finetune_defaults: Settings | None = None
+    fast_edit_defaults: Settings | None = None
 
-    def settings(self, kind: str) -> Mapping[str, Any]:
-        value = self.finetune_defaults if kind == "finetune" else self.edit_defaults
-        return value() if callable(value) else value
+    def has_fast(self, kind: str) -> bool:
+        """Whether the model registered fast ``kind`` (``"finetune"`` or ``"edit"``) settings."""
+        return (self.fast_finetune_defaults if kind == "finetune" else self.fast_edit_defaults) is not None
+
+    def settings(self, kind: str, fast: bool = False) -> Mapping[str, Any]:
+        """The recommended ``kind`` settings, or with ``fast`` the fast preset (empty if none was registered)."""
+        if fast:
+            value = self.fast_finetune_defaults if kind == "finetune" else self.fast_edit_defaults
+        else:
+            value = self.finetune_defaults if kind == "finetune" else self.edit_defaults
+        value = value() if callable(value) else value
+        return value or {}
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,8 @@ def register_model(
     help: str = "",
     render: Callable[[str, int, int], list] | None = None,
     num_threads: int | None = None,
+    fast_finetune_defaults: Settings | None = None,
+    fast_edit_defaults: Settings | None = None,
 ) -> None:
     """Makes ``--model name`` load ``load()`` (a `DiffusionCLIPPipeline`).
 
@@ -130,6 +145,9 @@ def register_model(
         load (`Callable[[], DiffusionCLIPPipeline]`): Loads the model.
         finetune_defaults / edit_defaults (`Mapping` or `Callable[[], Mapping]`, *optional*): Recommended settings,
             under the options given on the command line; a callable is called when they are needed.
+        fast_finetune_defaults / fast_edit_defaults (`Mapping` or `Callable[[], Mapping]`, *optional*): Fast presets
+            that ``finetune --fast`` / ``edit --fast`` (and ``sweep --fast``) use instead of the recommended settings,
+            still under the options given. Without one, ``--fast`` is an error for this model.
         help (`str`, *optional*): Shown in ``--model``'s help.
         render (`Callable[[str, int, int], list[PIL.Image.Image]]`, *optional*): ``render(prompt, num_images,
             seed)`` draws training images showing ``prompt``, or raises `ValueError` saying why it cannot (e.g. the
@@ -144,9 +162,16 @@ def register_model(
         raise ValueError(f"The model {name!r} is already registered.")
     if render is not None and not callable(render):
         raise TypeError(f"`render` must be callable, got {render!r}.")
+    for option, value in (
+        ("finetune_defaults", finetune_defaults), ("edit_defaults", edit_defaults),
+        ("fast_finetune_defaults", fast_finetune_defaults), ("fast_edit_defaults", fast_edit_defaults),
+    ):  # fmt: skip
+        if value is not None and not (isinstance(value, Mapping) or callable(value)):
+            raise TypeError(f"`{option}` must be a mapping, a callable returning one, or None, got {value!r}.")
     _registry.models[name] = RegisteredModel(
-        load, finetune_defaults or {}, edit_defaults or {}, help, render, num_threads
-    )
+        load, finetune_defaults or {}, edit_defaults or {}, help, render, num_threads, fast_finetune_defaults,
+        fast_edit_defaults,
+    )  # fmt: skip
 
 
 def register_command(
@@ -573,10 +598,20 @@ def _duration(seconds: float) -> str:
 # ---- sub-commands ------------------------------------------------------------------------------------------------
 
 
-def _with_model_defaults(model: str, settings: dict, kind: str) -> dict:
-    """The options given (``None``: not given) over a registered model's recommended ``kind`` settings."""
+def _with_model_defaults(model: str, settings: dict, kind: str, fast: bool = False) -> dict:
+    """The options given (``None``: not given) over a registered model's recommended ``kind`` settings, or over its
+    fast preset with ``fast`` (``--fast``; a `CLIError` when the model registered none, or is a folder or hub id)."""
     settings = {k: v for k, v in settings.items() if v is not None}
     registered = _registry.models.get(model)
+    if fast:
+        if registered is None:
+            raise CLIError(f"--fast uses the fast {kind} preset of a registered --model; {model} is a folder or hub "
+                           f"id, which has none: leave out --fast and pass the options you want")  # fmt: skip
+        if not registered.has_fast(kind):
+            having = [name for name, m in _registry.models.items() if m.has_fast(kind)]
+            raise CLIError(f"--fast: --model {model} registered no fast {kind} preset (models with one: "
+                           f"{', '.join(having) or 'none'}); leave out --fast")  # fmt: skip
+        return {**registered.settings(kind, fast=True), **settings}
     if registered is None:
         return settings
     return {**registered.settings(kind), **settings}
@@ -615,13 +650,89 @@ def _training_images(args, registered: RegisteredModel | None):
     return None, []
 
 
+def _validation_options(args) -> tuple[list | None, list[str]]:
+    """``--validation-images`` (read and checked now) and the options that need them."""
+    if args.validation_images is None:
+        for option, value in (("--validation-epochs", args.validation_epochs), ("--keep-best", args.keep_best)):
+            if value is not None:
+                raise CLIError(f"{option} needs --validation-images (the held-out images to validate on)")
+        images, files = None, []
+    else:
+        images, files = _read_inputs(args.validation_images, "--validation-images")
+    if args.keep_best_min_ssim is not None and args.keep_best is None:
+        raise CLIError("--keep-best-min-ssim is a floor for --keep-best: pass --keep-best METRIC too")
+    return images, files
+
+
+def _check_report_to(args) -> str | None:
+    """``--report-to``: a known tracker whose package is installed; returns its logging folder, ``--output``/logs."""
+    if args.report_to is None:
+        return None
+    from .finetune import check_report_to
+
+    logging_dir = os.path.join(args.output, "logs")
+    try:
+        check_report_to(args.report_to, logging_dir)
+    except (ImportError, ValueError, TypeError) as error:
+        raise CLIError(f"--report-to {args.report_to}: {_one_line(error)}") from None
+    return logging_dir
+
+
+def _write_text(args, text: str, path: str) -> None:
+    """Writes ``text`` to ``path`` atomically (a temporary file in the same folder, then renamed)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+                handle.write(text)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0o600; a plain write would honour the umask
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except OSError as error:
+        raise CLIError(f"cannot write {path}: {error.strerror or _one_line(error)}") from error
+    args.written.append(path)
+
+
+def _csv(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (scores to 4 decimals, settings as given)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def cell(key, value):
+        if key in ("t0", "edit_strength", "epoch"):
+            return f"{value:g}" if isinstance(value, float) else str(value)
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(k, row.get(k, "")) for k in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def _finetune(args) -> None:
-    # 1. Check everything before any work: output, images, model, device
+    # 1. Check everything before any work: output, images, model, device, validation, tracker, settings
     check_output(args.output)
     registered = _check_model(args.model, args.clip)
     _check_source("--clip-2", args.clip_2)
     check_device(args.device)
     images, files = _training_images(args, registered)
+    validation_images, _ = _validation_options(args)
+    logging_dir = _check_report_to(args)
     settings = dict(
         t0=args.t0, num_inversion_steps=args.num_inversion_steps, num_train_steps=args.num_train_steps,
         num_epochs=args.num_epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
@@ -631,8 +742,8 @@ def _finetune(args) -> None:
     )  # fmt: skip
     if args.lora_rank is not None:  # keep the LoRA scale alpha / r at 1, as the library's defaults do
         settings["lora_alpha"] = float(args.lora_rank)
-    settings = _with_model_defaults(args.model, settings, "finetune")
-    from .finetune import FinetuneConfig
+    settings = _with_model_defaults(args.model, settings, "finetune", fast=args.fast)
+    from .finetune import FinetuneConfig, finetune
 
     config = FinetuneConfig.from_kwargs(**settings)  # the settings' errors, before loading
     set_num_threads(args.threads, registered.num_threads if registered else None)
@@ -649,10 +760,20 @@ def _finetune(args) -> None:
     else:
         _say_resolution(args, pipe, images, files)
     _progress(pipe, args, "fine-tuning")
+    validation = dict(
+        validation_images=validation_images, validation_epochs=args.validation_epochs, keep_best=args.keep_best,
+        keep_best_min_ssim=args.keep_best_min_ssim, report_to=args.report_to, logging_dir=logging_dir,
+    )  # fmt: skip
+    from .lora import unet_lock
+
     start = time.perf_counter()
-    output = pipe.finetune(args.src, args.tar, images=images, config=config)
+    with unet_lock(pipe.unet):  # as `pipe.finetune` holds it
+        output = finetune(
+            pipe, args.src, args.tar, images=images, config=config,
+            **{k: v for k, v in validation.items() if v is not None},
+        )  # fmt: skip
     elapsed = time.perf_counter() - start
-    # 3. The adapter, written only now that training is done (atomically)
+    # 3. The adapter, written only now that training is done (atomically), and the validation's table and grid
     try:
         path = pipe.save_lora_weights(args.output)
     except OSError as error:
@@ -661,6 +782,18 @@ def _finetune(args) -> None:
     losses = output.loss_history
     print(f"saved {path} (loss {losses[0]:.4f} -> {losses[-1]:.4f}; {_count(config.num_epochs, 'epoch')}, "
           f"{_count(len(losses), 'step')} in {_duration(elapsed)})")  # fmt: skip
+    if output.validation:
+        _write_text(args, _csv(output.validation), os.path.join(args.output, "validation.csv"))
+        _save_image(args, output.validation_grid, os.path.join(args.output, "validation.png"))
+        print(f"\nvalidation on {_count(len(validation_images), 'held-out image')}:\n{_table(output.validation)}")
+        kept = output.best_epoch or output.validation[-1]["epoch"]
+        why = f"the best by --keep-best {args.keep_best}" if output.best_epoch else "the last"
+        print(
+            f"kept the adapter of epoch {kept} ({why}); wrote validation.csv and validation.png (rows: held-out "
+            f"images as the model sees them, then their edit after each validated epoch) to {args.output}"
+        )
+    if logging_dir is not None:
+        print(f"{args.report_to} logs in {logging_dir}")
 
 
 def _edit(args) -> None:
@@ -673,6 +806,11 @@ def _edit(args) -> None:
     check_output(args.output)
     registered = _check_model(args.model, args.clip)
     check_device(args.device)
+    settings = dict(
+        t0=args.t0, num_inversion_steps=args.num_inversion_steps, num_inference_steps=args.num_inference_steps,
+        num_fixed_point_iterations=args.num_fixed_point_iterations,
+    )  # fmt: skip
+    settings = _with_model_defaults(args.model, settings, "edit", fast=args.fast)
     set_num_threads(args.threads, registered.num_threads if registered else None)
 
     # 2. Load the model and the adapters
@@ -685,11 +823,6 @@ def _edit(args) -> None:
         _note(args, f"{why}: writing reconstructions, not edits")
     elif not args.lora:
         _note(args, f"no --lora given: editing with the --model folder's active adapters {pipe.get_active_adapters()}")
-    settings = dict(
-        t0=args.t0, num_inversion_steps=args.num_inversion_steps, num_inference_steps=args.num_inference_steps,
-        num_fixed_point_iterations=args.num_fixed_point_iterations,
-    )  # fmt: skip
-    settings = _with_model_defaults(args.model, settings, "edit")
     _say_resolution(args, pipe, images, files)
 
     # 3. Edit batch by batch, writing each image (atomically) as soon as it is done
@@ -705,7 +838,8 @@ def _edit(args) -> None:
             batch = images[start : start + args.batch_size]
             _progress(pipe, args, f"{'reconstructing' if reconstructing else 'editing'} images "
                                   f"{start + 1}-{start + len(batch)} of {n}")  # fmt: skip
-            edited = pipe.edit(batch, edit_strength=args.edit_strength, **settings).images
+            generator = _generators(args.seed, start, len(batch))
+            edited = pipe.edit(batch, edit_strength=args.edit_strength, generator=generator, **settings).images
             for file, stem, out in zip(files[start:], stems[start:], edited):
                 name = f"{stem}_edited.png"
                 _save_image(args, out, os.path.join(args.output, name))
@@ -717,6 +851,60 @@ def _edit(args) -> None:
     if renamed:
         _note(args, "inputs with the same name got distinct outputs: " + ", ".join(renamed))
     print(f"wrote {n} {kind} images and grid.png (top: input as the model sees it, bottom: {kind}) to {args.output}")
+
+
+def _generators(seed: int, start: int, n: int) -> list:
+    """One generator per image, image ``i`` (counted over all inputs) seeded ``seed + i``: the noise of
+    ``encoding="noise"`` (e.g. a --fast preset's) is then the image's own, whatever the batch size."""
+    import torch
+
+    return [torch.Generator().manual_seed(seed + i) for i in range(start, start + n)]
+
+
+def _sweep(args) -> None:
+    # 1. Check everything before any work: images, adapters, output, model, device, settings
+    images, files = _read_inputs(args.images)
+    _check_adapters(args.lora, args.lora_weights)
+    check_output(args.output)
+    registered = _check_model(args.model, args.clip)
+    _check_source("--clip-2", args.clip_2)
+    check_device(args.device)
+    settings = dict(
+        num_inversion_steps=args.num_inversion_steps, num_inference_steps=args.num_inference_steps,
+        num_fixed_point_iterations=args.num_fixed_point_iterations,
+    )  # fmt: skip
+    settings = _with_model_defaults(args.model, settings, "edit", fast=args.fast)
+    settings = {k: v for k, v in settings.items() if k not in ("t0", "edit_strength")}  # swept here
+    set_num_threads(args.threads, registered.num_threads if registered else None)
+
+    # 2. Load the model, the adapters and the CLIP that scores
+    pipe = load_pipeline(args.model, args.clip, args.device, clip_2=args.clip_2)
+    _load_adapters(pipe, args.lora, args.lora_weights)
+    _ensure_clip(pipe, args.clip)
+    if not pipe.get_active_adapters():
+        _note(args, f"{'no --lora given' if not args.lora else 'no adapter is active'}: every setting is a "
+                    "reconstruction (edit strength has no adapter to scale)")  # fmt: skip
+    _say_resolution(args, pipe, images, files)
+
+    # 3. Sweep, then write the grid and the table
+    from .evaluation import sweep
+    from .pipeline_diffusionclip import NoAdapterWarning
+
+    kwargs = {"edit_strengths": args.edit_strength, "t0s": args.t0}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}  # not given: the library's defaults
+    _progress(pipe, args, "sweeping")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoAdapterWarning)  # said once above, in the CLI's words
+        out = sweep(
+            pipe, images, args.src, args.tar, **kwargs, batch_size=args.batch_size,
+            generator=_generators(args.seed, 0, len(images)), **settings,
+        )  # fmt: skip
+    _makedirs(args.output)
+    _save_image(args, out.grid, os.path.join(args.output, "grid.png"))
+    _write_text(args, _csv(out.table), os.path.join(args.output, "metrics.csv"))
+    print(_table(out.table))
+    print(f"wrote grid.png (rows: the {_count(len(images), 'input')} as the model sees them, then one row per "
+          f"setting in the table's order) and metrics.csv to {args.output}")  # fmt: skip
 
 
 def _translate(args) -> None:
@@ -750,6 +938,7 @@ def _translate(args) -> None:
 
 # ---- argument parsing ------------------------------------------------------------------------------------------
 
+KEEP_BEST = ("s_dir", "s_dir_2", "clip_score", "mae", "ssim")  # finetune.KEEP_BEST (not imported: --help stays light)
 POSITIVE = checked("check_positive_int")
 NON_NEGATIVE = checked("check_non_negative_int")
 POSITIVE_NUMBER = checked("check_number", minimum=0.0, min_inclusive=False)
@@ -812,6 +1001,11 @@ def _registered_defaults(kind: str, key: str, default) -> str:
     return "".join(f"; {note}" for note in notes)
 
 
+def _fast_models(kind: str) -> str:
+    having = [name for name, model in _registry.models.items() if model.has_fast(kind)]
+    return f"; models with one: {', '.join(having)}" if having else "; no registered model has one yet"
+
+
 def _describe_finetune_defaults(parser: argparse.ArgumentParser) -> None:
     from dataclasses import MISSING, fields
 
@@ -869,6 +1063,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(commands) + "}")
     registered = "".join(f"; {name}: {m.help}" if m.help else f"; {name}" for name, m in _registry.models.items())
 
+    def fast_edit(p):
+        p.add_argument("--fast", action="store_true",
+                       help=f"the --model's fast edit preset instead of its recommended settings (options given "
+                            f"still win){_fast_models('edit')}")  # fmt: skip
+        p.add_argument("--seed", type=int, action=NON_NEGATIVE, default=0,
+                       help="seed of the encoding noise of a setting with encoding='noise', e.g. a --fast preset's "
+                            "(image i of the inputs: seed + i)")  # fmt: skip
+
     def model_args(p):
         p.add_argument("--model", required=True, help=f"hub id, pipeline/DDPM folder or registered name{registered}")
         p.add_argument(
@@ -908,6 +1110,24 @@ def build_parser() -> argparse.ArgumentParser:
     ]:  # fmt: skip
         p.add_argument(flag, type=kind, action=action, default=None, help="see FinetuneConfig")
     p.add_argument("--scheme", choices=("efficient", "full_chain"), default=None, help="see FinetuneConfig")
+    p.add_argument("--fast", action="store_true",
+                   help=f"the --model's fast fine-tuning preset instead of its recommended settings (options given "
+                        f"still win){_fast_models('finetune')}")  # fmt: skip
+    p.add_argument("--validation-images", nargs="+", default=None, metavar="PATHS",
+                   help="held-out image files/folders: edited and scored (s_dir, mae, ssim, clip_score) after every "
+                        "--validation-epochs epochs and after the last; writes validation.csv and validation.png "
+                        "next to the adapter")  # fmt: skip
+    p.add_argument("--validation-epochs", type=int, action=POSITIVE, default=None, metavar="K",
+                   help="validate after every K-th epoch, and after the last (default: 1)")  # fmt: skip
+    p.add_argument("--keep-best", choices=KEEP_BEST, default=None, metavar="METRIC",
+                   help=f"keep the adapter of the best validated epoch by METRIC ({', '.join(KEEP_BEST)}; mae: the "
+                        "smallest, the others: the largest) instead of the last one's")  # fmt: skip
+    p.add_argument("--keep-best-min-ssim", type=float, default=None, metavar="X",
+                   action=checked("check_number", minimum=-1.0, maximum=1.0),
+                   help="identity floor for --keep-best: epochs whose ssim is below X are not eligible")  # fmt: skip
+    p.add_argument("--report-to", default=None, metavar="NAME",
+                   help="an accelerate tracker (tensorboard, wandb, ...; its package installed) for the loss, the "
+                        "validation scores and grids, logging to --output/logs")  # fmt: skip
     p.describe_defaults = _describe_finetune_defaults
     p.set_defaults(func=_finetune)
 
@@ -929,8 +1149,32 @@ def build_parser() -> argparse.ArgumentParser:
                    action=checked("check_number"),
                    help="edit strength r (0: reconstruction, 1: full edit)")  # fmt: skip
     p.add_argument("--batch-size", type=int, action=POSITIVE, default=8, help="images edited at once")
+    fast_edit(p)
     p.describe_defaults = _describe_edit_defaults
     p.set_defaults(func=_edit)
+
+    p = sub.add_parser("sweep", help="edit held-out images over edit strengths x inversion depths; grid and table")
+    model_args(p)
+    p.add_argument("--images", nargs="+", required=True, help="held-out image files/folders")
+    p.add_argument("--lora", nargs="*", help="adapter folders/files, all active at once (default: none)")
+    p.add_argument("--lora-weights", nargs="*", type=float, action=checked("check_number"),
+                   help="one weight per --lora adapter (default: 1 each)")  # fmt: skip
+    p.add_argument("--src", required=True, help="source text of the edit, e.g. 'face' (for the scores)")
+    p.add_argument("--tar", required=True, help="target text of the edit, e.g. 'smiling face'")
+    p.add_argument("--clip-2", default=None, help="a second CLIP (id or folder): also reports s_dir_2")
+    p.add_argument("--output", required=True, help="folder for grid.png and metrics.csv")
+    p.add_argument("--t0", nargs="+", type=int, action=POSITIVE, default=None,
+                   help="inversion depths to sweep (default: 300 400 500)")  # fmt: skip
+    p.add_argument("--edit-strength", nargs="+", type=float, action=checked("check_number"), default=None,
+                   help="edit strengths r to sweep (0: reconstruction, 1: full edit, > 1: extrapolate; "
+                        "default: 0.5 1 1.5)")  # fmt: skip
+    for flag in ("--num-inversion-steps", "--num-inference-steps", "--num-fixed-point-iterations"):
+        action = NON_NEGATIVE if flag == "--num-fixed-point-iterations" else POSITIVE
+        p.add_argument(flag, type=int, action=action, default=None, help="see `DiffusionCLIPPipeline.edit`")
+    p.add_argument("--batch-size", type=int, action=POSITIVE, default=8, help="images edited at once")
+    fast_edit(p)
+    p.describe_defaults = _describe_edit_defaults
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("translate", help="pull out-of-domain images (strokes) onto the model's domain, then edit")
     model_args(p)
