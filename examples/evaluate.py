@@ -3,10 +3,15 @@
     python examples/evaluate.py --model google/ddpm-celebahq-256 --lora smile/ --src face --tar "smiling face" \
         --images faces/ --device cuda
     python examples/evaluate.py --testbed          # offline: a freshly fine-tuned red -> blue adapter, test-bed
+Sweep mode: the edit over edit strength x inversion depth (one table row and one grid row per setting):
+    python examples/evaluate.py --model ... --lora smile/ --src face --tar "smiling face" --images faces/ \
+        --sweep --t0s 300 400 500 --edit-strengths 0.5 1 1.5 --output sweep/
+    python examples/evaluate.py --testbed --sweep --output sweep/
 
 Prints a table: S_dir (mean cosine between the CLIP image change and the text change; DiffusionCLIP Sec. 4),
 reconstruction MAE (on [0, 1]) and SSIM of invert -> regenerate without the adapter, and the edit's own MAE/SSIM
-against its input (how much of the image it kept).
+against its input (how much of the image it kept). With --sweep: per setting, s_dir, mae, ssim and clip_score
+(`evaluation.sweep`), and with --output the grid (grid.png: inputs, then one row per setting) and metrics.csv.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--device", default=None)
     parser.add_argument("--testbed", action="store_true", help="offline run on the shipped test-bed")
+    parser.add_argument("--sweep", action="store_true", help="sweep edit strength x t0 (see --t0s, --edit-strengths)")
+    parser.add_argument("--t0s", nargs="+", type=int, default=[300, 400, 500], help="inversion depths to sweep")
+    parser.add_argument("--edit-strengths", nargs="+", type=float, default=[0.5, 1.0, 1.5], help="strengths to sweep")
+    parser.add_argument("--output", default=None, help="folder for grid.png and metrics.csv (--sweep)")
     parser.add_argument("--threads", type=int, default=None, action=checked("check_positive_int"),
                         help="CPU threads (default: OMP_NUM_THREADS, else 1 with --testbed, whose models are tiny, "
                              "else torch's default); on a busy machine fewer threads are faster")  # fmt: skip
@@ -61,6 +70,8 @@ def main(argv=None) -> dict:
         pipe.load_lora_weights(args.lora)
         src, tar, images = args.src, args.tar, read_images(args.images)[0]
         kwargs = dict(t0=args.t0, num_inversion_steps=args.steps, num_inference_steps=args.steps)
+    if args.sweep:
+        return run_sweep(pipe, images, src, tar, kwargs, args)
     edited = pipe.edit(images, **kwargs).images
     pipe.disable_lora()
     reconstructed = pipe.edit(images, **kwargs).images
@@ -79,6 +90,32 @@ def main(argv=None) -> dict:
     for name, value in results.items():
         print(f"| {name} | {value:.4f} |")
     return results
+
+
+def run_sweep(pipe, images, src: str, tar: str, kwargs: dict, args) -> list[dict]:
+    """`evaluation.sweep` over ``--t0s`` x ``--edit-strengths`` (the other edit settings as in the single mode)."""
+    import csv
+    import os
+
+    from diffusionclip_pipeline.evaluation import sweep
+
+    kwargs = {k: v for k, v in kwargs.items() if k != "t0"}
+    out = sweep(pipe, images, src, tar, edit_strengths=args.edit_strengths, t0s=args.t0s, **kwargs)
+    columns = list(out.table[0])
+    print(f"\n'{src}' -> '{tar}' on {len(images)} images\n")
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in out.table:
+        print("| " + " | ".join(f"{row[k]:.4f}" if k not in ("t0", "edit_strength") else f"{row[k]:g}"
+                                for k in columns) + " |")  # fmt: skip
+    if args.output:
+        os.makedirs(args.output, exist_ok=True)
+        out.grid.save(os.path.join(args.output, "grid.png"))
+        with open(os.path.join(args.output, "metrics.csv"), "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(out.table)
+        print(f"wrote grid.png (inputs, then one row per setting) and metrics.csv to {args.output}")
+    return out.table
 
 
 if __name__ == "__main__":

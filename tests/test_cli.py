@@ -176,7 +176,7 @@ def test_without_plugins_other_models_work_and_testbed_is_unknown(setup, registr
     monkeypatch.setattr(cli, "entry_points", lambda group: [])  # as if the package's entry points were not installed
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "{finetune,edit,translate}" in capsys.readouterr().out
+    assert "{finetune,edit,translate,sweep}" in capsys.readouterr().out
     argv = ["edit", "--images", str(setup / "imgs"), "--output", str(setup / "out"), *FAST,
             "--num-inference-steps", "2"]  # fmt: skip
     assert main([*argv, "--model", "testbed"]) == 2

@@ -1034,8 +1034,9 @@ def _describe_edit_defaults(parser: argparse.ArgumentParser) -> None:
     from .pipeline_diffusionclip import DiffusionCLIPPipeline
 
     parameters = inspect.signature(DiffusionCLIPPipeline.edit).parameters
+    swept = ("t0",) if parser.prog.endswith(" sweep") else ()  # sweep's --t0 lists depths, with its own help
     for action in parser._actions:
-        if action.dest in EDIT_OPTIONS and action.dest in parameters:
+        if action.dest in EDIT_OPTIONS and action.dest in parameters and action.dest not in swept:
             default = parameters[action.dest].default
             action.help = f"{EDIT_OPTIONS[action.dest]} (default: {default}"
             action.help += f"{_registered_defaults('edit', action.dest, default)})"

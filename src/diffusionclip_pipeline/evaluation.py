@@ -273,8 +273,8 @@ def evaluate_edit(
         check_positive_int(batch_size, "batch_size")
     settings = _check_edit_kwargs(pipe, edit_kwargs, _OWN_KWARGS)
     latents = edit_kwargs.pop("latents", None)
-    _check_edit_settings(pipe, images, settings, settings["t0"], latents)
     x0 = pipe.prepare_image(images, name="images")
+    _check_edit_settings(pipe, x0, settings, settings["t0"], latents)
     if latents is not None and latents.shape[0] != x0.shape[0]:
         raise ValueError(f"`latents` holds {latents.shape[0]} images, `images` {x0.shape[0]}.")
     clip_losses = scoring_losses(pipe) if clip_losses is None else clip_losses
@@ -331,9 +331,10 @@ def sweep(
     less) and the edit strength (``edit_strength`` r of `DiffusionCLIPPipeline.edit`: ``eps = r * eps_adapted + (1 -
     r) * eps_original`` at every step; 0 reconstructs, 1 is the adapter's edit, above 1 extrapolates) change.
 
-    The images are inverted once per ``t0`` (the original model's DDIM inversion, or the encoding noise) and that
-    ``x_t0`` is shared by the strengths, so at one ``t0`` the rows differ only in the strength; with ``eta=0`` (the
-    default) each row is exactly ``pipe.edit(images, t0=t0, edit_strength=r, **edit_kwargs)``.
+    The images are inverted once per ``t0`` (the original model's DDIM inversion, or with ``encoding="noise"`` the
+    encoding noise, drawn from ``generator`` reset to its state at the call for every ``t0``) and that ``x_t0`` is
+    shared by the strengths, so at one ``t0`` the rows differ only in the strength; with ``eta=0`` (the default) each
+    row is exactly ``pipe.edit(images, t0=t0, edit_strength=r, **edit_kwargs)`` (the generator at its state then).
 
     Args:
         pipe ([`DiffusionCLIPPipeline`]): The pipeline, with the adapter(s) to evaluate active.
@@ -369,15 +370,21 @@ def sweep(
     if batch_size is not None:
         check_positive_int(batch_size, "batch_size")
     settings = _check_edit_kwargs(pipe, edit_kwargs, _OWN_KWARGS + _SWEPT_KWARGS)
-    for t0 in t0s:
-        _check_edit_settings(pipe, images, settings, t0)
     x0 = pipe.prepare_image(images, name="images")
+    for t0 in t0s:
+        _check_edit_settings(pipe, x0, settings, t0)
     clip_losses = scoring_losses(pipe) if clip_losses is None else clip_losses
     inversion = {k: v for k, v in edit_kwargs.items() if k in _INVERSION_KWARGS or k == "generator"}
     parts = _batches(x0.shape[0], batch_size)
-    # 2. Per depth: invert once; per strength: regenerate from the shared x_t0 and score
+    generators = inversion.get("generator")
+    generators = [] if generators is None else generators if isinstance(generators, list) else [generators]
+    states = [g.get_state() for g in generators]
+    # 2. Per depth: invert once (the generators as given: every depth gets the same encoding noise); per strength:
+    #    regenerate from the shared x_t0 and score
     table, edits = [], []
     for t0 in t0s:
+        for g, state in zip(generators, states):
+            g.set_state(state)
         x_t0 = [
             pipe.invert(x0[part], t0=t0, **{**inversion, "generator": _sliced(inversion.get("generator"), part)}).x_t0
             for part in parts
