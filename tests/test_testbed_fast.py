@@ -30,3 +30,13 @@ def test_fast_finetune_is_the_recommended_recipe_with_effdiffs_scheme():
     changed = {k for k in FAST_FINETUNE if FAST_FINETUNE[k] != RECOMMENDED_FINETUNE.get(k)}
     assert changed == {"scheme", "encoding", "learning_rate"}
     assert set(RECOMMENDED_FINETUNE) - set(FAST_FINETUNE) == {"num_fixed_point_iterations"}  # no inversion to refine
+
+
+def test_testbed_registers_its_fast_presets_for_the_cli_flag():
+    from diffusionclip_pipeline import cli
+
+    cli.load_plugins()
+    testbed = cli._registry.models["testbed"]
+    assert testbed.settings("finetune", fast=True) == FAST_FINETUNE
+    assert testbed.settings("edit", fast=True) == FAST_EDIT
+    assert not cli._registry.models["testbed-latent"].has_fast("edit")  # not measured there: no preset

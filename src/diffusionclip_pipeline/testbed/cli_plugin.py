@@ -22,13 +22,14 @@ NUM_THREADS = 1
 
 
 def register() -> None:
-    """Registers the models ``testbed`` (with `RECOMMENDED_FINETUNE` / `RECOMMENDED_EDIT`, one thread, and
-    `render_training_images`) and ``testbed-latent`` (the latent test-bed, with its own recommendations), and the
-    ``demo`` command."""
+    """Registers the models ``testbed`` (with `RECOMMENDED_FINETUNE` / `RECOMMENDED_EDIT`, `FAST_FINETUNE` /
+    `FAST_EDIT` for ``--fast``, one thread, and `render_training_images`) and ``testbed-latent`` (the latent
+    test-bed, with its own recommendations), and the ``demo`` command."""
     register_model(
         "testbed", load=_load_pipeline, finetune_defaults=_recommended_finetune, edit_defaults=_recommended_edit,
         help="the offline test-bed shipped with the package, with its recommended settings",
         render=render_training_images, num_threads=NUM_THREADS,
+        fast_finetune_defaults=_fast_finetune, fast_edit_defaults=_fast_edit,
     )  # fmt: skip
     register_model(
         "testbed-latent", load=_load_latent_pipeline, finetune_defaults=_recommended_finetune_latent,
@@ -63,6 +64,18 @@ def _recommended_edit_latent() -> dict:
     from .settings import recommended
 
     return recommended("latent")[1]
+
+
+def _fast_finetune() -> dict:
+    from .settings import FAST_FINETUNE
+
+    return FAST_FINETUNE
+
+
+def _fast_edit() -> dict:
+    from .settings import FAST_EDIT
+
+    return FAST_EDIT
 
 
 def _recommended_finetune() -> dict:
