@@ -109,6 +109,20 @@ def test_second_clip_is_scored_separately_and_can_pick_the_epoch():
     assert out.best_epoch == 1 + scores.index(max(scores))
 
 
+def test_validation_on_a_latent_model():
+    from conftest import make_ldm_components
+
+    from diffusionclip_pipeline import DiffusionCLIPPipeline
+
+    tokenizer = make_tokenizer()
+    pipe = DiffusionCLIPPipeline(**make_ldm_components(), clip_model=make_clip(tokenizer), clip_tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    _, out = run(pipe, num_epochs=2, validation_images=held_out(2), keep_best="clip_score")
+    assert [entry["epoch"] for entry in out.validation] == [1, 2]  # edited through the autoencoder, 16 px images
+    assert all(math.isfinite(entry[k]) for entry in out.validation for k in SCORES)
+    assert out.validation_grid.size == (2 * 18 + 2, 3 * 18 + 2) and out.best_epoch in (1, 2)
+
+
 def tracker_missing() -> str | None:
     missing = [name for name in ("swanlab", "trackio", "dvclive") if importlib.util.find_spec(name) is None]
     return missing[0] if missing else None
