@@ -806,6 +806,12 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         checkpoint_every: int | None = None,
         resume_from: str | os.PathLike | None = None,
         loss_vae=None,
+        validation_images=None,
+        validation_epochs: int = 1,
+        keep_best: str | None = None,
+        keep_best_min_ssim: float | None = None,
+        report_to: str | None = None,
+        logging_dir: str | os.PathLike | None = None,
         **kwargs,
     ) -> FinetuneOutput:
         r"""
@@ -835,19 +841,28 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                 space (TAESD) that decodes ``x0_hat`` for the loss only (see `finetune.finetune`).
             resume_from (`str`, *optional*): A checkpoint folder to continue from; the final adapter is then bit
                 for bit the one an uninterrupted run gives. Settings that differ from the checkpoint's are an error.
+            validation_images (*optional*), validation_epochs (`int`, *optional*, defaults to 1), keep_best (`str`,
+                *optional*), keep_best_min_ssim (`float`, *optional*), report_to (`str`, *optional*), logging_dir
+                (`str`, *optional*): Validation on held-out images during training, best-epoch selection and
+                trackers (see `finetune.finetune`).
 
         Returns:
             [`FinetuneOutput`]: the adapter name and the loss of every optimizer step.
         """
         config = FinetuneConfig.from_kwargs(config, **kwargs)
-        checkpointing = dict(
+        optional = dict(  # passed only when given, so that `finetune`'s own defaults apply
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
             resume_from=resume_from,
             loss_vae=loss_vae,
+            validation_images=validation_images,
+            keep_best=keep_best,
+            keep_best_min_ssim=keep_best_min_ssim,
+            report_to=report_to,
+            logging_dir=logging_dir,
         )
         return finetune(
             self, prompt_src, prompt_tar, images=images, config=config, adapter_name=adapter_name,
             identity_loss=identity_loss, source_images=source_images, target_images=target_images, cache_dir=cache_dir,
-            **{k: v for k, v in checkpointing.items() if v is not None},
+            validation_epochs=validation_epochs, **{k: v for k, v in optional.items() if v is not None},
         )  # fmt: skip
