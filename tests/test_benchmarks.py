@@ -42,3 +42,22 @@ def test_bench_latent_tiny(capsys):
     out = capsys.readouterr().out
     for name in bench_latent.CONFIGS:
         assert f"| {name} |" in out and "failed" not in out
+
+
+def test_bench_fast_tiny(capsys):
+    import bench_fast
+
+    rows = bench_fast.main(["--tiny", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert [r["scheme"] for r in rows] == ["official", "today", "fast", "effdiff"]
+    for name in ("official", "today", "fast", "effdiff"):
+        assert f"| tiny | {name} |" in out
+    by = {r["scheme"]: r for r in rows}
+    # hook-counted UNet calls per image: the fast edit makes at most 6 (docs/fast.md), the one-step scheme one
+    # forward (with gradients) per image per epoch and no other call; the official scheme its 39 + 40 and 6
+    assert by["fast"]["edit_calls"] <= 6 and by["effdiff"]["edit_calls"] <= 6
+    for name in ("fast", "effdiff"):
+        assert (by[name]["grad_epoch"], by[name]["nograd_epoch"], by[name]["encode"]) == (1, 0, 0)
+    assert (by["official"]["edit_calls"], by["official"]["grad_epoch"], by["official"]["encode"]) == (79, 6, 39)
+    assert (by["today"]["edit_calls"], by["today"]["grad_epoch"], by["today"]["encode"]) == (64, 6, 80)
+    assert by["fast"]["trainable"] < by["official"]["trainable"]
