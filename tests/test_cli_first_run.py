@@ -140,7 +140,10 @@ def test_images_win_over_rendering(setup, capsys, threads):
     [
         (["--render", "red circle", "--images", "{imgs}"], "--render and --images both choose the training images"),
         (["--num-images", "3", "--images", "{imgs}"], "--num-images counts rendered or sampled images"),
-        (["--render", "red circle", "--model", "{pipe}"], "--render needs a --model that renders images (testbed, testbed-latent)"),
+        (
+            ["--render", "red circle", "--model", "{pipe}"],
+            "--render needs a --model that renders images (testbed, testbed-latent)",
+        ),
         (["--render", "a face"], "--render 'a face': 'a face' names no colour"),
     ],
 )
@@ -336,7 +339,10 @@ def test_every_option_has_help_and_the_real_defaults(capsys):
         with pytest.raises(SystemExit):
             main([name, "--help"])
         texts[name] = " ".join(capsys.readouterr().out.split())
-    assert "Passes over the training images (default: 10; --model testbed: 15; --model testbed-latent:" in texts["finetune"]
+    assert (
+        "Passes over the training images (default: 10; --model testbed: 15; --model testbed-latent:"
+        in texts["finetune"]
+    )
     assert "Adam learning rate of the LoRA weights (default: 0.0005)" in texts["finetune"]
     assert "--seed SEED Seed of LoRA init, shuffling and sampled images" in texts["finetune"]
     assert "(default: 500; --model testbed: 400;" in texts["edit"]
