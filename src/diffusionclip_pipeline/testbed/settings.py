@@ -37,10 +37,11 @@ FAST_FINETUNE: dict = dict(
 )
 
 
-# The latent test-bed (docs/testbed-latent.md): chosen there by a bounded search on data seeds that are not the
-# reported ones.
+# The latent test-bed (docs/testbed-latent.md), chosen by a bounded search at data seed 5 (reported at seed 0): the
+# pixel recipe (L1 in pixel space: L1 on the latents edited 31 % against 59 %), editing from the adapter's own t0 500
+# with 40 + 40 steps: from 400, as for pixels, 59 %; from 500, 100 %.
 RECOMMENDED_FINETUNE_LATENT: dict = dict(RECOMMENDED_FINETUNE)
-RECOMMENDED_EDIT_LATENT: dict = dict(RECOMMENDED_EDIT)
+RECOMMENDED_EDIT_LATENT: dict = dict(t0=500, num_inversion_steps=40, num_inference_steps=40)
 
 
 def recommended(kind: str = "pixel") -> tuple[dict, dict]:
