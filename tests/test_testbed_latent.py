@@ -102,3 +102,12 @@ def test_demo_latent_writes_grid_and_adapter(tmp_path, capsys):
     assert (tmp_path / "before_after.png").is_file() and (tmp_path / "pytorch_lora_weights.safetensors").is_file()
     out = capsys.readouterr().out
     assert "latent test-bed" in out and "success rate:" in out
+
+
+def test_demo_fast_edit_is_refused_on_the_latent_test_bed():
+    from diffusionclip_pipeline.testbed.demo import run_demo
+
+    with pytest.raises(ValueError, match="`fast_edit` was measured on the pixel test-bed only"):
+        run_demo(kind="latent", fast_edit=True)
+    with pytest.raises(TypeError, match="`fast_edit` must be a bool or None, got 'yes'"):
+        run_demo(fast_edit="yes")
