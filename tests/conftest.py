@@ -112,6 +112,16 @@ def clip_model(tokenizer) -> CLIPModel:
 
 
 @pytest.fixture
+def registry(monkeypatch):
+    """A fresh CLI plugin registry: none registered, and the installed plugins' entry points hidden."""
+    from diffusionclip_pipeline import cli
+
+    monkeypatch.setattr(cli, "_registry", cli._Registry())
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])
+    return cli._registry
+
+
+@pytest.fixture
 def setup(tmp_path):
     """A saved tiny pipeline folder (``tmp_path/pipe``) and three input PNGs (``tmp_path/imgs``), for CLI tests."""
     from diffusionclip_pipeline.image_processing import postprocess_image

@@ -7,20 +7,11 @@ import PIL.Image
 import pytest
 from conftest import make_pipeline
 
-from diffusionclip_pipeline import cli
 from diffusionclip_pipeline.cli import main, register_model
 from diffusionclip_pipeline.lora import read_adapter_file
 
 PROMPTS = ["--src", "red circle", "--tar", "blue circle"]
 TINY_FINETUNE = ["--t0", "50", "--num-inversion-steps", "2", "--num-train-steps", "1"]
-
-
-@pytest.fixture
-def registry(monkeypatch):
-    """A fresh plugin registry without the installed plugins."""
-    monkeypatch.setattr(cli, "_registry", cli._Registry())
-    monkeypatch.setattr(cli, "entry_points", lambda group: [])
-    return cli._registry
 
 
 @pytest.fixture

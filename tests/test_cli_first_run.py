@@ -22,13 +22,6 @@ FAST_FINETUNE = ["--t0", "50", "--num-inversion-steps", "2", "--num-train-steps"
 
 
 @pytest.fixture
-def registry(monkeypatch):
-    monkeypatch.setattr(cli, "_registry", cli._Registry())
-    monkeypatch.setattr(cli, "entry_points", lambda group: [])
-    return cli._registry
-
-
-@pytest.fixture
 def threads():
     """Restores torch's thread count after the test."""
     before = torch.get_num_threads()
