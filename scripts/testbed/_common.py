@@ -21,6 +21,31 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def parse_value(text: str):
+    """A command-line setting's value: JSON where it parses (numbers, ``true``, lists), else the string itself."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_settings(items, option: str = "--set") -> dict:
+    """``["name=value", ...]`` (e.g. ``--set learning_rate=1e-3``) -> ``{name: parse_value(value)}``.
+
+    Raises:
+        `ValueError`: an item without ``=`` or without a name, naming ``option``.
+    """
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{option} takes NAME=VALUE, got {item!r}")
+        out[name] = parse_value(value)
+    return out
+
+
 def jsonl_logger(out_dir: str):
     """A ``log(dict)`` that appends the record, time-stamped, to ``out_dir/log.jsonl`` and prints it."""
     import json

@@ -23,7 +23,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import parse_settings  # noqa: E402  (puts src/ on the path)
 
 from diffusionclip_pipeline.testbed import load_pipeline  # noqa: E402
 from diffusionclip_pipeline.testbed.demo import run_edit_experiment  # noqa: E402
@@ -32,13 +34,6 @@ from diffusionclip_pipeline.testbed.settings import recommended  # noqa: E402
 # one edit per source colour, each on a different shape, plus the shape edit the issue asks for
 DEFAULT_EDITS = ["red:blue:circle", "green:yellow:triangle", "blue:red:square", "yellow:green:circle",
                  "red:red:circle:square"]  # fmt: skip
-
-
-def parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def main() -> None:
@@ -57,16 +52,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    def parse_settings(items):
-        out = {}
-        for item in items:
-            name, sep, value = item.partition("=")
-            if not sep:
-                p.error(f"--set/--edit-set take NAME=VALUE, got {item!r}")
-            out[name] = parse_value(value)
-        return out
-
-    overrides, edit_overrides = parse_settings(args.set), parse_settings(args.edit_set)
+    try:
+        overrides, edit_overrides = parse_settings(args.set), parse_settings(args.edit_set, "--edit-set")
+    except ValueError as error:
+        p.error(str(error))
     recommended_finetune, recommended_edit = recommended(args.kind)
     settings = {**recommended_finetune, **overrides}
     edit_settings = {**recommended_edit, **edit_overrides}

@@ -20,22 +20,18 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import parse_settings  # noqa: E402  (puts src/ on the path)
 
 from diffusionclip_pipeline.testbed import edit_success, load_pipeline  # noqa: E402
 from diffusionclip_pipeline.testbed.demo import run_edit_experiment  # noqa: E402
 from diffusionclip_pipeline.testbed.settings import recommended  # noqa: E402
 
 
-def parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_pairs(text: str) -> dict:
-    return {k: parse_value(v) for k, v in (item.split("=", 1) for item in text.split(",") if item)}
+def parse_pairs(text: str, option: str) -> dict:
+    """``"KEY=VALUE,KEY=VALUE"`` -> settings (see `_common.parse_settings`)."""
+    return parse_settings([item for item in text.split(",") if item], option)
 
 
 def main() -> None:
@@ -50,11 +46,11 @@ def main() -> None:
     p.add_argument("--json", required=True)
     args = p.parse_args()
     torch.set_num_threads(1)
-    overrides = parse_pairs(",".join(args.set))
+    overrides = parse_settings(args.set)
     edits = {}
     for spec in args.edits:
         name, _, rest = spec.partition(":")
-        edits[name] = parse_pairs(rest)
+        edits[name] = parse_pairs(rest, "--edits")
     source, target, shape = args.pair.split(":")
     pipe = load_pipeline(args.weights, kind="latent")
     first = next(iter(edits))

@@ -23,6 +23,7 @@ One JSON line per run in ``--json`` (runs already there are skipped: resumable).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -32,19 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import parse_settings  # noqa: E402  (puts src/ on the path)
 
 from diffusionclip_pipeline.clip_loss import CLIPDirectionalLoss  # noqa: E402
 from diffusionclip_pipeline.image_processing import preprocess_image  # noqa: E402
 from diffusionclip_pipeline.testbed import load_pipeline, world  # noqa: E402
 from diffusionclip_pipeline.testbed.demo import run_edit_experiment  # noqa: E402
-
-
-def parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 @torch.no_grad()
@@ -68,14 +64,14 @@ def reach(clip, size: int, sources, edited, ideal, prompt_src: str, prompt_tar: 
     }
 
 
+@functools.cache  # loaded once per process, measured with every run
 def second_clip_pair():
     from transformers import CLIPModel, CLIPTokenizer
 
     from diffusionclip_pipeline.testbed import WEIGHTS_DIR
 
-    root = os.path.join(WEIGHTS_DIR)
-    return (CLIPModel.from_pretrained(os.path.join(root, "clip_2"), dtype=torch.float32),
-            CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer_2")))  # fmt: skip
+    return (CLIPModel.from_pretrained(os.path.join(WEIGHTS_DIR, "clip_2"), dtype=torch.float32),
+            CLIPTokenizer.from_pretrained(os.path.join(WEIGHTS_DIR, "tokenizer_2")))  # fmt: skip
 
 
 def main() -> None:
@@ -94,9 +90,7 @@ def main() -> None:
     p.add_argument("--json", required=True)
     args = p.parse_args()
     torch.set_num_threads(1)
-    overrides = dict(item.split("=", 1) for item in args.set)
-    overrides = {k: parse_value(v) for k, v in overrides.items()}
-    edit_overrides = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.edit_set)}
+    overrides, edit_overrides = parse_settings(args.set), parse_settings(args.edit_set, "--edit-set")
     done = set()
     if os.path.exists(args.json):
         done = {(r["model"], r["pair"], r["seed"], r["tag"]) for r in map(json.loads, open(args.json)) if r}
