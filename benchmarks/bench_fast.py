@@ -44,13 +44,13 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_finetune  # noqa: E402
 from bench_finetune import _current_rss, build_unet, fmt_bytes  # noqa: E402
 
 PROMPTS = ("red circle", "blue circle")  # words the test-bed's CLIP tokenizer knows
@@ -285,14 +285,7 @@ def worker(cfg: dict) -> dict:
 
 
 def run_config(cfg: dict, in_process: bool) -> dict:
-    if in_process:
-        return worker(cfg)
-    out = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"configuration {cfg} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return bench_finetune.run_config(cfg, in_process, run=worker, script=__file__)
 
 
 def per_image(r: dict, full: dict) -> dict:

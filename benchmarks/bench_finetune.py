@@ -184,14 +184,16 @@ def _current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_config(cfg: dict, in_process: bool) -> dict:
+def run_config(cfg: dict, in_process: bool, run=None, script: str = __file__) -> dict:
+    """One configuration's row: ``run(cfg)`` here (default: this script's `worker`), or ``script --worker cfg`` in a
+    fresh process, so that each configuration's peak RSS is its own (bench_fast.py passes its worker and path)."""
     if in_process:
-        return worker(cfg)
+        return (run or worker)(cfg)
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, check=False
+        [sys.executable, script, "--worker", json.dumps(cfg)], capture_output=True, text=True, check=False
     )
     if out.returncode != 0:
-        raise RuntimeError(f"configuration {cfg} failed:\n{out.stderr[-2000:]}")
+        raise RuntimeError(f"configuration {cfg} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
