@@ -133,6 +133,22 @@ def ema_update(ema, model, decay):
         pe.lerp_(pm, 1 - decay)
 
 
+def optimise(model, ema, opt, args, step: int, xt, t, noise, weight, **model_kwargs) -> torch.Tensor:
+    """One epsilon-prediction update (bf16 autocast unless ``args.no_bf16``, per-timestep ``weight``, gradient norm
+    clipped to 1, then the EMA with its warm-up at the new ``step``); returns the per-sample MSE (detached). Shared by
+    this script and ``train_latent.py``."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+        eps = model(xt, t, **model_kwargs).sample
+    per = (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))
+    loss = (per * weight[t]).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+    return per.detach()
+
+
 def evaluate(ema, scheduler, step, args, log):
     t0 = time.time()
     ema.eval()
@@ -243,18 +259,10 @@ def main(argv=None):
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (args.batch,))
         xt = scheduler.add_noise(x0, noise, t)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
-            eps = model(xt, t).sample
-        per = (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (per * weight[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
         step += 1
-        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        per = optimise(model, ema, opt, args, step, xt, t, noise, weight)
         train_s += time.time() - t_step
-        run_loss += float(per.detach().mean())
+        run_loss += float(per.mean())
         run_n += 1
         if step % 100 == 0:
             log(

@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import batch_to_tensor, jsonl_logger, save_grid, score_samples, tensor_to_uint8, world  # noqa: E402
-from train_ddpm import build_scheduler, ema_update, lr_at, progress  # noqa: E402
+from train_ddpm import build_scheduler, lr_at, optimise, progress  # noqa: E402
 
 from diffusionclip_pipeline.testbed.pipeline import WEIGHTS_DIR  # noqa: E402
 
@@ -351,17 +351,9 @@ def train_unet(args, log):
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         zt = scheduler.add_noise(z0, noise, t)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
-            eps = model(zt, t, encoder_hidden_states=cond).sample
-        per = (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (per * weight[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
         step += 1
-        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
-        run.append(float(per.detach().mean()))
+        per = optimise(model, ema, opt, args, step, zt, t, noise, weight, encoder_hidden_states=cond)
+        run.append(float(per.mean()))
         if step % 100 == 0:
             log({"kind": "train", "stage": "unet", "step": step, "mse": round(float(np.mean(run)), 5),
                  "lr": opt.param_groups[0]["lr"], "s_per_step": round((time.time() - t_last) / len(run), 3),
