@@ -23,24 +23,24 @@ _EXPORTS = {
     "NoAdapterWarning": "pipeline_diffusionclip",
     "DiffusionCLIPInversionOutput": "pipeline_output",
     "DiffusionCLIPPipelineOutput": "pipeline_output",
-    "GridDDIMInverseScheduler": "schedule",
-    "GridDDIMScheduler": "schedule",
-    "ddim_timesteps": "schedule",
+    "GridDDIMInverseScheduler": "scheduling_ddim_grid",
+    "GridDDIMScheduler": "scheduling_ddim_grid",
+    "ddim_timesteps": "scheduling_ddim_grid",
     "IMAGENET_TEMPLATES": "templates",
-    "LoraUNet2DModel": "unet",
+    "LoraUNet2DModel": "families.unet_adapter_api",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from .clip_loss import CLIPDirectionalLoss, direction_loss
+    from .families.unet_adapter_api import LoraUNet2DModel
     from .finetune import FinetuneConfig, FinetuneOutput, NonFiniteLossError
     from .loaders import DiffusionCLIPLoraLoaderMixin
     from .pipeline_diffusionclip import DiffusionCLIPPipeline, NoAdapterWarning
     from .pipeline_output import DiffusionCLIPInversionOutput, DiffusionCLIPPipelineOutput
-    from .schedule import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timesteps
+    from .scheduling_ddim_grid import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timesteps
     from .templates import IMAGENET_TEMPLATES
-    from .unet import LoraUNet2DModel
 
 
 def __getattr__(name: str):

@@ -1,57 +1,12 @@
-"""The encode/decode seam between images and a latent UNet's space, as diffusers' pipelines use each autoencoder.
+"""Deprecated location of the autoencoder seam: use `diffusionclip_pipeline.families.autoencoders` (removed in 0.3)."""
 
-- `AutoencoderKL` (Stable Diffusion's ``vae``): ``z = (mean - shift_factor) * scaling_factor`` — the posterior's
-  *mean*, not a sample, so that encoding is deterministic (DDIM inversion needs the same ``z`` every time); decode
-  ``vae.decode(z / scaling_factor + shift_factor)``.
-- `VQModel` (`LDMPipeline`'s ``vqvae``): ``z = vqvae.encode(x).latents * scaling_factor`` (the pre-quantisation
-  latents), decode ``vqvae.decode(z / scaling_factor)`` (quantised on the way, as `LDMPipeline` does; the quantiser's
-  straight-through estimator passes gradients).
-- `AutoencoderTiny` (TAESD, a small decoder in SD's latent space, for the CLIP loss only): reads the latents the UNet
-  produces (its ``scaling_factor`` is 1).
+import warnings
 
-Images are in [-1, 1] on both sides.
-"""
+from .families.autoencoders import AUTOENCODERS, decode, encode, latent_channels, scale_factor  # noqa: F401
 
-from __future__ import annotations
-
-import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, VQModel
-
-AUTOENCODERS = (AutoencoderKL, VQModel, AutoencoderTiny)
-
-
-def scale_factor(autoencoder) -> int:
-    """Pixels per latent along each side (8 for Stable Diffusion's VAE)."""
-    if isinstance(autoencoder, AutoencoderTiny):
-        return 2 ** (len(autoencoder.config.num_encoder_blocks) - 1)
-    return 2 ** (len(autoencoder.config.block_out_channels) - 1)
-
-
-def latent_channels(autoencoder) -> int:
-    return int(autoencoder.config.latent_channels)
-
-
-def _shift(autoencoder) -> float:
-    return float(autoencoder.config.get("shift_factor", None) or 0.0)
-
-
-def encode(autoencoder, images: torch.Tensor) -> torch.Tensor:
-    """Latents of ``images`` (NCHW in [-1, 1]) in the UNet's space (scaled, deterministic)."""
-    scaling = float(autoencoder.config.scaling_factor)
-    if isinstance(autoencoder, AutoencoderKL):
-        return (autoencoder.encode(images).latent_dist.mean - _shift(autoencoder)) * scaling
-    if isinstance(autoencoder, VQModel):
-        return autoencoder.encode(images).latents * scaling
-    if isinstance(autoencoder, AutoencoderTiny):  # scaling 1: TAESD works in the UNet's (scaled) latent space
-        return (autoencoder.encode(images).latents - _shift(autoencoder)) * scaling
-    raise TypeError(f"Unsupported autoencoder {type(autoencoder).__name__}; expected one of AutoencoderKL, VQModel.")
-
-
-def decode(autoencoder, latents: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (not clamped) from UNet-space latents; differentiable."""
-    scaling = float(autoencoder.config.scaling_factor)
-    if isinstance(autoencoder, (AutoencoderKL, AutoencoderTiny)):
-        return autoencoder.decode(latents / scaling + _shift(autoencoder)).sample
-    if isinstance(autoencoder, VQModel):
-        return autoencoder.decode(latents / scaling).sample
-    raise TypeError(f"Unsupported autoencoder {type(autoencoder).__name__}; expected one of AutoencoderKL, VQModel.")
+warnings.warn(
+    "`diffusionclip_pipeline.autoencoder` moved to `diffusionclip_pipeline.families.autoencoders`; the old path will "
+    "be removed in 0.3.",
+    FutureWarning,
+    stacklevel=2,
+)

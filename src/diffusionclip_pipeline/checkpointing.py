@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 
 from . import lora
 from ._version import __version__
-from .atomic import atomic_directory
 from .clip_loss import CLIPDirectionalLoss
 from .lora import LORA_WEIGHT_NAME, weights_fingerprint
-from .validation import check_non_negative_int, short_repr
+from .utils.checks import check_non_negative_int, short_repr
+from .utils.io import atomic_directory
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
 

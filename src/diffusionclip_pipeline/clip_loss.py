@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .templates import IMAGENET_TEMPLATES
-from .validation import check_choice, check_int, check_non_negative_int, check_number, check_prompt
+from .utils.checks import check_choice, check_int, check_non_negative_int, check_number, check_prompt
 
 # OpenAI CLIP's normalisation constants (also in every `openai/clip-*` preprocessor_config.json).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

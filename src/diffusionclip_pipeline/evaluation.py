@@ -20,7 +20,7 @@ from diffusers.utils import BaseOutput
 from .clip_loss import CLIPDirectionalLoss
 from .image_io import image_grid
 from .image_processing import postprocess_image, preprocess_image
-from .validation import check_number, check_positive_int, check_prompt, check_timestep, short_repr
+from .utils.checks import check_number, check_positive_int, check_prompt, check_timestep, short_repr
 
 
 def _side(images) -> int:

@@ -34,7 +34,7 @@ import torch
 from diffusers.utils import BaseOutput
 from safetensors.torch import load_file
 
-from . import autoencoder, evaluation, lora
+from . import evaluation, lora
 from ._version import __version__
 from .checkpointing import (
     Checkpoint,
@@ -46,6 +46,7 @@ from .checkpointing import (
     read_checkpoint,
 )
 from .clip_loss import LOSS_TYPES, CLIPDirectionalLoss, unknown_words
+from .families import autoencoders as autoencoder
 from .image_io import image_grid
 from .image_processing import postprocess_image
 from .lora import (
@@ -58,8 +59,8 @@ from .lora import (
     atomic_save_file,
     weights_fingerprint,
 )
-from .schedule import GridDDIMScheduler, ddim_timesteps
-from .validation import (
+from .scheduling_ddim_grid import GridDDIMScheduler, ddim_timesteps
+from .utils.checks import (
     check_adapter_name,
     check_bool,
     check_callable,

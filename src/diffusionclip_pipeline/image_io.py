@@ -7,10 +7,11 @@ can use it without an import cycle.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 
 import PIL.Image
+
+from .utils.io import atomic_write
 
 __all__ = ["IMAGE_SUFFIXES", "find_images", "image_grid", "read_image", "read_images", "save_atomic", "unique_stems"]
 
@@ -110,26 +111,9 @@ def image_grid(rows: list[list[PIL.Image.Image]], pad: int = 2) -> PIL.Image.Ima
 
 
 def save_atomic(image: PIL.Image.Image, path: str) -> None:
-    """Writes ``image`` to ``path`` through a temporary file in the same folder, so that ``path`` never holds a
-    partial image: an error or an interruption (a full disk, Ctrl-C) leaves the old file or none, and no temporary
-    file behind.
+    """Writes ``image`` to ``path`` atomically (`utils.io.atomic_write`): ``path`` never holds a partial image.
 
     The format follows ``path``'s extension (PNG when PIL does not know it).
     """
     image_format = PIL.Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=image_format)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0o600; a plain save would honour the umask
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(path, lambda tmp: image.save(tmp, format=image_format))

@@ -6,11 +6,8 @@ no adapter state of its own, so ``pipe.unet.set_adapters(...)`` and ``pipe.set_a
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import os
 import tempfile
-import uuid
 import warnings
 
 import torch
@@ -18,7 +15,8 @@ import torch
 from . import lora, model_card
 from .image_io import image_grid, save_atomic
 from .image_processing import postprocess_image
-from .validation import check_adapter_name, check_bool, check_number
+from .utils.checks import check_adapter_name, check_bool, check_number
+from .utils.io import atomic_write_text
 
 
 class DiffusionCLIPLoraLoaderMixin:
@@ -239,7 +237,7 @@ class DiffusionCLIPLoraLoaderMixin:
 
 
 def _write_card(path: str, text: str) -> None:
-    """Writes the card atomically (temporary file, then rename), unless ``path`` holds a README of someone else."""
+    """Writes the card atomically (`utils.io.atomic_write_text`), unless ``path`` holds a README of someone else."""
     if os.path.exists(path):
         with open(path, encoding="utf-8", errors="replace") as f:
             if not model_card.is_adapter_card(f.read()):
@@ -247,16 +245,4 @@ def _write_card(path: str, text: str) -> None:
                     f"{path!r} exists and was not written by diffusionclip-pipeline: not replaced.", stacklevel=4
                 )
                 return
-    directory = os.path.dirname(path)
-    for leftover in glob.glob(os.path.join(glob.escape(directory), ".tmp-*.md")):  # of a killed save
-        with contextlib.suppress(OSError):
-            os.remove(leftover)
-    tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}.md")
-    try:
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_text(path, text)

@@ -16,16 +16,12 @@ File format (version 2, ``pytorch_lora_weights.safetensors``): diffusers' layout
 from __future__ import annotations
 
 import contextlib
-import functools
 import glob
 import hashlib
 import json
 import os
 import re
-import tempfile
-import threading
 import warnings
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -36,8 +32,10 @@ from safetensors import safe_open
 from torch import nn
 
 from ._version import __version__
-from .unet import base_state_dict, with_adapter_api
-from .validation import check_adapter_name, check_int, check_number, short_repr
+from .families.unet_adapter_api import base_state_dict, with_adapter_api
+from .utils.checks import check_adapter_name, check_int, check_number, short_repr
+from .utils.io import atomic_write
+from .utils.locking import serialised, unet_lock
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LEGACY_FORMAT_NAME = "diffusionclip-lora"  # version 1's marker
@@ -249,37 +247,6 @@ def using_adapters(model: nn.Module, names: list[str], weights: list[float] | No
         restore_active_state(model, state)
 
 
-# ---- one user at a time -----------------------------------------------------------------------------------------
-
-_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def unet_lock(model: nn.Module) -> threading.RLock:
-    """The re-entrant lock of ``model``: held by every pipeline call that uses or changes its adapter state.
-
-    Editing with several adapters switches the UNet's active set during the call, so two threads using one pipeline,
-    or two pipelines sharing one UNet, would see each other's state. Holding this lock makes such calls wait for
-    each other: results are the same as one after the other (they are not parallel).
-    """
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.RLock()
-        return lock
-
-
-def serialised(method):
-    """Decorates a pipeline method to hold ``self.unet``'s lock (`unet_lock`) for the whole call."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with unet_lock(self.unet):
-            return method(self, *args, **kwargs)
-
-    return wrapper
-
-
 # ---- fingerprints ----------------------------------------------------------------------------------------------
 
 
@@ -302,23 +269,16 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """``safetensors.save_file`` to a temporary file in the target folder, then an atomic rename."""
+    """``safetensors.save_file`` through the atomic writer (`utils.io.atomic_write`)."""
     from safetensors.torch import save_file
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    for leftover in glob.glob(os.path.join(glob.escape(directory), ".tmp-*.safetensors")):  # of a killed save
+    for leftover in glob.glob(os.path.join(glob.escape(directory), ".tmp-*.safetensors")):  # of a 0.1 writer
         with contextlib.suppress(OSError):
             os.remove(leftover)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _peft_metadata(settings: LoraSettings) -> dict:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .validation import check_number
+from .utils.checks import check_number
 
 WeightFn = Callable[[int], float]
 

@@ -7,6 +7,7 @@ import inspect
 import os
 import warnings
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
@@ -21,12 +22,11 @@ from diffusers import (
     VQModel,
 )
 from diffusers.utils import logging, replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
 
-from . import autoencoder, lora
-from .atomic import atomic_directory
-from .components import check_components, check_layout
-from .finetune import FinetuneConfig, FinetuneOutput, finetune
+from . import lora
+from .choices import ENCODINGS, INVERSION_STARTS, OUTPUT_TYPES
+from .families import ModelFamily, check_components, check_layout
+from .families.unet_adapter_api import plain_unet, with_adapter_api
 from .image_processing import postprocess_image, preprocess_image
 from .loaders import DiffusionCLIPLoraLoaderMixin
 from .mixing import MixComponent, build_mix
@@ -35,25 +35,24 @@ from .pipeline_output import (
     DiffusionCLIPPipelineOutput,
     DiffusionCLIPTranslationOutput,
 )
-from .schedule import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timesteps
-from .unet import plain_unet, with_adapter_api
-from .validation import (
+from .utils.checks import (
     check_choice,
     check_finite_tensor,
     check_non_negative_int,
     check_number,
     check_positive_int,
-    check_prompt_or_empty,
     check_timestep,
     short_repr,
 )
+from .utils.io import atomic_directory
+from .utils.locking import serialised
+
+if TYPE_CHECKING:  # training is imported only when `finetune` runs: inference never loads it
+    from .finetune import FinetuneConfig, FinetuneOutput
 
 logger = logging.get_logger(__name__)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
-OUTPUT_TYPES = ("pil", "np", "pt")
-ENCODINGS = ("ddim", "noise")
-INVERSION_STARTS = ("clean", "official")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -171,7 +170,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         tokenizer=None,
     ):
         super().__init__()
-        check_components(unet, vae=vae, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer)
+        family = check_components(unet, vae=vae, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer)
         if (clip_model_2 is None) != (clip_tokenizer_2 is None):
             raise ValueError(
                 "Pass both `clip_model_2` and `clip_tokenizer_2` for a second CLIP, or neither; got "
@@ -194,6 +193,12 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             tokenizer=tokenizer,
         )
         self.clip_model_name_or_path = DEFAULT_CLIP
+        self._family = family(self)
+
+    @property
+    def family(self) -> ModelFamily:
+        """The model family (`families`): encode/decode, conditioning, the denoiser call and the step maths."""
+        return self._family
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, clip_model_name_or_path: str | None = None, **kwargs):
@@ -226,7 +231,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             lora.load_adapters_folder(pipe.unet, adapters)
         return pipe
 
-    @lora.serialised
+    @serialised
     def save_pretrained(self, save_directory, **kwargs):
         """Saves the pipeline atomically: a reader sees the old complete folder or the new one, never a mix.
 
@@ -285,75 +290,52 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         pairs = [(self.clip_model, self.clip_tokenizer), (self.clip_model_2, self.clip_tokenizer_2)]
         return [(model, tokenizer) for model, tokenizer in pairs if model is not None and tokenizer is not None]
 
-    # ---- the encode/decode seam of latent models -------------------------------------------------------------
+    # ---- the family seam (`families`): images <-> the denoiser's space, conditioning, the denoiser call -------
 
     def noise_to(self, x0: torch.Tensor, t0: int, generator=None) -> torch.Tensor:
-        """``sqrt(a_t0) x0 + sqrt(1 - a_t0) eps``: the forward process q(x_t0 | x0), ``eps`` from ``generator``."""
-        alpha = self.scheduler.alphas_cumprod[int(t0)].to(device=x0.device, dtype=x0.dtype)
-        noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+        """The forward process q(x_t0 | x0) in closed form (``encoding="noise"``), noise from ``generator``."""
+        return self.family.noise_to(x0, t0, generator)
 
     @property
     def autoencoder(self):
         """The latent model's autoencoder (``vae`` or ``vqvae``), `None` for a pixel-space UNet."""
-        return self.vae if self.vae is not None else self.vqvae
+        return self.family.autoencoder
 
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent along each side (1 for a pixel-space UNet, 8 for Stable Diffusion)."""
-        return 1 if self.autoencoder is None else autoencoder.scale_factor(self.autoencoder)
+        return self.family.vae_scale_factor
 
     @property
     def resolution(self) -> int:
         """The side of the square images the pipeline works at: inputs are centre-cropped and resized to it."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        return self.family.sample_size * self.family.vae_scale_factor
 
     @property
     def image_channels(self) -> int:
-        ae = self.autoencoder
-        return int(self.unet.config.in_channels) if ae is None else int(ae.config.in_channels)
+        return self.family.image_channels
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """UNet-space latents of images in [-1, 1] (the images themselves for a pixel-space UNet)."""
-        if self.autoencoder is None:
-            return image
-        return autoencoder.encode(self.autoencoder, image.to(self.autoencoder.dtype)).to(self.unet.dtype)
+        return self.family.encode(image)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (not clamped) from UNet-space latents; differentiable (fine-tuning decodes x0_hat)."""
-        if self.autoencoder is None:
-            return latents
-        return autoencoder.decode(self.autoencoder, latents.to(self.autoencoder.dtype))
+        return self.family.decode(latents)
 
-    @torch.no_grad()
-    def encode_prompt(self, prompt: str | None, batch_size: int = 1) -> torch.Tensor | None:
-        """The text encoder's hidden states for ``prompt`` (``None`` means the empty prompt), repeated over the
-        batch; `None` for an unconditional UNet (where a non-empty ``prompt`` is an error)."""
-        if self.text_encoder is None:
-            if prompt:
-                raise ValueError(f"`prompt` needs a text-conditioned UNet; this one is unconditional: {prompt!r}.")
-            return None
-        text = check_prompt_or_empty(prompt, "prompt")
-        tokens = self.tokenizer(
-            [text], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        )  # fmt: skip
-        hidden = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
-        return hidden.to(self.unet.dtype).expand(batch_size, -1, -1)
+    def encode_prompt(self, prompt: str | None, batch_size: int = 1):
+        """What the UNet is conditioned on for ``prompt`` (``None`` means the empty prompt), for ``batch_size``
+        samples (for Stable Diffusion, the text encoder's hidden states); `None` for an unconditional UNet (where a
+        non-empty ``prompt`` is an error)."""
+        return self.family.encode_prompt(prompt, batch_size)
 
-    # ---- noise prediction ------------------------------------------------------------------------------------
-
-    def _predict_noise(
-        self, sample: torch.Tensor, timestep: int, adapted: bool = True, condition: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The UNet's prediction at integer ``timestep`` (``condition``: text hidden states for a conditional UNet);
-        ``adapted=False`` asks for the original model."""
-        t = torch.tensor(int(timestep), device=sample.device)
-        kwargs = {} if condition is None else {"encoder_hidden_states": condition[: sample.shape[0]]}
+    def _predict_noise(self, sample: torch.Tensor, timestep: int, adapted: bool = True, condition=None):
+        """The UNet's prediction at integer ``timestep`` (``condition`` from `encode_prompt`); ``adapted=False`` asks
+        for the original model."""
         if adapted:
-            return self.unet(sample, t, **kwargs).sample
+            return self.family.predict(self.unet, sample, timestep, condition)
         with lora.adapters_disabled(self.unet):
-            return self.unet(sample, t, **kwargs).sample
+            return self.family.predict(self.unet, sample, timestep, condition)
 
     def _mixed_noise(self, sample, timestep, mix: list[MixComponent] | None, condition=None) -> torch.Tensor:
         """``sum_i m_i w_i(t) eps_i + (1 - sum_i m_i w_i(t)) eps_original`` (see `mixing`); skips zero weights."""
@@ -380,7 +362,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
+        return self.family.num_train_timesteps
 
     def check_inputs(
         self,
@@ -407,7 +389,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         if image is not None:
             self._check_image(image)
         if latents is not None:
-            c, s = self.unet.config.in_channels, self.unet.config.sample_size
+            c, s = self.family.latent_channels, self.family.sample_size
             if not torch.is_tensor(latents) or latents.ndim != 4 or tuple(latents.shape[1:]) != (c, s, s):
                 shape = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
                 raise ValueError(f"`latents` must be a (batch, {c}, {s}, {s}) tensor, got {shape}.")
@@ -461,12 +443,11 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         """``image`` (any form `invert` accepts) as the model's input: NCHW in [-1, 1], on the execution device, in the
         UNet's dtype. ``name`` is the argument named in error messages."""
         x0 = preprocess_image(image, self.resolution, self.image_channels, name=name)
-        dtype = self.unet.dtype if self.autoencoder is None else self.autoencoder.dtype
-        return x0.to(device=self._execution_device, dtype=dtype)
+        return x0.to(device=self._execution_device, dtype=self.family.image_dtype)
 
     # ---- inversion -------------------------------------------------------------------------------------------
 
-    @lora.serialised
+    @serialised
     @torch.no_grad()
     def invert(
         self,
@@ -535,10 +516,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             x_t0 = self.noise_to(self.encode_image(x0), t0, generator)
             return (x_t0, [int(t0)], x0) if not return_dict else DiffusionCLIPInversionOutput(x_t0, [int(t0)], x0)
         condition = self.encode_prompt(prompt, x0.shape[0])
-        # 3. Inversion grid [0, ..., t0] on the inverse scheduler
-        timesteps = ddim_timesteps(t0, num_inversion_steps, self.num_train_timesteps)
-        inverse_scheduler = GridDDIMInverseScheduler.from_config(self.inverse_scheduler.config)
-        inverse_scheduler.set_timesteps(timesteps=timesteps)
+        # 3. Inversion grid [0, ..., t0] on the family's inverse scheduler
+        timesteps = self.family.timesteps(t0, num_inversion_steps)
+        inverse_scheduler = self.family.inversion_scheduler(timesteps)
         # "official": the clean image is x at t = 0, so the first step (alpha 1 -> alphas_cumprod[0]) is skipped
         steps = inverse_scheduler.timesteps[1:] if inversion_start == "official" else inverse_scheduler.timesteps
         # 4. DDIM eq. (12) run forward from the image's latents, eps of the original model at the source level
@@ -559,7 +539,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
 
     # ---- editing ---------------------------------------------------------------------------------------------
 
-    @lora.serialised
+    @serialised
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def edit(
@@ -682,10 +662,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         x_t0 = latents
         condition = self.encode_prompt(prompt, batch_size)
         unconditional = self.encode_prompt(None, batch_size) if guidance_scale > 1 else None
-        # 3. Generation grid [t0, ..., 0] on the scheduler
-        timesteps = ddim_timesteps(t0, num_inference_steps, self.num_train_timesteps)
-        scheduler = GridDDIMScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(timesteps=timesteps)
+        # 3. Generation grid [t0, ..., 0] on the family's scheduler
+        scheduler = self.family.generation_scheduler(self.family.timesteps(t0, num_inference_steps))
         # 4. Denoising loop with the current (adapted) UNet, or the mix of original and adapted predictions
         for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
             noise_pred = self._mixed_noise(latents, t, mix, condition)
@@ -714,7 +692,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
 
     # ---- unseen-domain translation ---------------------------------------------------------------------------
 
-    @lora.serialised
+    @serialised
     @torch.no_grad()
     def translate(
         self,
@@ -765,8 +743,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         # 2. Preprocess image, into the UNet's space
         x0 = self.encode_image(self.prepare_image(image))
         condition = self.encode_prompt(None, x0.shape[0])
-        scheduler = GridDDIMScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(timesteps=ddim_timesteps(t0, num_denoise_steps, self.num_train_timesteps))
+        scheduler = self.family.generation_scheduler(self.family.timesteps(t0, num_denoise_steps))
         # 3. Rounds of q-sampling to t0 and deterministic DDIM back with the original model
         for _ in self.progress_bar(range(n_iter)):
             x = self.noise_to(x0, t0, generator)
@@ -790,7 +767,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
 
     # ---- fine-tuning and adapters ----------------------------------------------------------------------------
 
-    @lora.serialised
+    @serialised
     def finetune(
         self,
         prompt_src: str,
@@ -849,6 +826,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         Returns:
             [`FinetuneOutput`]: the adapter name and the loss of every optimizer step.
         """
+        from .finetune import FinetuneConfig, finetune  # training: imported only when it runs
+
         config = FinetuneConfig.from_kwargs(config, **kwargs)
         optional = dict(  # passed only when given, so that `finetune`'s own defaults apply
             checkpoint_dir=checkpoint_dir,

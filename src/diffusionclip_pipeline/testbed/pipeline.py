@@ -37,8 +37,8 @@ def load_pipeline(
     import torch
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from ..cli import quiet_loading
     from ..pipeline_diffusionclip import DiffusionCLIPPipeline
+    from ..utils.logging import quiet_loading
 
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
@@ -73,8 +73,8 @@ def _load_clips(root: str, second_clip: bool, dtype) -> dict:
 
 
 def _load_latent(weights_dir, dtype, second_clip: bool):
-    from ..cli import quiet_loading
     from ..pipeline_diffusionclip import DiffusionCLIPPipeline
+    from ..utils.logging import quiet_loading
 
     root = os.fspath(weights_dir or LATENT_WEIGHTS_DIR)
     if not os.path.isfile(os.path.join(root, "model_index.json")):
