@@ -247,10 +247,96 @@ def test_is_clean_shape():
     assert not w.is_clean_shape(tinted)
 
 
-def test_classify_shape_on_rendered_images():
-    imgs, metas = w.render_dataset(90, seed=12)
-    assert all(w.classify_shape(i)[0] == m["shape"] for i, m in zip(imgs, metas))
+@pytest.mark.parametrize("size", [24, 32, 64])
+@pytest.mark.parametrize("shape", w.SHAPES)
+def test_classify_shape_on_rendered_images(shape, size):
+    # every size and position the world samples, in every colour
+    imgs, _ = w.render_dataset(60, seed=12, size=size, shape=shape)
+    assert [w.classify_shape(i)[0] for i in imgs] == [shape] * 60
+    # the extremes: smallest and largest r, pushed into opposite corners
+    for frac in (w.R_MIN_FRAC, w.R_MAX_FRAC):
+        r = frac * size
+        left, right, top, bottom = w._extent(shape, r)
+        for cx, cy in ((1 + left, 1 + top), (size - 1 - right, size - 1 - bottom)):
+            assert w.classify_shape(w.render_shape(shape, "green", cx, cy, r, size))[0] == shape
+
+
+def test_classify_shape_empty_and_scores():
     assert w.classify_shape(blank()) == (None, 0.0)
+    assert w.shape_scores(blank()) == {}
+    img = w.render_shape("triangle", "red", 16, 16, 9)
+    scores = w.shape_scores(img)
+    assert list(scores) == list(w.SHAPES)
+    assert w.classify_shape(img) == ("triangle", scores["triangle"])
+    assert scores["triangle"] > max(scores["circle"], scores["square"])
+    assert w.shape_scores(w.foreground_mask(img)) == scores
+    with pytest.raises(ValueError, match="`size_search`"):
+        w.shape_scores(img, size_search=0)
+
+
+@pytest.mark.parametrize("shape", w.SHAPES)
+def test_classify_shape_ignores_a_stray_pixel(shape):
+    # one far-away speck moves the bounding box by 10 pixels but the centroid by less than half a pixel
+    img = arr(w.render_shape(shape, "blue", 20, 20, 7)).copy()
+    img[2, 2] = w.COLOURS["blue"]
+    assert w.classify_shape(img)[0] == shape
+
+
+def same_area_radius(shape, r, other):
+    """Radius of `other` with the area of `shape` at radius `r` (both centred alike: same centroid)."""
+    return r * math.sqrt(w._AREA_PER_R2[shape] / w._AREA_PER_R2[other])
+
+
+@pytest.mark.parametrize("source", w.SHAPES)
+@pytest.mark.parametrize("edited", w.SHAPES)
+def test_edit_success_colour_edit_must_keep_the_shape(source, edited):
+    src = w.render_shape(source, "red", 16, 16, 8)
+    out = w.render_shape(edited, "blue", 16, 16, same_area_radius(source, 8, edited))
+    res = w.edit_success(src, out, target_colour="blue")
+    assert res["colour_ok"] and res["fraction_ok"] and res["background_ok"]
+    assert res["expected_shape"] == source and res["shape"] == edited
+    assert res["shape_ok"] == res["success"] == (source == edited)
+
+
+def test_edit_success_circle_recoloured_into_square_fails_despite_iou():
+    # the demo's failure: a blue square where a blue circle was asked; the masks overlap with IoU 0.84 >= 0.7
+    src = w.render_shape("circle", "red", 16, 16, 8)
+    square = w.render_shape("square", "blue", 16, 16, same_area_radius("circle", 8, "square"))
+    res = w.edit_success(src, square, target_colour="blue")
+    assert res["iou_ok"] and res["colour_ok"] and res["fraction_ok"] and res["background_ok"]
+    assert res["shape"] == "square" and not res["shape_ok"] and not res["success"]
+    good = w.edit_success(src, w.render_shape("circle", "blue", 16, 16, 8), target_colour="blue")
+    assert good["shape"] == "circle" and good["shape_ok"] and good["success"]
+
+
+# Foreground masks of three edits by the demo (`diffusionclip-demo`, red -> blue circles, data seed 0, 2026-12-06):
+# held-out images 2 and 7 came back as blue squares, image 0 as a blue circle. (top row, left column, rows)
+DEMO_EDITS = {
+    2: (11, 16, [".#########"] + ["##########"] * 9),
+    7: (9, 13, ["##########....."] + ["###############"] * 8 + ["##############."] * 6 + ["##............."]),
+    0: (3, 14, [
+        "........#.......", ".....#######....", "...##########...", "..############..", ".##############.",
+        ".###############", ".###############", "################", "################", ".###############",
+        "################", "################", ".##############.", ".##############.", "..############..",
+        "...##########...", "......####......",
+    ]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("index, shape", [(2, "square"), (7, "square"), (0, "circle")])
+def test_edit_success_on_the_demos_edits(index, shape):
+    sources, _ = w.render_dataset(16, seed=1, shape="circle", colour="red")  # the demo's held-out images
+    top, left, rows = DEMO_EDITS[index]
+    edited = blank(32)
+    for i, row in enumerate(rows):
+        for j, c in enumerate(row):
+            if c == "#":
+                edited[top + i, left + j] = w.COLOURS["blue"]
+    res = w.edit_success(sources[index], edited, target_colour="blue")
+    # the measure before shape-awareness accepted all three
+    assert res["colour_ok"] and res["fraction_ok"] and res["iou_ok"] and res["background_ok"]
+    assert w.classify_shape(edited)[0] == res["shape"] == shape
+    assert res["shape_ok"] == res["success"] == (shape == "circle")
 
 
 def test_edit_success_colour_edit():
@@ -258,6 +344,7 @@ def test_edit_success_colour_edit():
     good = w.render_shape("circle", "blue", 16, 16, 7)
     res = w.edit_success(src, good, target_colour="blue")
     assert res["success"] and res["colour_ok"] and res["fraction_ok"] and res["iou_ok"] and res["background_ok"]
+    assert res["shape_ok"] and res["shape"] == res["expected_shape"] == "circle"
     assert res["iou"] == 1.0 and res["background"] == 0.0
     assert not w.edit_success(src, src, target_colour="blue")["colour_ok"]
     moved = w.render_shape("circle", "blue", 9, 9, 6)
@@ -271,10 +358,21 @@ def test_edit_success_colour_edit():
     dirty[~m] = 240
     res = w.edit_success(src, dirty, target_colour="blue")
     assert res["colour_ok"] and res["iou_ok"] and not res["background_ok"] and not res["success"]
+    tinted = arr(good).copy()
+    tinted[~m] = (255, 235, 235)  # a pink tint, far below the foreground threshold: 20 / 255 / 3 per pixel
+    res = w.edit_success(src, tinted, target_colour="blue")
+    assert res["colour_ok"] and res["fraction_ok"] and res["iou_ok"] and res["shape_ok"]
+    assert res["background"] == pytest.approx(40 / 3 / 255) and not res["background_ok"] and not res["success"]
 
 
 def test_edit_success_shape_edit():
     src = w.render_shape("circle", "red", 16, 16, 7)
     res = w.edit_success(src, w.render_shape("square", "red", 16, 16, 7), target_shape="square")
     assert res["shape_ok"] and res["colour_kept"] and res["background_ok"] and res["success"]
-    assert not w.edit_success(src, src, target_shape="square")["success"]
+    assert res["expected_shape"] == res["shape"] == "square" and "iou_ok" not in res
+    res = w.edit_success(src, src, target_shape="square")
+    assert res["shape"] == "circle" and not res["shape_ok"] and not res["success"]
+    res = w.edit_success(src, w.render_shape("triangle", "red", 16, 16, 8), target_shape="square")
+    assert res["shape"] == "triangle" and not res["shape_ok"] and not res["success"]
+    both = w.edit_success(src, w.render_shape("square", "blue", 16, 16, 7), "blue", "square")
+    assert both["colour_ok"] and both["shape_ok"] and "colour_kept" not in both and both["success"]

@@ -16,7 +16,7 @@ pixel of margin). Colours are the :data:`COLOURS` palette with every channel jit
 
 Measurements (all accept a PIL image or a uint8 ``H x W x 3`` array): :func:`foreground_mask`,
 :func:`dominant_colour`, :func:`colour_fraction`, :func:`mask_iou`, :func:`background_change`,
-:func:`is_clean_shape`, :func:`classify_shape` and :func:`edit_success`.
+:func:`is_clean_shape`, :func:`shape_scores`, :func:`classify_shape` and :func:`edit_success`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ __all__ = [
     "connected_components",
     "is_clean_shape",
     "clean_shape_report",
+    "shape_scores",
     "classify_shape",
     "edit_success",
 ]
@@ -425,38 +426,62 @@ def is_clean_shape(img, **kwargs) -> bool:
     return clean_shape_report(img, **kwargs)["clean"]
 
 
-def classify_shape(img_or_mask, size_search: int = 9) -> tuple[str | None, float]:
-    """Nearest shape by template matching: returns ``(shape, best IoU)`` (``(None, 0.0)`` when empty).
+_AREA_PER_R2 = {"circle": math.pi, "square": 4 * SQUARE_HALF**2, "triangle": 3 * _SQRT3 / 4}
+"""Area of each ideal shape in units of ``r**2`` (see the module's geometry)."""
 
-    Each template is centred on the mask's bounding-box centre, with ``r`` scanned around the value that
-    matches the mask's area.
+
+def shape_scores(img_or_mask, size_search: int = 9, shift_search: int = 5) -> dict[str, float]:
+    """IoU of a foreground with the best-fitting ideal shape of each kind (``{}`` when the foreground is empty).
+
+    Each ideal shape has the foreground's area and centroid (the centroid of all three shapes is their centre ``(cx,
+    cy)``: for the triangle, its circumcentre). To absorb pixelation and stray pixels, ``r`` is scanned over
+    `size_search` values in +-15 % around the area-matching one, and the centre over `shift_search` values in +-1 pixel
+    along each axis; the best IoU over these templates is the shape's score.
+
+    Args:
+        img_or_mask: a boolean ``H x W`` mask, or an image (PIL or uint8 ``H x W x 3``) whose
+            :func:`foreground_mask` is used.
+        size_search (`int`, *optional*, defaults to 9): number of radii scanned.
+        shift_search (`int`, *optional*, defaults to 5): number of centre offsets per axis.
+
+    Returns:
+        `dict[str, float]`: shape name -> best IoU, in the order of :data:`SHAPES`.
     """
+    if size_search < 1 or shift_search < 1:
+        raise ValueError(f"`size_search` and `shift_search` must be >= 1, got {size_search} and {shift_search}.")
     m = np.asarray(img_or_mask)
     mask = m.astype(bool) if m.ndim == 2 else foreground_mask(img_or_mask)
     if not mask.any():
-        return None, 0.0
+        return {}
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
-    area = mask.sum()
-    best, best_iou = None, -1.0
-    area_per_r2 = {"circle": math.pi, "square": 4 * SQUARE_HALF**2, "triangle": 3 * _SQRT3 / 4}
+    area = float(mask.sum())
+    # pixel (i, j) has centre (j + 0.5, i + 0.5)
+    mx, my = xs.mean() + 0.5, ys.mean() + 0.5
+    scale = np.linspace(0.85, 1.15, size_search) if size_search > 1 else np.ones(1)
+    shift = np.linspace(-1.0, 1.0, shift_search) if shift_search > 1 else np.zeros(1)
+    ss, dx, dy = (g.ravel() for g in np.meshgrid(scale, shift, shift, indexing="ij"))
+    scores = {}
     for k, s in enumerate(SHAPES):
-        r0 = math.sqrt(area / area_per_r2[s])
-        rs = r0 * np.linspace(0.85, 1.15, size_search)
-        x0, x1 = xs.min(), xs.max() + 1
-        y0, y1 = ys.min(), ys.max() + 1
-        cx = np.full(size_search, (x0 + x1) / 2)
-        if s == "triangle":  # bounding box spans cy - r .. cy + r/2
-            cy = (y0 + y1) / 2 + 0.25 * rs
-        else:
-            cy = np.full(size_search, (y0 + y1) / 2)
-        tmpl = _shape_mask(np.full(size_search, k), cx, cy, rs, max(h, w))[:, :h, :w]
+        r = math.sqrt(area / _AREA_PER_R2[s]) * ss
+        tmpl = _shape_mask(np.full(r.size, k), mx + dx, my + dy, r, max(h, w))[:, :h, :w]
         inter = (tmpl & mask).sum((1, 2))
         union = (tmpl | mask).sum((1, 2))
-        iou = float((inter / union).max())
-        if iou > best_iou:
-            best, best_iou = s, iou
-    return best, best_iou
+        scores[s] = float((inter / union).max())
+    return scores
+
+
+def classify_shape(img_or_mask, size_search: int = 9, shift_search: int = 5) -> tuple[str | None, float]:
+    """Nearest shape: the kind whose ideal shape of the same area and centroid overlaps the foreground best.
+
+    Returns ``(shape, best IoU)``, or ``(None, 0.0)`` when the foreground is empty; ties go to the shape listed first
+    in :data:`SHAPES`. See :func:`shape_scores` for the arguments and the search.
+    """
+    scores = shape_scores(img_or_mask, size_search, shift_search)
+    if not scores:
+        return None, 0.0
+    best = max(scores, key=scores.get)  # first of equal maxima
+    return best, scores[best]
 
 
 def edit_success(
@@ -468,19 +493,31 @@ def edit_success(
     min_iou: float = 0.7,
     max_background_change: float = 0.03,
 ) -> dict[str, bool | float | str | None]:
-    """Score an edit of `src` into `edited`.
+    """Score an edit of `src` into `edited`: the asked-for colour and shape, the rest unchanged.
 
-    Colour edit (`target_colour`): ``colour_ok`` (dominant palette colour of the edited foreground is the
-    target), ``fraction_ok`` (>= `min_colour_fraction` of the edited foreground within RGB distance 60 of the
-    target), ``iou_ok`` (IoU of edited and source foreground masks >= `min_iou`), ``background_ok``
-    (:func:`background_change` <= `max_background_change`).
+    Every edit: ``shape_ok`` (:func:`classify_shape` of the edited foreground is the expected shape: `target_shape`
+    when given, else the shape classified from `src`; a circle recoloured into a square of the same area fails
+    although the masks overlap with IoU > 0.8) and ``background_ok`` (:func:`background_change` <=
+    `max_background_change`).
 
-    Shape edit (`target_shape`, optional extra): ``shape_ok`` (:func:`classify_shape` of the edited image is
-    the target) and, unless a target colour is given, ``colour_kept`` (dominant colour unchanged); the mask IoU
-    criterion is skipped and the background is measured where both images are background.
+    Colour edit (`target_colour`): ``colour_ok`` (dominant palette colour of the edited foreground is the target),
+    ``fraction_ok`` (>= `min_colour_fraction` of the edited foreground within RGB distance 60 of the target) and,
+    unless a target shape is given, ``iou_ok`` (IoU of edited and source foreground masks >= `min_iou`).
 
-    Returns a dict with these booleans, the measured values (``dominant``, ``fraction``, ``iou``,
-    ``background``, ``shape``) and ``success`` (all booleans true).
+    Shape edit (`target_shape`, optional extra): unless a target colour is given, ``colour_kept`` (dominant colour
+    unchanged); the mask IoU criterion is skipped and the background is measured where both images are background.
+
+    Args:
+        src, edited: PIL images or uint8 ``H x W x 3`` arrays of the same size.
+        target_colour (`str`, *optional*): one of :data:`COLOURS`.
+        target_shape (`str`, *optional*): one of :data:`SHAPES`; at least one of the two targets must be given.
+        min_colour_fraction (`float`, *optional*, defaults to 0.75), min_iou (`float`, *optional*, defaults to 0.7),
+        max_background_change (`float`, *optional*, defaults to 0.03): the thresholds above.
+
+    Returns:
+        `dict`: the booleans above, the measured values (``dominant``, ``fraction``, ``iou``, ``background``,
+        ``shape`` and ``shape_iou`` of the edited foreground, ``expected_shape``) and ``success`` (all booleans
+        true).
     """
     if target_colour is None and target_shape is None:
         raise ValueError("`target_colour` or `target_shape` must be given, got neither.")
@@ -501,12 +538,14 @@ def edit_success(
         checks += ["colour_ok", "fraction_ok"]
     if target_shape is None:
         out["iou_ok"] = out["iou"] >= min_iou
-        out["background"] = background_change(a, b)
         checks.append("iou_ok")
+    out["shape"], out["shape_iou"] = classify_shape(fb)
+    out["expected_shape"] = target_shape if target_shape is not None else classify_shape(fa)[0]
+    out["shape_ok"] = out["shape"] is not None and out["shape"] == out["expected_shape"]
+    checks.append("shape_ok")
+    if target_shape is None:
+        out["background"] = background_change(a, b)
     else:
-        out["shape"], _ = classify_shape(fb)
-        out["shape_ok"] = out["shape"] == target_shape
-        checks.append("shape_ok")
         if target_colour is None:
             out["colour_kept"] = out["dominant"] == dominant_colour(a, fa)
             checks.append("colour_kept")
