@@ -22,8 +22,9 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler, LDMPipeline, StableDi
 from safetensors.torch import save_file
 from test_lora import add_random_adapter
 
-from diffusionclip_pipeline import DiffusionCLIPPipeline, lora
-from diffusionclip_pipeline.schedule import GridDDIMInverseScheduler, GridDDIMScheduler
+from diffusionclip_pipeline import DiffusionCLIPPipeline
+from diffusionclip_pipeline.loaders import lora_state
+from diffusionclip_pipeline.scheduling_ddim_grid import GridDDIMInverseScheduler, GridDDIMScheduler
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 EDIT = dict(t0=100, num_inversion_steps=3, num_inference_steps=3, output_type="pt")
@@ -272,7 +273,7 @@ def test_latent_pipeline_edits_with_an_adapter(tmp_path):
     x = random_images(1, size=16, seed=8)
     base = pipe.edit(x, **EDIT).images
     add_random_adapter(pipe, "a")
-    assert lora.adapter_names(pipe.unet) == ["a"]
+    assert lora_state.adapter_names(pipe.unet) == ["a"]
     assert not torch.equal(pipe.edit(x, **EDIT).images, base)
     assert torch.equal(pipe.edit(x, edit_strength=0.0, **EDIT).images, base)
 

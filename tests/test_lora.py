@@ -13,8 +13,9 @@ from diffusers.loaders import PeftAdapterMixin
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from diffusionclip_pipeline import DiffusionCLIPPipeline, lora
-from diffusionclip_pipeline.unet import LoraUNet2DModel, with_adapter_api
+from diffusionclip_pipeline import DiffusionCLIPPipeline
+from diffusionclip_pipeline.families.unet_adapter_api import LoraUNet2DModel, base_state_dict, with_adapter_api
+from diffusionclip_pipeline.loaders import lora_file, lora_state
 
 EDIT = dict(t0=100, num_inversion_steps=3, num_inference_steps=3, output_type="pt")
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -24,12 +25,12 @@ LEGACY = os.path.join(TESTS, "data", "legacy_v1_adapter")
 def add_random_adapter(pipe, name, rank=2, alpha=4.0, seed=0, targets=("to_q", "to_k", "conv1")):
     """A trained-looking adapter without training: random A and B (B is zero after injection)."""
     torch.manual_seed(seed)
-    lora.add_adapter(pipe.unet, lora.LoraSettings(rank=rank, alpha=alpha, target_modules=targets), name)
+    lora_state.add_adapter(pipe.unet, lora_state.LoraSettings(rank=rank, alpha=alpha, target_modules=targets), name)
     with torch.no_grad():
-        for p in lora.adapter_parameters(pipe.unet, name):
+        for p in lora_state.adapter_parameters(pipe.unet, name):
             p.copy_(torch.randn_like(p) * 0.2)
             p.requires_grad_(False)
-    lora.set_provenance(pipe.unet, name, {"prompt_src": "red circle", "prompt_tar": "blue circle"})
+    lora_state.set_provenance(pipe.unet, name, {"prompt_src": "red circle", "prompt_tar": "blue circle"})
 
 
 def test_plain_unet_gains_the_mixin_and_saves_plain(tmp_path):
@@ -42,7 +43,7 @@ def test_plain_unet_gains_the_mixin_and_saves_plain(tmp_path):
     config = json.loads((tmp_path / "unet" / "config.json").read_text())
     assert config["_class_name"] == "UNet2DModel"
     reloaded = UNet2DModel.from_pretrained(tmp_path / "unet")
-    base = lora.base_state_dict(pipe.unet)
+    base = base_state_dict(pipe.unet)
     assert set(reloaded.state_dict()) == set(base)
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in base.items())
     with pytest.raises(TypeError, match="`unet`"):
@@ -54,7 +55,7 @@ def test_pipeline_keeps_no_adapter_state_of_its_own():
     add_random_adapter(pipe, "a")
     add_random_adapter(pipe, "b", seed=1)
     pipe.unet.set_adapters(["a", "b"], [0.5, -1.0])  # through the UNet directly: the pipeline sees the same
-    assert pipe.get_active_adapters() == ["a", "b"] and lora.adapter_weights(pipe.unet) == {"a": 0.5, "b": -1.0}
+    assert pipe.get_active_adapters() == ["a", "b"] and lora_state.adapter_weights(pipe.unet) == {"a": 0.5, "b": -1.0}
     assert pipe.get_list_adapters() == {"unet": ["a", "b"]}
     private = {k for k in vars(pipe) if "lora" in k.lower() or "adapter" in k.lower()}
     assert private == set()
@@ -69,10 +70,10 @@ def test_unload_leaves_no_stale_peft_config():
     pipe.set_adapters(["a", "b"], [1.0, 0.5])
     pipe.unload_lora_weights("a")
     assert list(pipe.unet.peft_config) == ["b"] and pipe.get_active_adapters() == ["b"]
-    assert lora.adapter_weights(pipe.unet) == {"b": 0.5}
+    assert lora_state.adapter_weights(pipe.unet) == {"b": 0.5}
     pipe.unload_lora_weights()
     assert pipe.lora_adapters == [] and not hasattr(pipe.unet, "peft_config")
-    assert lora.tuner_layers(pipe.unet) == []
+    assert lora_state.tuner_layers(pipe.unet) == []
     assert torch.equal(pipe.edit(x, **EDIT).images, base)
 
 
@@ -87,7 +88,7 @@ def test_adapter_file_has_diffusers_layout_and_reloads_alpha(tmp_path):
     assert config["unet.r"] == 2 and config["unet.lora_alpha"] == 4.0
     ours = json.loads(metadata["diffusionclip"])
     assert ours["format_version"] == 2 and ours["provenance"]["prompt_tar"] == "blue circle"
-    assert ours["base_config_fingerprint"] == lora.config_fingerprint(pipe.unet)
+    assert ours["base_config_fingerprint"] == lora_file.config_fingerprint(pipe.unet)
 
     # diffusers' own loader reads it, with the right alpha (not alpha = r)
     plain = with_adapter_api(make_unet())
@@ -131,7 +132,7 @@ def test_adapter_file_written_by_version_1_still_loads():
     expected = load_file(os.path.join(LEGACY, "expected_edit.safetensors"))
     edited = pipe.edit(expected["input"], **EDIT).images
     torch.testing.assert_close(edited, expected["edited"], atol=1e-6, rtol=0)
-    assert lora.get_provenance(pipe.unet, "default")["prompt_tar"] == "blue circle"
+    assert lora_state.get_provenance(pipe.unet, "default")["prompt_tar"] == "blue circle"
 
 
 def test_save_pretrained_round_trip_with_adapters_is_exact_and_drops_unloaded_ones(tmp_path):
@@ -144,7 +145,7 @@ def test_save_pretrained_round_trip_with_adapters_is_exact_and_drops_unloaded_on
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = DiffusionCLIPPipeline.from_pretrained(tmp_path / "pipe")
     loaded.set_progress_bar_config(disable=True)
-    assert loaded.lora_adapters == ["a", "b"] and lora.adapter_weights(loaded.unet) == {"a": 0.75, "b": 0.5}
+    assert loaded.lora_adapters == ["a", "b"] and lora_state.adapter_weights(loaded.unet) == {"a": 0.75, "b": 0.5}
     assert torch.equal(loaded.edit(x, **EDIT).images, mixed)
 
     pipe.disable_lora()
@@ -166,7 +167,7 @@ def test_a_failed_save_pretrained_leaves_the_old_folder(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lora, "save_adapter", full_disk)
+    monkeypatch.setattr(lora_file, "save_adapter", full_disk)
     with pytest.raises(OSError, match="No space"):
         pipe.save_pretrained(tmp_path / "pipe")
     assert sorted(os.listdir(tmp_path / "pipe")) == before and sorted(os.listdir(tmp_path)) == ["pipe"]
@@ -179,7 +180,7 @@ def test_adapter_names_that_are_not_safe_identifiers_are_refused(tmp_path, name)
     with pytest.raises(ValueError, match="`adapter_name`"):
         pipe.load_lora_weights(LEGACY, adapter_name=name)
     with pytest.raises(ValueError, match="`adapter_name`"):
-        lora.add_adapter(pipe.unet, lora.LoraSettings(), name)
+        lora_state.add_adapter(pipe.unet, lora_state.LoraSettings(), name)
     assert pipe.lora_adapters == []
     with pytest.raises(TypeError, match="`adapter_name`"):
         pipe.load_lora_weights(LEGACY, adapter_name=3)
@@ -247,7 +248,7 @@ def test_crafted_or_non_finite_adapters_are_refused_before_any_layer_is_built(tm
                    for k, v in tensors.items()}  # fmt: skip
     with pytest.raises(ValueError, match="does not fit this UNet"):
         pipe.load_lora_weights(_rewrite(good, str(tmp_path / "w.safetensors"), tensors=wrong_shape))
-    assert pipe.lora_adapters == [] and lora.tuner_layers(pipe.unet) == []
+    assert pipe.lora_adapters == [] and lora_state.tuner_layers(pipe.unet) == []
 
 
 def test_set_adapters_refuses_non_finite_weights():
@@ -270,10 +271,10 @@ def test_same_adapter_api_on_a_conditional_unet():
         cross_attention_dim=8, norm_num_groups=4, attention_head_dim=4,
     )  # fmt: skip
     assert with_adapter_api(unet) is unet
-    lora.add_adapter(unet, lora.LoraSettings(rank=2, target_modules=("to_q", "to_v")), "a")
-    assert unet.active_adapters() == ["a"] and lora.adapter_names(unet) == ["a"]
-    lora.remove_adapter(unet, "a")
-    assert lora.adapter_names(unet) == [] and lora.tuner_layers(unet) == []
+    lora_state.add_adapter(unet, lora_state.LoraSettings(rank=2, target_modules=("to_q", "to_v")), "a")
+    assert unet.active_adapters() == ["a"] and lora_state.adapter_names(unet) == ["a"]
+    lora_state.remove_adapter(unet, "a")
+    assert lora_state.adapter_names(unet) == [] and lora_state.tuner_layers(unet) == []
 
 
 def test_removing_an_adapter_restores_the_modules_only_it_wrapped():

@@ -10,8 +10,9 @@ import pytest
 from conftest import make_pipeline, random_images
 from huggingface_hub import ModelCard
 
-from diffusionclip_pipeline import __version__, lora
-from diffusionclip_pipeline.model_card import CARD_MARKER, CARD_NAME, GRID_NAME, adapter_card, hub_model_id
+from diffusionclip_pipeline import __version__
+from diffusionclip_pipeline.loaders import lora_file, lora_state
+from diffusionclip_pipeline.loaders.model_card import CARD_MARKER, CARD_NAME, GRID_NAME, adapter_card, hub_model_id
 
 PROVENANCE = {
     "prompt_src": "face", "prompt_tar": "smiling | face", "t0": 300, "num_epochs": 3, "learning_rate": 1e-4,
@@ -20,8 +21,8 @@ PROVENANCE = {
 
 
 def with_adapter(pipe, name: str = "smile", provenance: dict | None = None, rank: int = 2):
-    lora.add_adapter(pipe.unet, lora.LoraSettings(rank=rank, alpha=float(rank)), name)
-    lora.set_provenance(pipe.unet, name, PROVENANCE if provenance is None else provenance)
+    lora_state.add_adapter(pipe.unet, lora_state.LoraSettings(rank=rank, alpha=float(rank)), name)
+    lora_state.set_provenance(pipe.unet, name, PROVENANCE if provenance is None else provenance)
     return pipe
 
 
@@ -29,7 +30,7 @@ def test_save_writes_a_card_the_hub_parses(tmp_path):
     pipe = with_adapter(make_pipeline(with_clip=False))
     pipe.unet.register_to_config(_name_or_path="google/ddpm-celebahq-256")
     pipe.save_lora_weights(tmp_path / "smile", license="apache-2.0")
-    assert sorted(os.listdir(tmp_path / "smile")) == [CARD_NAME, lora.LORA_WEIGHT_NAME]  # no grid, no leftovers
+    assert sorted(os.listdir(tmp_path / "smile")) == [CARD_NAME, lora_file.LORA_WEIGHT_NAME]  # no grid, no leftovers
     card = ModelCard.load(tmp_path / "smile" / CARD_NAME)
     assert {"diffusionclip", "lora", "text-guided-image-editing"} <= set(card.data.tags)
     assert card.data.library_name == "diffusers"
@@ -97,13 +98,13 @@ def test_a_foreign_readme_is_kept_and_our_card_is_replaced(tmp_path):
     with pytest.warns(UserWarning, match="not written by diffusionclip-pipeline"):
         pipe.save_lora_weights(folder)
     assert (folder / CARD_NAME).read_text() == "# my project\n"
-    assert (folder / lora.LORA_WEIGHT_NAME).is_file()
+    assert (folder / lora_file.LORA_WEIGHT_NAME).is_file()
     pipe.save_lora_weights(tmp_path / "ours")
-    lora.set_provenance(pipe.unet, "smile", {**PROVENANCE, "t0": 450})
+    lora_state.set_provenance(pipe.unet, "smile", {**PROVENANCE, "t0": 450})
     pipe.save_lora_weights(tmp_path / "ours")
     text = (tmp_path / "ours" / CARD_NAME).read_text()
     assert CARD_MARKER in text and "| 450 |" in text
-    assert sorted(os.listdir(tmp_path / "ours")) == [CARD_NAME, lora.LORA_WEIGHT_NAME]
+    assert sorted(os.listdir(tmp_path / "ours")) == [CARD_NAME, lora_file.LORA_WEIGHT_NAME]
 
 
 def test_a_weights_file_path_gets_no_card(tmp_path):
@@ -136,7 +137,7 @@ def test_push_adapter_to_hub_uploads_the_folder(tmp_path, monkeypatch):
     assert result == "commit-info"
     assert calls["create"] == ("me/smile-lora", True, True, "hf_test")
     assert calls["upload"] == ("me/smile-lora", "Upload DiffusionCLIP adapter 'smile'")
-    assert calls["files"] == [CARD_NAME, GRID_NAME, lora.LORA_WEIGHT_NAME]
+    assert calls["files"] == [CARD_NAME, GRID_NAME, lora_file.LORA_WEIGHT_NAME]
     assert 'snapshot_download("me/smile-lora")' in calls["card"].text
     assert "diffusionclip" in calls["card"].data.tags
     with pytest.raises(ValueError, match="repo_id"):

@@ -22,16 +22,17 @@ import torch
 torch.set_num_threads(1)
 from conftest import make_pipeline
 from test_lora import add_random_adapter
-from diffusionclip_pipeline import DiffusionCLIPPipeline, lora
+from diffusionclip_pipeline import DiffusionCLIPPipeline
+from diffusionclip_pipeline.loaders import lora_file, lora_state
 
 target, runs = {target!r}, {runs}
 versions = []
 for v in (0, 1):  # two versions that differ in both the base UNet and the adapter
     pipe = make_pipeline(seed=v, with_clip=False)
     add_random_adapter(pipe, "a", seed=10 + v)
-    lora.set_provenance(pipe.unet, "a", {{"version": v}})
+    lora_state.set_provenance(pipe.unet, "a", {{"version": v}})
     versions.append(pipe)
-fingerprints = [lora.weights_fingerprint(p.unet) for p in versions]
+fingerprints = [lora_file.weights_fingerprint(p.unet) for p in versions]
 versions[0].save_pretrained(target)
 random.seed(0)
 mixed = unloadable = killed = 0
@@ -47,8 +48,8 @@ for run in range(runs):
     killed += 1
     try:
         loaded = DiffusionCLIPPipeline.from_pretrained(target)
-        base = fingerprints.index(lora.weights_fingerprint(loaded.unet))
-        if lora.get_provenance(loaded.unet, "a")["version"] != base:
+        base = fingerprints.index(lora_file.weights_fingerprint(loaded.unet))
+        if lora_state.get_provenance(loaded.unet, "a")["version"] != base:
             mixed += 1
     except Exception as error:
         unloadable += 1

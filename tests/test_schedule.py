@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-from diffusionclip_pipeline.schedule import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timesteps
+from diffusionclip_pipeline.scheduling_ddim_grid import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timesteps
 
 
 def test_grid_is_diffusionclip_linspace():

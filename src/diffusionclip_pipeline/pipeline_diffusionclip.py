@@ -23,12 +23,11 @@ from diffusers import (
 )
 from diffusers.utils import logging, replace_example_docstring
 
-from . import lora
 from .choices import ENCODINGS, INVERSION_STARTS, OUTPUT_TYPES
 from .families import ModelFamily, check_components, check_layout
 from .families.unet_adapter_api import plain_unet, with_adapter_api
 from .image_processing import postprocess_image, preprocess_image
-from .loaders import DiffusionCLIPLoraLoaderMixin
+from .loaders import DiffusionCLIPLoraLoaderMixin, lora_file, lora_state
 from .mixing import MixComponent, build_mix
 from .pipeline_output import (
     DiffusionCLIPInversionOutput,
@@ -226,9 +225,11 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                 _align_tensors(component)
         if clip_model_name_or_path is not None:
             pipe.clip_model_name_or_path = clip_model_name_or_path
-        adapters = os.path.join(os.fspath(pretrained_model_name_or_path), lora.ADAPTERS_FOLDER)
-        if os.path.isfile(os.path.join(adapters, lora.INDEX_NAME)):  # written next to the base UNet by save_pretrained
-            lora.load_adapters_folder(pipe.unet, adapters)
+        adapters = os.path.join(os.fspath(pretrained_model_name_or_path), lora_file.ADAPTERS_FOLDER)
+        if os.path.isfile(
+            os.path.join(adapters, lora_file.INDEX_NAME)
+        ):  # written next to the base UNet by save_pretrained
+            lora_file.load_adapters_folder(pipe.unet, adapters)
         return pipe
 
     @serialised
@@ -247,8 +248,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                 super().save_pretrained(tmp, **kwargs)
             finally:
                 self.register_modules(unet=adapted)
-            if lora.adapter_names(adapted):
-                lora.save_adapters_folder(adapted, os.path.join(tmp, lora.ADAPTERS_FOLDER))
+            if lora_state.adapter_names(adapted):
+                lora_file.save_adapters_folder(adapted, os.path.join(tmp, lora_file.ADAPTERS_FOLDER))
 
     # ---- CLIP --------------------------------------------------------------------------------------------------
 
@@ -334,7 +335,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         for the original model."""
         if adapted:
             return self.family.predict(self.unet, sample, timestep, condition)
-        with lora.adapters_disabled(self.unet):
+        with lora_state.adapters_disabled(self.unet):
             return self.family.predict(self.unet, sample, timestep, condition)
 
     def _mixed_noise(self, sample, timestep, mix: list[MixComponent] | None, condition=None) -> torch.Tensor:
@@ -348,7 +349,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             if weight == 0:
                 continue
             names = component.adapter_names
-            context = contextlib.nullcontext() if names is None else lora.using_adapters(self.unet, names)
+            context = contextlib.nullcontext() if names is None else lora_state.using_adapters(self.unet, names)
             with context:
                 eps = self._predict_noise(sample, t, adapted=True, condition=condition)
             m = weight if component.mask is None else weight * component.mask.to(sample)
@@ -523,7 +524,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         steps = inverse_scheduler.timesteps[1:] if inversion_start == "official" else inverse_scheduler.timesteps
         # 4. DDIM eq. (12) run forward from the image's latents, eps of the original model at the source level
         latents = self.encode_image(x0)
-        with lora.adapters_disabled(self.unet):  # once for the loop, not per call
+        with lora_state.adapters_disabled(self.unet):  # once for the loop, not per call
             for t in self.progress_bar(steps):
                 source_t = max(inverse_scheduler.source_timestep(t), 0)
                 noise_pred = self._predict_noise(latents, source_t, condition=condition)
@@ -644,7 +645,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         )
         if not 0.0 <= edit_strength <= 1.0:
             warnings.warn(f"`edit_strength`={edit_strength} is outside [0, 1]: extrapolating the edit.", stacklevel=4)
-        if adapters is None and edit_strength != 0 and not lora.adapters_enabled(self.unet):
+        if adapters is None and edit_strength != 0 and not lora_state.adapters_enabled(self.unet):
             warnings.warn(
                 "No adapter is active: `edit` only reconstructs its input. Fine-tune one (`finetune`) or load one "
                 "(`load_lora_weights`) first.",
@@ -752,7 +753,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             x0 = x
         domain = self.decode_latents(x0).clamp(-1, 1)  # a generated image, edited in the valid range
         # 4. Edit with the active adapters, if any
-        if lora.adapters_enabled(self.unet):
+        if lora_state.adapters_enabled(self.unet):
             images = self.edit(
                 domain, t0=edit_t0, num_inversion_steps=num_inversion_steps,
                 num_inference_steps=num_inference_steps, output_type=output_type,

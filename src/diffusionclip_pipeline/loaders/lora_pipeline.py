@@ -12,11 +12,12 @@ import warnings
 
 import torch
 
-from . import lora, model_card
-from .image_io import image_grid, save_atomic
-from .image_processing import postprocess_image
-from .utils.checks import check_adapter_name, check_bool, check_number
-from .utils.io import atomic_write_text
+from ..image_io import image_grid, save_atomic
+from ..image_processing import postprocess_image
+from ..utils.checks import check_adapter_name, check_bool, check_number
+from ..utils.io import atomic_write_text
+from ..utils.locking import serialised
+from . import lora_file, lora_state, model_card
 
 
 class DiffusionCLIPLoraLoaderMixin:
@@ -25,18 +26,18 @@ class DiffusionCLIPLoraLoaderMixin:
     @property
     def lora_adapters(self) -> list[str]:
         """Names of the adapters loaded into the UNet."""
-        return lora.adapter_names(self.unet)
+        return lora_state.adapter_names(self.unet)
 
     def get_list_adapters(self) -> dict[str, list[str]]:
         """The loaded adapters by component, as diffusers' pipelines return them: ``{"unet": [...]}``."""
-        return {"unet": lora.adapter_names(self.unet)}
+        return {"unet": lora_state.adapter_names(self.unet)}
 
     def get_active_adapters(self) -> list[str]:
         """The adapters the UNet currently applies (empty when none is loaded or all are disabled)."""
-        return lora.active_adapters(self.unet) if lora.adapters_enabled(self.unet) else []
+        return lora_state.active_adapters(self.unet) if lora_state.adapters_enabled(self.unet) else []
 
     def _adapter_to_save(self, adapter_name: str | None) -> str:
-        names = lora.adapter_names(self.unet)
+        names = lora_state.adapter_names(self.unet)
         if adapter_name is None:
             if not names:
                 raise ValueError("There is no adapter to save: fine-tune one (`finetune`) or load one first.")
@@ -46,7 +47,7 @@ class DiffusionCLIPLoraLoaderMixin:
         check_adapter_name(adapter_name)
         return adapter_name
 
-    @lora.serialised
+    @serialised
     def save_lora_weights(
         self,
         save_directory: str | os.PathLike,
@@ -77,7 +78,7 @@ class DiffusionCLIPLoraLoaderMixin:
         adapter_name = self._adapter_to_save(adapter_name)
         return self._write_adapter(save_directory, adapter_name, dtype, example_images, example_edit_kwargs, license)
 
-    @lora.serialised
+    @serialised
     def _write_adapter(
         self, save_directory, adapter_name, dtype, example_images, example_edit_kwargs, license, repo_id=None
     ) -> str:
@@ -85,18 +86,18 @@ class DiffusionCLIPLoraLoaderMixin:
         if path.endswith(".safetensors") and not os.path.isdir(path):
             if example_images is not None:
                 raise ValueError(f"`example_images` needs a folder for `save_directory`, got the file {path!r}.")
-            return lora.save_adapter(self.unet, path, adapter_name, dtype=dtype)
+            return lora_file.save_adapter(self.unet, path, adapter_name, dtype=dtype)
         grid, grid_settings = None, None
         if example_images is not None:
             grid, grid_settings = self._example_grid(adapter_name, example_images, example_edit_kwargs)
-        settings = lora.adapter_settings(self.unet, adapter_name)
+        settings = lora_state.adapter_settings(self.unet, adapter_name)
         card = model_card.adapter_card(
-            adapter_name, lora.get_provenance(self.unet, adapter_name),
+            adapter_name, lora_state.get_provenance(self.unet, adapter_name),
             {"rank": settings.rank, "alpha": settings.alpha, "target_modules": list(settings.target_modules)},
             base_model=self._base_model_id(), repo_id=repo_id, grid_file=model_card.GRID_NAME if grid else None,
             grid_settings=grid_settings, license=license,
         )  # fmt: skip
-        weights = lora.save_adapter(self.unet, path, adapter_name, dtype=dtype)
+        weights = lora_file.save_adapter(self.unet, path, adapter_name, dtype=dtype)
         if grid is not None:
             save_atomic(grid, os.path.join(path, model_card.GRID_NAME))
         _write_card(os.path.join(path, model_card.CARD_NAME), card)
@@ -113,9 +114,9 @@ class DiffusionCLIPLoraLoaderMixin:
         """``images`` edited with ``adapter_name`` alone, as a before/after grid, and the `edit` settings used."""
         if edit_kwargs is not None and not isinstance(edit_kwargs, dict):
             raise TypeError(f"`example_edit_kwargs` must be a dict of `edit` arguments, got {type(edit_kwargs)}.")
-        settings = {"t0": lora.get_provenance(self.unet, adapter_name).get("t0", 500), **(edit_kwargs or {})}
+        settings = {"t0": lora_state.get_provenance(self.unet, adapter_name).get("t0", 500), **(edit_kwargs or {})}
         x0 = self.prepare_image(images, name="example_images")
-        with lora.using_adapters(self.unet, [adapter_name]):
+        with lora_state.using_adapters(self.unet, [adapter_name]):
             edited = self.edit(x0, **{**settings, "output_type": "pil"}).images
         before = postprocess_image(x0, "pil")
         return image_grid([before, edited]), settings
@@ -156,7 +157,7 @@ class DiffusionCLIPLoraLoaderMixin:
             message = commit_message or f"Upload DiffusionCLIP adapter {adapter_name!r}"
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
 
-    @lora.serialised
+    @serialised
     def load_lora_weights(
         self, path: str | os.PathLike, adapter_name: str | None = None, keep_active: bool = False
     ) -> str:
@@ -170,7 +171,7 @@ class DiffusionCLIPLoraLoaderMixin:
         file, non-finite weights, or an adapter for a UNet of another config raises `ValueError` and leaves the
         pipeline unchanged. Returns the adapter's name (default: ``"default"``, or ``"default_<k>"`` if taken).
         """
-        names = lora.adapter_names(self.unet)
+        names = lora_state.adapter_names(self.unet)
         if adapter_name is None:
             adapter_name, k = "default", 1
             while adapter_name in names:
@@ -178,10 +179,10 @@ class DiffusionCLIPLoraLoaderMixin:
         check_adapter_name(adapter_name)
         check_bool(keep_active, "keep_active")
         previous = self.get_active_adapters()
-        weights = lora.adapter_weights(self.unet)
-        lora.load_adapter(self.unet, os.fspath(path), adapter_name)
+        weights = lora_state.adapter_weights(self.unet)
+        lora_file.load_adapter(self.unet, os.fspath(path), adapter_name)
         if keep_active and previous:
-            lora.set_adapters(self.unet, previous + [adapter_name], [weights[n] for n in previous] + [1.0])
+            lora_state.set_adapters(self.unet, previous + [adapter_name], [weights[n] for n in previous] + [1.0])
             return adapter_name
         if previous:
             warnings.warn(
@@ -189,10 +190,10 @@ class DiffusionCLIPLoraLoaderMixin:
                 "Pass `keep_active=True` (CLI: --keep-active) or call `set_adapters` to combine them.",
                 stacklevel=3,
             )
-        lora.set_adapters(self.unet, [adapter_name], [1.0])
+        lora_state.set_adapters(self.unet, [adapter_name], [1.0])
         return adapter_name
 
-    @lora.serialised
+    @serialised
     def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
         """Activates ``adapter_names`` with ``adapter_weights`` (1.0 each by default): their LoRA deltas are summed,
         each scaled by its weight (scaling the LoRA weights is the cheap approximation of edit strength)."""
@@ -203,37 +204,37 @@ class DiffusionCLIPLoraLoaderMixin:
             weights = [check_number(w, f"adapter_weights[{i}]") for i, w in enumerate(adapter_weights)]
         else:
             weights = [check_number(adapter_weights, "adapter_weights")] * len(names)
-        lora.set_adapters(self.unet, names, weights)
+        lora_state.set_adapters(self.unet, names, weights)
 
-    @lora.serialised
+    @serialised
     def disable_lora(self) -> None:
         """Bypasses every adapter (the original UNet) until `enable_lora`."""
-        lora.set_adapters_enabled(self.unet, False)
+        lora_state.set_adapters_enabled(self.unet, False)
 
-    @lora.serialised
+    @serialised
     def enable_lora(self) -> None:
         """Re-enables the active adapters after `disable_lora`."""
-        lora.set_adapters_enabled(self.unet, True)
+        lora_state.set_adapters_enabled(self.unet, True)
 
     def delete_adapters(self, adapter_names: str | list[str]) -> None:
         """Removes the named adapters from the UNet (diffusers' name for `unload_lora_weights(name)`)."""
         for name in [adapter_names] if isinstance(adapter_names, str) else list(adapter_names):
             self.unload_lora_weights(name)
 
-    @lora.serialised
+    @serialised
     def unload_lora_weights(self, adapter_name: str | None = None) -> None:
         """Removes one adapter (or all, when ``adapter_name`` is None) from the UNet; the other active adapters keep
         their weights."""
         if adapter_name is None:
-            lora.remove_all_adapters(self.unet)
+            lora_state.remove_all_adapters(self.unet)
             return
-        weights = lora.adapter_weights(self.unet)
-        active = [n for n in lora.active_adapters(self.unet) if n != adapter_name and n in weights]
-        enabled = lora.adapters_enabled(self.unet)
-        lora.remove_adapter(self.unet, adapter_name)
+        weights = lora_state.adapter_weights(self.unet)
+        active = [n for n in lora_state.active_adapters(self.unet) if n != adapter_name and n in weights]
+        enabled = lora_state.adapters_enabled(self.unet)
+        lora_state.remove_adapter(self.unet, adapter_name)
         if active:
-            lora.set_adapters(self.unet, active, [weights[n] for n in active])
-            lora.set_adapters_enabled(self.unet, enabled)
+            lora_state.set_adapters(self.unet, active, [weights[n] for n in active])
+            lora_state.set_adapters_enabled(self.unet, enabled)
 
 
 def _write_card(path: str, text: str) -> None:

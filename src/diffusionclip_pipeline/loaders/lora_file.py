@@ -1,0 +1,375 @@
+"""Adapter files: the format, fingerprints, the fit checks and a pipeline folder's adapter index. With `lora_state`,
+the only code that reads or writes adapter state or adapter files.
+
+File format (version 2, ``pytorch_lora_weights.safetensors``): diffusers' layout, as
+`StableDiffusionPipeline.save_lora_weights` writes it: peft's keys with a ``unet.`` prefix
+(``unet.down_blocks.0.resnets.0.conv1.lora_A.weight``) and, in the safetensors metadata, ``lora_adapter_metadata``
+(the `LoraConfig` as a dict, keys prefixed ``unet.``; diffusers reads it to restore ``lora_alpha``) plus a
+``diffusionclip`` entry (format version, base-model config fingerprint, provenance, package version). Version 1 files
+(metadata ``format: diffusionclip-lora``, unprefixed keys, a ``lora_config`` entry) still load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from torch import nn
+
+from .._version import __version__
+from ..families.unet_adapter_api import base_state_dict, with_adapter_api
+from ..utils.checks import check_adapter_name
+from ..utils.io import atomic_write
+from .lora_state import (
+    LoraSettings,
+    active_adapters,
+    active_state,
+    adapter_names,
+    adapter_settings,
+    adapter_weights,
+    adapters_enabled,
+    get_provenance,
+    remove_adapter,
+    require_adapter,
+    restore_active_state,
+    set_adapters,
+    set_adapters_enabled,
+)
+
+__all__ = [
+    "ADAPTERS_FOLDER",
+    "AdapterFile",
+    "DIFFUSERS_METADATA_KEY",
+    "FORMAT_VERSION",
+    "INDEX_NAME",
+    "LEGACY_FORMAT_NAME",
+    "LORA_WEIGHT_NAME",
+    "METADATA_KEY",
+    "PREFIX",
+    "atomic_save_file",
+    "config_fingerprint",
+    "load_adapter",
+    "load_adapters_folder",
+    "read_adapter_file",
+    "save_adapter",
+    "save_adapters_folder",
+    "weights_fingerprint",
+]
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LEGACY_FORMAT_NAME = "diffusionclip-lora"  # version 1's marker
+FORMAT_VERSION = 2
+METADATA_KEY = "diffusionclip"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+PREFIX = "unet"
+
+# LoraConfig fields that change what a file's weights mean; a file that sets them otherwise is refused
+_REQUIRED_DEFAULTS = {
+    "use_dora": False, "use_rslora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}
+}  # fmt: skip
+_KEY = re.compile(r"(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<part>[AB])\.weight")
+
+
+# ---- fingerprints ----------------------------------------------------------------------------------------------
+
+
+def config_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the base model's architecture config (what an adapter must match to fit)."""
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the base model's config and weights (adapters excluded): the identity of the original model."""
+    digest = hashlib.sha256(config_fingerprint(model).encode())
+    for key, value in sorted(base_state_dict(model).items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---- files -------------------------------------------------------------------------------------------------------
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """``safetensors.save_file`` through the atomic writer (`utils.io.atomic_write`)."""
+    from safetensors.torch import save_file
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    for leftover in glob.glob(os.path.join(glob.escape(directory), ".tmp-*.safetensors")):  # of a 0.1 writer
+        with contextlib.suppress(OSError):
+            os.remove(leftover)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _peft_metadata(settings: LoraSettings) -> dict:
+    """The `LoraConfig` as diffusers stores it (JSON-ready: sets become sorted lists)."""
+    config = settings.to_peft().to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def save_adapter(model: nn.Module, path: str, adapter_name: str, dtype: torch.dtype | None = None) -> str:
+    """Writes one adapter to ``path`` (a folder gets ``pytorch_lora_weights.safetensors``); returns the file path.
+
+    ``dtype`` (e.g. ``torch.float16``) stores the weights in that precision (half the file); loading casts them back
+    to the UNet's dtype. By default they are stored as they are, so a reload reproduces edits bit for bit.
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"`dtype` must be a floating-point torch.dtype, got {dtype!r}.")
+    require_adapter(model, adapter_name)
+    if os.path.isdir(path) or not path.endswith(".safetensors"):
+        path = os.path.join(path, LORA_WEIGHT_NAME)
+    state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    tensors = {f"{PREFIX}.{k}": v.to(dtype) if dtype is not None else v for k, v in state_dict.items()}
+    peft_metadata = {f"{PREFIX}.{k}": v for k, v in _peft_metadata(adapter_settings(model, adapter_name)).items()}
+    ours = {
+        "format_version": FORMAT_VERSION,
+        "base_config_fingerprint": config_fingerprint(model),
+        "provenance": get_provenance(model, adapter_name),
+        "package_version": __version__,
+    }
+    metadata = {
+        "format": "pt",
+        DIFFUSERS_METADATA_KEY: json.dumps(peft_metadata, indent=2, sort_keys=True),
+        METADATA_KEY: json.dumps(ours, sort_keys=True, default=str),
+    }
+    atomic_save_file(tensors, path, metadata)
+    return path
+
+
+@dataclass
+class AdapterFile:
+    """A validated adapter file: its weights (peft keys, no prefix), LoRA settings and our metadata."""
+
+    path: str
+    state_dict: dict[str, torch.Tensor]
+    settings: LoraSettings
+    base_config_fingerprint: str | None
+    provenance: dict
+    format_version: int
+
+
+def _settings_from_metadata(path: str, metadata: dict[str, str]) -> tuple[LoraSettings, dict]:
+    """(settings, our metadata) from a v2 or v1 file's metadata; `ValueError` for anything else."""
+    if metadata.get("format") == LEGACY_FORMAT_NAME:  # version 1
+        raw = json.loads(metadata["lora_config"])
+        settings = LoraSettings(rank=raw["rank"], alpha=raw["alpha"], target_modules=tuple(raw["target_modules"]))
+        ours = {
+            "format_version": 1,
+            "base_config_fingerprint": metadata.get("base_config_fingerprint"),
+            "provenance": json.loads(metadata.get("provenance", "{}")),
+        }
+        return settings, ours
+    if DIFFUSERS_METADATA_KEY not in metadata:
+        raise ValueError(
+            f"{path!r} has no LoRA config in its metadata (neither '{DIFFUSERS_METADATA_KEY}' nor a DiffusionCLIP "
+            "v1 'lora_config'): without it, alpha cannot be restored."
+        )
+    packed = json.loads(metadata[DIFFUSERS_METADATA_KEY])
+    config = {k.removeprefix(f"{PREFIX}."): v for k, v in packed.items() if k.startswith(f"{PREFIX}.")}
+    for key, default in _REQUIRED_DEFAULTS.items():
+        if config.get(key, default) not in (default, None):
+            raise ValueError(f"{path!r} sets LoRA option {key}={config[key]!r}, which is not supported.")
+    settings = LoraSettings(rank=config["r"], alpha=config["lora_alpha"], target_modules=config["target_modules"])
+    ours = json.loads(metadata.get(METADATA_KEY, "{}"))
+    if not isinstance(ours, dict) or not isinstance(ours.get("provenance", {}), dict):
+        raise ValueError(f"{path!r} has malformed '{METADATA_KEY}' metadata.")
+    return settings, ours
+
+
+def read_adapter_file(path: str) -> AdapterFile:
+    """Reads and validates an adapter file (v2 or v1; safetensors only, never pickle); `ValueError` otherwise.
+
+    Checked before anything is built from it: the metadata, the key names, that every tensor is finite, and that
+    every LoRA pair has the rank of the metadata (so the layers built from it are no larger than the file).
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, LORA_WEIGHT_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No LoRA weights at {path!r} (expected a folder with {LORA_WEIGHT_NAME} or a file).")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for truncated/corrupt headers and data
+        raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+    try:
+        settings, ours = _settings_from_metadata(path, metadata)
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
+        raise ValueError(f"The adapter at {path!r} has unreadable LoRA metadata: {error!r}") from error
+    version = ours.get("format_version", FORMAT_VERSION)
+    prefix = f"{PREFIX}." if version >= 2 else ""
+    state_dict = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    _check_tensors(path, tensors, state_dict, settings)
+    return AdapterFile(
+        path=path,
+        state_dict=state_dict,
+        settings=settings,
+        base_config_fingerprint=ours.get("base_config_fingerprint"),
+        provenance=ours.get("provenance", {}) or {},
+        format_version=int(version),
+    )
+
+
+def _check_tensors(path: str, tensors: dict, state_dict: dict, settings: LoraSettings) -> None:
+    stray = [k for k in tensors if k.removeprefix(f"{PREFIX}.") not in state_dict]  # e.g. a text encoder's keys
+    bad_keys = [k for k in state_dict if not _KEY.fullmatch(k)] + stray
+    if bad_keys or not state_dict:
+        raise ValueError(f"{path!r} holds no LoRA weights or unexpected keys: {bad_keys[:5]}.")
+    for key, value in state_dict.items():
+        if not value.is_floating_point() or value.ndim not in (2, 4):
+            raise ValueError(f"{path!r}: {key} is not a 2-d or 4-d float tensor ({value.dtype}, {value.ndim}-d).")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{path!r}: {key} holds non-finite values (NaN or infinity).")
+        part = _KEY.fullmatch(key)["part"]
+        rank = value.shape[0] if part == "A" else value.shape[1]
+        if rank != settings.rank:
+            raise ValueError(f"{path!r}: {key} has rank {rank}, its metadata says {settings.rank}.")
+
+
+def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``model``'s modules by name as they were before any adapter (peft's wrappers and LoRA layers looked through)."""
+    modules = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            modules[name] = module.get_base_layer()
+        elif not any(part.startswith("lora_") or part == "base_layer" for part in name.split(".")):
+            modules[name] = module
+    return modules
+
+
+def _check_fits(model: nn.Module, adapter: AdapterFile) -> None:
+    """The file's pairs are exactly the modules its targets select in ``model``, with matching shapes."""
+    modules = _base_modules(model)
+    targets = adapter.settings.target_modules
+    selected = {
+        name for name, m in modules.items()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and any(name == t or name.endswith(f".{t}") for t in targets)
+    }  # fmt: skip
+    in_file = {_KEY.fullmatch(k)["module"] for k in adapter.state_dict}
+    if in_file != selected:
+        missing, unexpected = sorted(selected - in_file), sorted(in_file - selected)
+        raise ValueError(
+            f"The adapter at {adapter.path!r} does not fit this UNet: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}."
+        )
+    for key, value in adapter.state_dict.items():
+        m = _KEY.fullmatch(key)
+        module = modules[m["module"]]
+        r = adapter.settings.rank
+        if isinstance(module, nn.Linear):
+            expected = (r, module.in_features) if m["part"] == "A" else (module.out_features, r)
+        else:
+            kernel = tuple(module.kernel_size) if m["part"] == "A" else (1, 1)
+            channels = (r, module.in_channels) if m["part"] == "A" else (module.out_channels, r)
+            expected = channels + kernel
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"The adapter at {adapter.path!r} does not fit this UNet: {key} has shape {tuple(value.shape)}, "
+                f"expected {expected}."
+            )
+
+
+def load_adapter(model: nn.Module, path: str, adapter_name: str) -> AdapterFile:
+    """Loads an adapter file into ``model`` under ``adapter_name`` with diffusers' `load_lora_adapter`.
+
+    The file is validated first (`read_adapter_file`), then checked against ``model``: the same base-UNet config
+    fingerprint (when the file records one), and LoRA pairs that match the modules and shapes of ``model``, all
+    before any layer is built. On any failure ``model`` is left as it was. The active set is not changed.
+    """
+    check_adapter_name(adapter_name)
+    adapter = read_adapter_file(path)
+    fingerprint = config_fingerprint(model)
+    if adapter.base_config_fingerprint is not None and adapter.base_config_fingerprint != fingerprint:
+        raise ValueError(
+            f"The adapter at {adapter.path!r} was trained for another UNet (config fingerprint "
+            f"{adapter.base_config_fingerprint[:12]}..., this UNet's is {fingerprint[:12]}...)."
+        )
+    if adapter_name in adapter_names(model):
+        raise ValueError(f"An adapter named {adapter_name!r} is already loaded; pass another `adapter_name`.")
+    _check_fits(model, adapter)
+    dtype = next(model.parameters()).dtype
+    state = active_state(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            with_adapter_api(model).load_lora_adapter(
+                {k: v.to(dtype) for k, v in adapter.state_dict.items()}, prefix=None, adapter_name=adapter_name,
+                metadata=_peft_metadata(adapter.settings),
+            )  # fmt: skip
+    except BaseException:
+        if adapter_name in adapter_names(model):
+            remove_adapter(model, adapter_name)
+        restore_active_state(model, state)
+        raise
+    restore_active_state(model, state)  # peft may have changed the active set; the caller decides
+    model.__dict__.setdefault("_diffusionclip_provenance", {})[adapter_name] = dict(adapter.provenance)
+    return adapter
+
+
+# ---- a pipeline folder's adapters ------------------------------------------------------------------------------
+
+ADAPTERS_FOLDER = "lora"
+INDEX_NAME = "adapters.json"
+
+
+def save_adapters_folder(model: nn.Module, folder: str) -> None:
+    """Writes every adapter to ``folder/<name>/`` and the index ``folder/adapters.json`` (names, active set, weights,
+    enabled flag), so that `load_adapters_folder` restores the same state. ``folder`` must not exist yet."""
+    os.makedirs(folder)
+    for name in adapter_names(model):
+        save_adapter(model, os.path.join(folder, name), name)
+    weights = adapter_weights(model)
+    active = [n for n in active_adapters(model) if n in weights]
+    index = {
+        "format_version": FORMAT_VERSION,
+        "adapters": adapter_names(model),
+        "active": active,
+        "weights": [weights[n] for n in active],
+        "enabled": adapters_enabled(model),
+    }
+    with open(os.path.join(folder, INDEX_NAME), "w") as f:
+        json.dump(index, f, indent=2)
+
+
+def load_adapters_folder(model: nn.Module, folder: str) -> None:
+    """Loads the adapters that `save_adapters_folder` wrote (only files inside ``folder``) and restores their state."""
+    path = os.path.join(folder, INDEX_NAME)
+    try:
+        with open(path) as f:
+            index = json.load(f)
+        names, active, weights, enabled = index["adapters"], index["active"], index["weights"], index["enabled"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"The adapter index {path!r} is unreadable or malformed: {error!r}") from error
+    if not isinstance(names, list) or not isinstance(active, list) or not isinstance(weights, list):
+        raise ValueError(f"The adapter index {path!r} is malformed: 'adapters', 'active', 'weights' must be lists.")
+    for name in names + active:
+        check_adapter_name(name, f"{INDEX_NAME} adapter name")  # a name is a folder inside `folder`, never a path
+    if not set(active) <= set(names) or len(weights) != len(active) or not isinstance(enabled, bool):
+        raise ValueError(f"The adapter index {path!r} is inconsistent: {index!r:.300}")
+    state = active_state(model)
+    loaded = []
+    try:
+        for name in names:
+            load_adapter(model, os.path.join(folder, name), name)
+            loaded.append(name)
+        if active:
+            set_adapters(model, active, weights)
+        set_adapters_enabled(model, enabled)
+    except BaseException:
+        for name in reversed(loaded):
+            remove_adapter(model, name)
+        restore_active_state(model, state)
+        raise
