@@ -9,6 +9,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # the GPT-2 / CLIP byte table
 
 from diffusionclip_pipeline import DiffusionCLIPPipeline
+from diffusionclip_pipeline.loaders import lora_state
 
 # Toy-sized models run fastest on one thread, and the suite must not thrash when the machine is busy.
 torch.set_num_threads(1)
@@ -131,6 +132,17 @@ def setup(tmp_path):
     for i, image in enumerate(postprocess_image(random_images(3))):
         image.save(tmp_path / "imgs" / f"img{i}.png")
     return tmp_path
+
+
+def add_random_adapter(pipe, name, rank=2, alpha=4.0, seed=0, targets=("to_q", "to_k", "conv1")):
+    """A trained-looking adapter without training: random A and B (B is zero after injection)."""
+    torch.manual_seed(seed)
+    lora_state.add_adapter(pipe.unet, lora_state.LoraSettings(rank=rank, alpha=alpha, target_modules=targets), name)
+    with torch.no_grad():
+        for p in lora_state.adapter_parameters(pipe.unet, name):
+            p.copy_(torch.randn_like(p) * 0.2)
+            p.requires_grad_(False)
+    lora_state.set_provenance(pipe.unet, name, {"prompt_src": "red circle", "prompt_tar": "blue circle"})
 
 
 def random_images(batch: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:

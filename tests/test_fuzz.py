@@ -10,10 +10,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import make_pipeline
+from conftest import add_random_adapter, make_pipeline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_lora import add_random_adapter
 
 from diffusionclip_pipeline.image_processing import preprocess_image
 

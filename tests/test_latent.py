@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import (
+    add_random_adapter,
     make_clip,
     make_conditional_unet,
     make_ldm_components,
@@ -20,7 +21,6 @@ from conftest import (
 )
 from diffusers import DDIMInverseScheduler, DDIMScheduler, LDMPipeline, StableDiffusionPipeline
 from safetensors.torch import save_file
-from test_lora import add_random_adapter
 
 from diffusionclip_pipeline import DiffusionCLIPPipeline
 from diffusionclip_pipeline.loaders import lora_state

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_pipeline, make_unet, random_images
+from conftest import add_random_adapter, make_pipeline, make_unet, random_images
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.loaders import PeftAdapterMixin
 from safetensors import safe_open
@@ -20,17 +20,6 @@ from diffusionclip_pipeline.loaders import lora_file, lora_state
 EDIT = dict(t0=100, num_inversion_steps=3, num_inference_steps=3, output_type="pt")
 TESTS = os.path.dirname(os.path.abspath(__file__))
 LEGACY = os.path.join(TESTS, "data", "legacy_v1_adapter")
-
-
-def add_random_adapter(pipe, name, rank=2, alpha=4.0, seed=0, targets=("to_q", "to_k", "conv1")):
-    """A trained-looking adapter without training: random A and B (B is zero after injection)."""
-    torch.manual_seed(seed)
-    lora_state.add_adapter(pipe.unet, lora_state.LoraSettings(rank=rank, alpha=alpha, target_modules=targets), name)
-    with torch.no_grad():
-        for p in lora_state.adapter_parameters(pipe.unet, name):
-            p.copy_(torch.randn_like(p) * 0.2)
-            p.requires_grad_(False)
-    lora_state.set_provenance(pipe.unet, name, {"prompt_src": "red circle", "prompt_tar": "blue circle"})
 
 
 def test_plain_unet_gains_the_mixin_and_saves_plain(tmp_path):
@@ -287,3 +276,20 @@ def test_removing_an_adapter_restores_the_modules_only_it_wrapped():
     assert {n: type(m) for n, m in pipe.unet.named_modules()} == with_a
     pipe.unload_lora_weights("a")
     assert {n: type(m) for n, m in pipe.unet.named_modules()} == before
+
+
+def test_fuse_lora_gives_the_adapted_model_and_refuses_the_inversion_until_unfused():
+    pipe = make_pipeline(with_clip=False)
+    add_random_adapter(pipe, "a")
+    x = random_images(1)
+    latents = pipe.invert(x, t0=200, num_inversion_steps=3).x_t0
+    settings = {"latents": latents, "t0": 200, "num_inference_steps": 3, "output_type": "pt"}
+    adapted = pipe.edit(**settings).images
+    pipe.fuse_lora()
+    assert pipe.fused_loras == {"a"}
+    torch.testing.assert_close(pipe.edit(**settings).images, adapted, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unfuse_lora"):
+        pipe.invert(x, t0=200, num_inversion_steps=3)
+    pipe.unfuse_lora()
+    assert pipe.fused_loras == set()
+    torch.testing.assert_close(pipe.invert(x, t0=200, num_inversion_steps=3).x_t0, latents, atol=1e-5, rtol=0)

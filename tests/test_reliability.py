@@ -7,8 +7,7 @@ import threading
 
 import pytest
 import torch
-from conftest import make_pipeline, random_images
-from test_lora import add_random_adapter
+from conftest import add_random_adapter, make_pipeline, random_images
 
 from diffusionclip_pipeline import DiffusionCLIPPipeline
 
@@ -21,7 +20,7 @@ sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads(1)
 from conftest import make_pipeline
-from test_lora import add_random_adapter
+from conftest import add_random_adapter
 from diffusionclip_pipeline import DiffusionCLIPPipeline
 from diffusionclip_pipeline.loaders import lora_file, lora_state
 

@@ -335,8 +335,18 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         for the original model."""
         if adapted:
             return self.family.predict(self.unet, sample, timestep, condition)
-        with lora_state.adapters_disabled(self.unet):
+        with self._original_model():
             return self.family.predict(self.unet, sample, timestep, condition)
+
+    def _original_model(self):
+        """Context in which the UNet is the original model (every adapter bypassed); refused while adapters are
+        fused into its weights (`fuse_lora`)."""
+        if self.fused_loras:
+            raise ValueError(
+                f"The adapters {sorted(self.fused_loras)} are fused into the UNet, so the original model (for the "
+                "inversion, or an edit strength below 1) is not available: call `unfuse_lora()` first."
+            )
+        return lora_state.adapters_disabled(self.unet)
 
     def _mixed_noise(self, sample, timestep, mix: list[MixComponent] | None, condition=None) -> torch.Tensor:
         """``sum_i m_i w_i(t) eps_i + (1 - sum_i m_i w_i(t)) eps_original`` (see `mixing`); skips zero weights."""
@@ -524,7 +534,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         steps = inverse_scheduler.timesteps[1:] if inversion_start == "official" else inverse_scheduler.timesteps
         # 4. DDIM eq. (12) run forward from the image's latents, eps of the original model at the source level
         latents = self.encode_image(x0)
-        with lora_state.adapters_disabled(self.unet):  # once for the loop, not per call
+        with self._original_model():  # once for the loop, not per call
             for t in self.progress_bar(steps):
                 source_t = max(inverse_scheduler.source_timestep(t), 0)
                 noise_pred = self._predict_noise(latents, source_t, condition=condition)

@@ -1,7 +1,12 @@
-"""`DiffusionCLIPLoraLoaderMixin`: the pipeline's adapter methods, with diffusers' names.
+"""`DiffusionCLIPLoraLoaderMixin`: the pipeline's adapter methods, on diffusers' `LoraBaseMixin`.
 
-Every method delegates to `lora` (which delegates to diffusers' `PeftAdapterMixin` on the UNet); the pipeline keeps
-no adapter state of its own, so ``pipe.unet.set_adapters(...)`` and ``pipe.set_adapters(...)`` are interchangeable.
+It declares ``_lora_loadable_modules = ["unet"]`` and inherits from `LoraBaseMixin` what diffusers does the same
+way (`fuse_lora` / `unfuse_lora`, `fused_loras`, `set_lora_device`, `enable_lora_hotswap`, `lora_scale`). It
+overrides the methods where this package adds something on top: loading and saving (our file format with fit checks,
+fingerprints and provenance, atomic writes, the model card), and the adapter-state methods, which also take the
+denoiser's lock (`utils.locking`), check their arguments and roll back on failure. Each delegates to `lora_state` /
+`lora_file` (which delegate to diffusers' `PeftAdapterMixin` on the UNet); the pipeline keeps no adapter state of
+its own, so ``pipe.unet.set_adapters(...)`` and ``pipe.set_adapters(...)`` are interchangeable.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import tempfile
 import warnings
 
 import torch
+from diffusers.loaders.lora_base import LoraBaseMixin
 
 from ..image_io import image_grid, save_atomic
 from ..image_processing import postprocess_image
@@ -20,8 +26,24 @@ from ..utils.locking import serialised
 from . import lora_file, lora_state, model_card
 
 
-class DiffusionCLIPLoraLoaderMixin:
-    """Load, save, combine and remove LoRA adapters of ``self.unet`` (diffusers' pipeline adapter API)."""
+class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
+    """Load, save, combine, fuse and remove LoRA adapters of ``self.unet`` (diffusers' pipeline adapter API)."""
+
+    _lora_loadable_modules = ["unet"]
+
+    @serialised
+    def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, **kwargs) -> None:
+        """Merges the active adapters into the UNet's weights (diffusers' `LoraBaseMixin.fuse_lora`; ``components``
+        defaults to ``["unet"]``). While fused, `invert` and `edit`, which need the original model for the
+        inversion, raise `ValueError`: call `unfuse_lora` first (or edit from given ``latents`` with the full
+        strength, which needs only the adapted model)."""
+        check_number(lora_scale, "lora_scale")
+        super().fuse_lora(components=components or ["unet"], lora_scale=lora_scale, **kwargs)
+
+    @serialised
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
+        """Undoes `fuse_lora` (``components`` defaults to ``["unet"]``)."""
+        super().unfuse_lora(components=components or ["unet"], **kwargs)
 
     @property
     def lora_adapters(self) -> list[str]:
