@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import make_pipeline, random_images
 
-from diffusionclip_pipeline.mixing import piecewise_weights
+from diffusionclip_pipeline.noise_mixing import piecewise_weights
 
 TINY = dict(t0=100, num_inversion_steps=3, num_train_steps=2, num_epochs=1, batch_size=2, learning_rate=2e-2)
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
-from diffusionclip_pipeline.mixing import piecewise_weights  # noqa: E402
+from diffusionclip_pipeline.noise_mixing import piecewise_weights  # noqa: E402
 from diffusionclip_pipeline.testbed import (  # noqa: E402
     RECOMMENDED_EDIT,
     RECOMMENDED_FINETUNE,

@@ -28,7 +28,7 @@ from .families import ModelFamily, check_components, check_layout
 from .families.unet_adapter_api import plain_unet, with_adapter_api
 from .image_processing import postprocess_image, preprocess_image
 from .loaders import DiffusionCLIPLoraLoaderMixin, lora_file, lora_state
-from .mixing import MixComponent, build_mix
+from .noise_mixing import MixComponent, build_mix
 from .pipeline_output import (
     DiffusionCLIPInversionOutput,
     DiffusionCLIPPipelineOutput,
@@ -44,7 +44,7 @@ from .utils.checks import (
     short_repr,
 )
 from .utils.io import atomic_directory
-from .utils.locking import serialised
+from .utils.locking import holds_unet_lock
 
 if TYPE_CHECKING:  # training is imported only when `finetune` runs: inference never loads it
     from .finetune import FinetuneConfig, FinetuneOutput
@@ -232,7 +232,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             lora_file.load_adapters_folder(pipe.unet, adapters)
         return pipe
 
-    @serialised
+    @holds_unet_lock
     def save_pretrained(self, save_directory, **kwargs):
         """Saves the pipeline atomically: a reader sees the old complete folder or the new one, never a mix.
 
@@ -458,7 +458,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
 
     # ---- inversion -------------------------------------------------------------------------------------------
 
-    @serialised
+    @holds_unet_lock
     @torch.no_grad()
     def invert(
         self,
@@ -521,11 +521,21 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         )
         check_choice(encoding, "encoding", ENCODINGS)
         check_choice(inversion_start, "inversion_start", INVERSION_STARTS)
+        latents, timesteps, x0 = self._invert(
+            image, t0, num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start, generator
+        )
+        if not return_dict:
+            return (latents, timesteps, x0)
+        return DiffusionCLIPInversionOutput(x_t0=latents, timesteps=timesteps, image=x0)
+
+    def _invert(
+        self, image, t0, num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start, generator
+    ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """`invert` on checked arguments (`invert` and `edit` check them once, at their entry)."""
         # 2. Preprocess image to [-1, 1], encode the prompt of a conditional UNet
         x0 = self.prepare_image(image)
         if encoding == "noise":  # EffDiff: closed-form forward noising, no UNet call
-            x_t0 = self.noise_to(self.encode_image(x0), t0, generator)
-            return (x_t0, [int(t0)], x0) if not return_dict else DiffusionCLIPInversionOutput(x_t0, [int(t0)], x0)
+            return self.noise_to(self.encode_image(x0), t0, generator), [int(t0)], x0
         condition = self.encode_prompt(prompt, x0.shape[0])
         # 3. Inversion grid [0, ..., t0] on the family's inverse scheduler
         timesteps = self.family.timesteps(t0, num_inversion_steps)
@@ -544,13 +554,11 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                     noise_pred = self._predict_noise(next_latents, t, condition=condition)
                     next_latents = inverse_scheduler.step(noise_pred, t, latents).prev_sample
                 latents = next_latents
-        if not return_dict:
-            return (latents, timesteps, x0)
-        return DiffusionCLIPInversionOutput(x_t0=latents, timesteps=timesteps, image=x0)
+        return latents, timesteps, x0
 
     # ---- editing ---------------------------------------------------------------------------------------------
 
-    @serialised
+    @holds_unet_lock
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def edit(
@@ -643,6 +651,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             callback_on_step_end_tensor_inputs,
             num_fixed_point_iterations,
         )
+        check_choice(encoding, "encoding", ENCODINGS)
+        check_choice(inversion_start, "inversion_start", INVERSION_STARTS)
         batch_size = self._batch_size(image, latents)
         guidance_scale = check_number(guidance_scale, "guidance_scale", minimum=1)
         if guidance_scale > 1 and (self.text_encoder is None or not prompt):
@@ -664,11 +674,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             )
         # 2. Invert to x_t0 with the original model (or take the given latents)
         if latents is None:
-            latents = self.invert(
-                image, t0=t0, num_inversion_steps=num_inversion_steps,
-                num_fixed_point_iterations=num_fixed_point_iterations, prompt=prompt, encoding=encoding,
-                inversion_start=inversion_start, generator=generator,
-            ).x_t0  # fmt: skip
+            inversion = (num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start)
+            latents, _, _ = self._invert(image, t0, *inversion, generator)
         latents = latents.to(device=self._execution_device, dtype=self.unet.dtype)
         x_t0 = latents
         condition = self.encode_prompt(prompt, batch_size)
@@ -703,7 +710,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
 
     # ---- unseen-domain translation ---------------------------------------------------------------------------
 
-    @serialised
+    @holds_unet_lock
     @torch.no_grad()
     def translate(
         self,
@@ -778,7 +785,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
 
     # ---- fine-tuning and adapters ----------------------------------------------------------------------------
 
-    @serialised
+    @holds_unet_lock
     def finetune(
         self,
         prompt_src: str,

@@ -22,7 +22,7 @@ from ..image_io import image_grid, save_atomic
 from ..image_processing import postprocess_image
 from ..utils.checks import check_adapter_name, check_bool, check_number
 from ..utils.io import atomic_write_text
-from ..utils.locking import serialised
+from ..utils.locking import holds_unet_lock
 from . import lora_file, lora_state, model_card
 
 
@@ -31,7 +31,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
 
     _lora_loadable_modules = ["unet"]
 
-    @serialised
+    @holds_unet_lock
     def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, **kwargs) -> None:
         """Merges the active adapters into the UNet's weights (diffusers' `LoraBaseMixin.fuse_lora`; ``components``
         defaults to ``["unet"]``). While fused, `invert` and `edit`, which need the original model for the
@@ -40,7 +40,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         check_number(lora_scale, "lora_scale")
         super().fuse_lora(components=components or ["unet"], lora_scale=lora_scale, **kwargs)
 
-    @serialised
+    @holds_unet_lock
     def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
         """Undoes `fuse_lora` (``components`` defaults to ``["unet"]``)."""
         super().unfuse_lora(components=components or ["unet"], **kwargs)
@@ -69,7 +69,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         check_adapter_name(adapter_name)
         return adapter_name
 
-    @serialised
+    @holds_unet_lock
     def save_lora_weights(
         self,
         save_directory: str | os.PathLike,
@@ -100,7 +100,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         adapter_name = self._adapter_to_save(adapter_name)
         return self._write_adapter(save_directory, adapter_name, dtype, example_images, example_edit_kwargs, license)
 
-    @serialised
+    @holds_unet_lock
     def _write_adapter(
         self, save_directory, adapter_name, dtype, example_images, example_edit_kwargs, license, repo_id=None
     ) -> str:
@@ -179,7 +179,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
             message = commit_message or f"Upload DiffusionCLIP adapter {adapter_name!r}"
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
 
-    @serialised
+    @holds_unet_lock
     def load_lora_weights(
         self, path: str | os.PathLike, adapter_name: str | None = None, keep_active: bool = False
     ) -> str:
@@ -215,7 +215,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         lora_state.set_adapters(self.unet, [adapter_name], [1.0])
         return adapter_name
 
-    @serialised
+    @holds_unet_lock
     def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
         """Activates ``adapter_names`` with ``adapter_weights`` (1.0 each by default): their LoRA deltas are summed,
         each scaled by its weight (scaling the LoRA weights is the cheap approximation of edit strength)."""
@@ -228,12 +228,12 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
             weights = [check_number(adapter_weights, "adapter_weights")] * len(names)
         lora_state.set_adapters(self.unet, names, weights)
 
-    @serialised
+    @holds_unet_lock
     def disable_lora(self) -> None:
         """Bypasses every adapter (the original UNet) until `enable_lora`."""
         lora_state.set_adapters_enabled(self.unet, False)
 
-    @serialised
+    @holds_unet_lock
     def enable_lora(self) -> None:
         """Re-enables the active adapters after `disable_lora`."""
         lora_state.set_adapters_enabled(self.unet, True)
@@ -243,7 +243,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         for name in [adapter_names] if isinstance(adapter_names, str) else list(adapter_names):
             self.unload_lora_weights(name)
 
-    @serialised
+    @holds_unet_lock
     def unload_lora_weights(self, adapter_name: str | None = None) -> None:
         """Removes one adapter (or all, when ``adapter_name`` is None) from the UNet; the other active adapters keep
         their weights."""

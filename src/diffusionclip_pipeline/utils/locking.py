@@ -11,7 +11,7 @@ import functools
 import threading
 import weakref
 
-__all__ = ["serialised", "unet_lock"]
+__all__ = ["holds_unet_lock", "serialised", "unet_lock"]
 
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -26,7 +26,7 @@ def unet_lock(model) -> threading.RLock:
         return lock
 
 
-def serialised(method):
+def holds_unet_lock(method):
     """Decorates a pipeline method to hold ``self.unet``'s lock (`unet_lock`) for the whole call."""
 
     @functools.wraps(method)
@@ -35,3 +35,6 @@ def serialised(method):
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+serialised = holds_unet_lock  # its 0.1 name (it serialises calls; it has nothing to do with serialisation)
