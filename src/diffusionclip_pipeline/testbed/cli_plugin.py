@@ -1,9 +1,10 @@
 """The test-bed's part of the ``diffusionclip`` command: ``--model testbed`` and the ``demo`` sub-command.
 
 pyproject.toml publishes `register` as the entry point ``testbed`` of the group ``diffusionclip_pipeline.plugins``;
-the CLI calls it when it builds its parser (how and why: `diffusionclip_pipeline.cli`). This module depends on the
-CLI, never the reverse: the library does not know the test-bed exists. It imports the models, torch and the
-settings only when a command runs, so that building the CLI's parser (``diffusionclip --help``) stays quick.
+the CLI calls it when it builds its parser (how and why: `diffusionclip_pipeline.commands`). This module depends on
+the commands' registry, never the reverse: the library does not know the test-bed exists. It imports the models,
+torch and the settings only when a command runs, so that building the CLI's parser (``diffusionclip --help``) stays
+quick.
 
 The test-bed's models are tiny (32 px), so they run fastest on one CPU thread, above all on a machine another
 process keeps busy (editing one image: 7.3 s with 1 thread, 53-90 s with 2 on a busy 2-core machine): ``--model
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from ..cli import check_output, checked, register_command, register_model
+from ..commands import check_output, checked, register_command, register_model
 from .world import COLOURS, DEFAULT_SIZE, SHAPES
 
 NUM_THREADS = 1
@@ -120,7 +121,7 @@ def render_training_images(prompt: str, num_images: int, seed: int) -> list:
 
 
 def _colour(value, name):
-    from ..validation import check_choice
+    from ..utils.checks import check_choice
 
     return check_choice(value, name, tuple(COLOURS))
 

@@ -10,7 +10,7 @@ import PIL.Image
 import torch
 
 from ..image_io import image_grid, save_atomic
-from ..validation import check_choice, check_non_negative_int, check_positive_int
+from ..utils.checks import check_choice, check_non_negative_int, check_positive_int
 from . import world
 from .pipeline import KINDS, load_pipeline
 from .settings import FAST_EDIT, recommended

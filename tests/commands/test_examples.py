@@ -7,7 +7,8 @@ import pytest
 
 from diffusionclip_pipeline.testbed import RECOMMENDED_FINETUNE
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+EXAMPLES = os.path.join(ROOT, "examples")
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ import torch
 from conftest import make_pipeline, random_images
 
 from diffusionclip_pipeline import DiffusionCLIPPipeline
-from diffusionclip_pipeline import finetune as finetune_module
-from diffusionclip_pipeline.cli import main
+from diffusionclip_pipeline.commands.main import main
 from diffusionclip_pipeline.image_io import unique_stems
+from diffusionclip_pipeline.training import NonFiniteLossError, trainer
 
 FAST_EDIT = ["--t0", "50", "--num-inversion-steps", "2", "--num-inference-steps", "2"]
 FAST_FINETUNE = ["--t0", "50", "--num-inversion-steps", "2", "--num-train-steps", "1", "--num-epochs", "1"]
@@ -140,7 +140,7 @@ def test_interrupted_finetune_writes_nothing(setup, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune_module, "_train", interrupted)  # Ctrl-C in the middle of training
+    monkeypatch.setattr(trainer, "fit", interrupted)  # Ctrl-C in the middle of training
     assert main(finetune_argv(setup)) == 130
     assert capsys.readouterr().err.splitlines()[-1] == "diffusionclip finetune: interrupted; nothing was written"
     assert not (setup / "ada").exists()
@@ -204,9 +204,9 @@ def test_internal_error_is_one_line(setup, capsys, monkeypatch):
 
 def test_diverged_training_is_one_line(setup, capsys, monkeypatch):
     def diverged(*args, **kwargs):
-        raise finetune_module.NonFiniteLossError("the loss is nan at epoch 0, batch 0")
+        raise NonFiniteLossError("the loss is nan at epoch 0, batch 0")
 
-    monkeypatch.setattr(finetune_module, "_train", diverged)
+    monkeypatch.setattr(trainer, "fit", diverged)
     assert main(finetune_argv(setup)) == 2
     assert "training diverged: the loss is nan" in one_error(capsys.readouterr().err, "finetune")
 

@@ -11,11 +11,14 @@ import PIL.Image
 import pytest
 import torch
 
-from diffusionclip_pipeline import DiffusionCLIPPipeline, cli
-from diffusionclip_pipeline.cli import main, quiet_loading, register_command, set_num_threads
+from diffusionclip_pipeline import DiffusionCLIPPipeline
+from diffusionclip_pipeline.commands import loading, register_command, registered_commands, registered_models
+from diffusionclip_pipeline.commands.loading import set_num_threads
+from diffusionclip_pipeline.commands.main import build_parser, main
 from diffusionclip_pipeline.image_processing import postprocess_image, preprocess_image
 from diffusionclip_pipeline.testbed import world
 from diffusionclip_pipeline.testbed.cli_plugin import parse_prompt, render_training_images
+from diffusionclip_pipeline.utils.logging import quiet_loading
 
 FAST_EDIT = ["--t0", "50", "--num-inversion-steps", "2", "--num-inference-steps", "2"]
 FAST_FINETUNE = ["--t0", "50", "--num-inversion-steps", "2", "--num-train-steps", "1", "--num-epochs", "1"]
@@ -73,12 +76,12 @@ def test_threads_option_env_and_recommendation(registry, monkeypatch, capsys, th
 
 
 def test_every_command_has_threads_and_quiet():
-    parser = cli.build_parser()
+    parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
     for name, sub in subparsers.items():
         assert {"--threads", "--quiet"} <= set(sub._option_string_actions), name
     # the test-bed's tiny models run fastest on one thread
-    assert cli._registry.models["testbed"].num_threads == 1 and cli._registry.commands["demo"].num_threads == 1
+    assert registered_models()["testbed"].num_threads == 1 and registered_commands()["demo"].num_threads == 1
 
 
 # ---- 2. training images from the test-bed world ----------------------------------------------------------------
@@ -141,7 +144,7 @@ def test_images_win_over_rendering(setup, capsys, threads):
     ],
 )
 def test_rendering_errors_come_before_loading(setup, capsys, monkeypatch, extra, message):
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     extra = [e.format(imgs=setup / "imgs", pipe=setup / "pipe") for e in extra]
     assert main(finetune_argv(setup, *extra, model="testbed")) == 2
     assert message in capsys.readouterr().err
@@ -222,7 +225,7 @@ def test_paths_and_options_are_checked_before_loading(setup, capsys, monkeypatch
     if "/proc/forbidden" in argv and not os.path.isdir("/proc"):
         pytest.skip("no /proc")
     (setup / "file").write_text("")
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     monkeypatch.setattr(DiffusionCLIPPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
     argv = [a.format(imgs=setup / "imgs", tmp=setup, file=setup / "file") for a in argv]
     assert main([argv[0], "--model", str(setup / "pipe"), *argv[1:]]) == 2
@@ -268,7 +271,7 @@ def test_library_warnings_are_one_line(registry, capsys):
 @pytest.fixture
 def no_hub_loading(monkeypatch):
     monkeypatch.setattr(DiffusionCLIPPipeline, "from_pretrained", lambda *a, **k: pytest.fail("tried the hub"))
-    monkeypatch.setattr(cli, "_in_hub_cache", lambda repo_id: False)
+    monkeypatch.setattr(loading, "_in_hub_cache", lambda repo_id: False)
 
 
 def test_offline_hub_id_fails_at_once(setup, capsys, monkeypatch, no_hub_loading):
@@ -288,7 +291,7 @@ def test_unreachable_hub_fails_at_once(setup, capsys, monkeypatch, no_hub_loadin
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(cli, "_hub_unreachable", lambda: "huggingface.co:443: Name or service not known")
+    monkeypatch.setattr(loading, "_hub_unreachable", lambda: "huggingface.co:443: Name or service not known")
     argv = ["edit", "--model", "owner/name", "--images", str(setup / "imgs"), "--output", str(setup / "o")]
     assert main(argv) == 2
     assert capsys.readouterr().err == (
@@ -307,7 +310,7 @@ def test_hub_load_error_is_one_line(setup, capsys, monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(cli, "_hub_unreachable", lambda: None)
+    monkeypatch.setattr(loading, "_hub_unreachable", lambda: None)
     monkeypatch.setattr(DiffusionCLIPPipeline, "from_pretrained", fails)
     argv = ["edit", "--model", "owner/name", "--images", str(setup / "imgs"), "--output", str(setup / "o")]
     assert main(argv) == 2
@@ -322,7 +325,7 @@ def test_hub_load_error_is_one_line(setup, capsys, monkeypatch):
 
 
 def test_every_option_has_help_and_the_real_defaults(capsys):
-    parser = cli.build_parser()
+    parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
     for name in ("finetune", "edit", "translate", "demo"):
         for action in subparsers[name]._actions:
@@ -356,11 +359,11 @@ spec = importlib.util.find_spec("diffusionclip_pipeline")
 package = types.ModuleType("diffusionclip_pipeline")
 package.__path__ = list(spec.submodule_search_locations)
 sys.modules["diffusionclip_pipeline"] = package
-from diffusionclip_pipeline import cli
-cli.build_parser().format_help()  # every installed plugin included
+from diffusionclip_pipeline.commands import main
+main.build_parser().format_help()  # every installed plugin included
 for argv in (["--help"], ["demo", "--help"], ["edit"]):
     try:
-        cli.main(argv)
+        main.main(argv)
     except SystemExit:
         pass
 print(sorted(m for m in ("torch", "diffusers", "transformers", "peft", "accelerate") if m in sys.modules))

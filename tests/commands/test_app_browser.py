@@ -15,13 +15,14 @@ import socket
 import PIL.Image
 import pytest
 
-from diffusionclip_pipeline import app
+from diffusionclip_pipeline.commands import app
 from diffusionclip_pipeline.testbed import render_dataset
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
-SCREENSHOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "images", "app.png")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+SCREENSHOT = os.path.join(ROOT, "docs", "images", "app.png")
 UPDATE = os.environ.get("UPDATE_SCREENSHOT") == "1"
 TIMEOUT_MS = 300_000
 

@@ -5,8 +5,16 @@ import PIL.Image
 import pytest
 from conftest import make_clip, make_pipeline, make_tokenizer
 
-from diffusionclip_pipeline import cli
-from diffusionclip_pipeline.cli import PLUGIN_GROUP, main, register_command, register_model
+from diffusionclip_pipeline.commands import (
+    PLUGIN_GROUP,
+    load_plugins,
+    register_command,
+    register_model,
+    registered_commands,
+    registered_models,
+)
+from diffusionclip_pipeline.commands import registry as registry_module
+from diffusionclip_pipeline.commands.main import main
 from diffusionclip_pipeline.image_io import image_grid
 from diffusionclip_pipeline.lora import read_adapter_file
 
@@ -161,8 +169,8 @@ def test_image_grid_validation():
 
 def test_testbed_is_an_installed_plugin():
     assert "diffusionclip_pipeline.testbed.cli_plugin:register" in {e.value for e in entry_points(group=PLUGIN_GROUP)}
-    cli.load_plugins()
-    assert "testbed" in cli._registry.models and "demo" in cli._registry.commands
+    load_plugins()
+    assert "testbed" in registered_models() and "demo" in registered_commands()
 
 
 def test_without_plugins_other_models_work_and_testbed_is_unknown(setup, registry, capsys):
@@ -180,7 +188,7 @@ def test_without_plugins_other_models_work_and_testbed_is_unknown(setup, registr
 def test_a_broken_plugin_is_reported_and_skipped(registry, monkeypatch, capsys):
     installed = list(entry_points(group=PLUGIN_GROUP))
     broken = EntryPoint(name="broken", value="diffusionclip_pipeline.no_such_module:register", group=PLUGIN_GROUP)
-    monkeypatch.setattr(cli, "entry_points", lambda group: [broken, *installed])
+    monkeypatch.setattr(registry_module, "entry_points", lambda group: [broken, *installed])
     with pytest.raises(SystemExit):
         main(["--help"])
     captured = capsys.readouterr()

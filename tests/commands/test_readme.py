@@ -10,7 +10,8 @@ import PIL.Image
 
 from diffusionclip_pipeline.testbed import WEIGHTS_DIR, load_pipeline, render_dataset
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+README = os.path.join(ROOT, "README.md")
 # wiring, not quality: one epoch of one step on a shallow, short inversion
 TINY = "settings.update(num_epochs=1, t0=100, num_inversion_steps=4, num_train_steps=2)"
 

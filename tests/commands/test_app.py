@@ -1,4 +1,5 @@
-"""The web app (`diffusionclip_pipeline.app`): its functions, and the app served in-process, driven by gradio_client.
+"""The web app (`diffusionclip_pipeline.commands.app`): its functions, and the app served in-process, driven by
+gradio_client.
 
 The app runs on the shipped test-bed with few steps (8 inversion / generation steps, 2 training steps, 1 epoch), so
 the numbers say nothing about edit quality; the tests check what the app returns and that requests do not interfere.
@@ -19,7 +20,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from diffusionclip_pipeline import app, cli, lora
+from diffusionclip_pipeline import lora
+from diffusionclip_pipeline.commands import app
+from diffusionclip_pipeline.commands.main import build_parser
 from diffusionclip_pipeline.model_card import CARD_NAME, GRID_NAME
 
 pytestmark = pytest.mark.filterwarnings("ignore:Adapter .* was active which is now deleted")  # the cleanups
@@ -246,7 +249,7 @@ def test_served_page_is_offline(client):
 
 
 def test_app_command_is_registered():
-    parser = cli.build_parser()
+    parser = build_parser()
     args = parser.parse_args(["app", "--port", "8000"])
     assert (args.model, args.host, args.port, args.func) == ("testbed", "127.0.0.1", 8000, app.run)
     with pytest.raises(SystemExit) as exit_info:
@@ -258,8 +261,8 @@ def test_core_package_and_cli_work_without_gradio():
     """Without gradio, the package and the CLI import, and ``diffusionclip app`` ends with a one-line hint."""
     code = (
         "import sys; sys.modules['gradio'] = None\n"  # makes `import gradio` raise ImportError
-        "import diffusionclip_pipeline, diffusionclip_pipeline.app\n"
-        "from diffusionclip_pipeline import app\n"
+        "import diffusionclip_pipeline, diffusionclip_pipeline.commands.main\n"
+        "from diffusionclip_pipeline.commands import app\n"
         "sys.exit(app.main(['--port', '7999']))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

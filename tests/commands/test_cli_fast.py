@@ -7,7 +7,8 @@ import PIL.Image
 import pytest
 from conftest import make_pipeline
 
-from diffusionclip_pipeline.cli import main, register_model
+from diffusionclip_pipeline.commands import register_model
+from diffusionclip_pipeline.commands.main import main
 from diffusionclip_pipeline.lora import read_adapter_file
 
 PROMPTS = ["--src", "red circle", "--tar", "blue circle"]
