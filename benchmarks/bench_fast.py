@@ -1,7 +1,8 @@
 """Four fine-tune + edit schemes side by side: UNet calls (counted by a forward hook), time and peak memory.
 
 Schemes (each a `FinetuneConfig` plus `edit` keywords; the loss, optimizer step and scheme functions are the
-package's own: `finetune.build_losses`, `finetune.TrainStep`, `finetune.SCHEMES`, `pipe.invert`, `pipe.edit`):
+package's own: `training.losses.build_losses`, `training.trainer.Trainer`, `training.trainer.TRAINING_SCHEMES`,
+`pipe.invert`, `pipe.edit`):
 
   official  DiffusionCLIP's README run (`shared/reference/official.md` 2.4-2.5; gwang-kim/DiffusionCLIP
             `clip_finetune_eff`): all UNet weights, Adam lr 8e-6, batch 1, step-wise loss on x0_hat over 6 steps
@@ -164,9 +165,11 @@ def worker(cfg: dict) -> dict:
     from accelerate import Accelerator
 
     from diffusionclip_pipeline import DiffusionCLIPPipeline
-    from diffusionclip_pipeline.finetune import SCHEMES, FinetuneConfig, TrainStep, build_losses
     from diffusionclip_pipeline.lora import adapter_parameters, add_adapter
     from diffusionclip_pipeline.schedule import GridDDIMScheduler, ddim_timesteps
+    from diffusionclip_pipeline.training.config import FinetuneConfig
+    from diffusionclip_pipeline.training.losses import build_losses
+    from diffusionclip_pipeline.training.trainer import TRAINING_SCHEMES, Trainer
 
     torch.set_num_threads(cfg["threads"])
     spec = schemes()[cfg["scheme"]]
@@ -251,18 +254,18 @@ def worker(cfg: dict) -> dict:
     unet.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    step = TrainStep(unet, params, config, accelerator)
-    step.condition = pipe.encode_prompt(config.conditioning_prompt, bs)
+    step = Trainer(pipe, params, config, accelerator, pipe.encode_prompt(config.conditioning_prompt, bs))
     scheduler = GridDDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(timesteps=ddim_timesteps(config.t0, config.num_train_steps, pipe.num_train_timesteps))
-    train_batch = SCHEMES[config.scheme]
+    scheme = TRAINING_SCHEMES[config.scheme]
     unet.train()
     epoch_times, epoch_calls = [], (0, 0)
     for _ in range(cfg["epochs"] + cfg["warmup"]):
         calls.take()
         start = time.perf_counter()
         for b in range(0, n, bs):
-            train_batch(step, loss_fn, scheduler, x_t0[b : b + bs], loss_fn.source_batch(x0[b : b + bs]), "bench")
+            for loss, _ in scheme(step, loss_fn, scheduler, x_t0[b : b + bs], loss_fn.source_batch(x0[b : b + bs])):
+                step.backward_and_step(loss, "bench")
         epoch_times.append(time.perf_counter() - start)
         epoch_calls = calls.take()
     step.close()

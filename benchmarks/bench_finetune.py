@@ -85,9 +85,9 @@ def worker(cfg: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from diffusionclip_pipeline.clip_loss import direction_loss
     from diffusionclip_pipeline.lora import LoraSettings, adapter_parameters, add_adapter, save_adapter
     from diffusionclip_pipeline.schedule import GridDDIMScheduler, ddim_timesteps
+    from diffusionclip_pipeline.training.losses import direction_loss
 
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])

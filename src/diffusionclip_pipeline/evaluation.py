@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils import BaseOutput
 
-from .clip_loss import CLIPDirectionalLoss
 from .image_io import image_grid
 from .image_processing import postprocess_image, preprocess_image
+from .training.data import inverted_batches
+from .training.losses import CLIPDirectionalLoss
 from .utils.checks import check_number, check_positive_int, check_prompt, check_timestep, short_repr
 
 
@@ -278,7 +279,17 @@ def evaluate_edit(
     if latents is not None and latents.shape[0] != x0.shape[0]:
         raise ValueError(f"`latents` holds {latents.shape[0]} images, `images` {x0.shape[0]}.")
     clip_losses = scoring_losses(pipe) if clip_losses is None else clip_losses
-    # 2. Edit, batch by batch
+    # 2. Edit, batch by batch, and score
+    return edit_and_score(pipe, x0, prompt_src, prompt_tar, clip_losses, batch_size, latents, edit_kwargs)
+
+
+@torch.no_grad()
+def edit_and_score(
+    pipe, x0: torch.Tensor, prompt_src: str, prompt_tar: str, clip_losses: list[CLIPDirectionalLoss],
+    batch_size: int | None, latents: torch.Tensor | None, edit_kwargs: dict,
+) -> EditEvaluation:  # fmt: skip
+    """`evaluate_edit` of checked arguments: ``x0`` as `pipe.prepare_image` returns it, ``latents`` its ``x_t0`` (or
+    `None`: `edit` inverts), ``edit_kwargs`` the other `edit` arguments. Fine-tuning's validation calls this."""
     edited = []
     for part in _batches(x0.shape[0], batch_size):
         kwargs = {**edit_kwargs, "generator": _sliced(edit_kwargs.get("generator"), part)}
@@ -288,7 +299,6 @@ def evaluate_edit(
     if not bool(torch.isfinite(edited).all()):
         bad = int((~torch.isfinite(edited)).sum())
         raise FloatingPointError(f"The edits hold {bad} non-finite value(s) (NaN or infinity): a diverged adapter?")
-    # 3. Score
     x0 = x0.float().cpu()
     scores = score_edits(clip_losses, x0, edited * 2 - 1, prompt_src, prompt_tar)
     source = postprocess_image(x0, "pt")
@@ -375,7 +385,6 @@ def sweep(
         _check_edit_settings(pipe, x0, settings, t0)
     clip_losses = scoring_losses(pipe) if clip_losses is None else clip_losses
     inversion = {k: v for k, v in edit_kwargs.items() if k in _INVERSION_KWARGS or k == "generator"}
-    parts = _batches(x0.shape[0], batch_size)
     generators = inversion.get("generator")
     generators = [] if generators is None else generators if isinstance(generators, list) else [generators]
     states = [g.get_state() for g in generators]
@@ -385,13 +394,11 @@ def sweep(
     for t0 in t0s:
         for g, state in zip(generators, states):
             g.set_state(state)
-        x_t0 = [
-            pipe.invert(x0[part], t0=t0, **{**inversion, "generator": _sliced(inversion.get("generator"), part)}).x_t0
-            for part in parts
-        ]
+        inverted = inverted_batches(pipe, x0, batch_size or x0.shape[0], t0=t0, **inversion)
+        x_t0 = torch.cat([x for _, x in inverted])
         for strength in strengths:
             out = evaluate_edit(
-                pipe, x0, prompt_src, prompt_tar, clip_losses, batch_size, latents=torch.cat(x_t0), t0=t0,
+                pipe, x0, prompt_src, prompt_tar, clip_losses, batch_size, latents=x_t0, t0=t0,
                 edit_strength=strength, **edit_kwargs,
             )  # fmt: skip
             table.append({"t0": t0, "edit_strength": strength, **out.scores})

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import random_images
 
 from diffusionclip_pipeline import IMAGENET_TEMPLATES, CLIPDirectionalLoss, direction_loss
-from diffusionclip_pipeline.clip_loss import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, unknown_words
+from diffusionclip_pipeline.training.losses import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, unknown_words
 
 
 @pytest.fixture

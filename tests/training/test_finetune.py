@@ -12,13 +12,14 @@ from diffusers import UNet2DModel
 from safetensors.torch import save_file
 
 from diffusionclip_pipeline import DiffusionCLIPPipeline, NoAdapterWarning, __version__
-from diffusionclip_pipeline.finetune import FinetuneConfig, NonFiniteLossError, finetune, sparse_change
 from diffusionclip_pipeline.image_processing import postprocess_image
 from diffusionclip_pipeline.lora import adapter_parameters, base_state_dict, get_provenance, read_adapter_file
+from diffusionclip_pipeline.training import FinetuneConfig, NonFiniteLossError, finetune
+from diffusionclip_pipeline.training.losses import sparse_change
 
 TINY = dict(t0=100, num_inversion_steps=3, num_train_steps=2, num_epochs=1, batch_size=2)
 EDIT = dict(t0=100, num_inversion_steps=3, num_inference_steps=3, output_type="pt")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def adapter_state(pipe, name="default"):

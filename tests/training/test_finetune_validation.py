@@ -11,8 +11,8 @@ from peft.utils import get_peft_model_state_dict
 
 from diffusionclip_pipeline import CLIPDirectionalLoss
 from diffusionclip_pipeline.evaluation import directional_clip_similarity, mean_absolute_error, ssim
-from diffusionclip_pipeline.finetune import FinetuneConfig, finetune
 from diffusionclip_pipeline.lora import adapter_names, get_provenance
+from diffusionclip_pipeline.training import FinetuneConfig, finetune
 
 PROMPTS = ("red circle", "blue circle")
 # 2 training images in one batch; CLIP views on (the default), so the view generator matters for determinism

@@ -4,7 +4,7 @@ import torch
 from conftest import make_pipeline, random_images
 
 from diffusionclip_pipeline import lora
-from diffusionclip_pipeline.clip_loss import CLIPDirectionalLoss
+from diffusionclip_pipeline.training.losses import CLIPDirectionalLoss
 
 ONE_STEP = dict(scheme="one_step", t0=100, num_inversion_steps=3, num_epochs=2, batch_size=2, learning_rate=1e-2)
 

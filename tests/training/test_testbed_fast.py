@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionclip_pipeline.finetune import FinetuneConfig
 from diffusionclip_pipeline.testbed import FAST_EDIT, FAST_FINETUNE, RECOMMENDED_FINETUNE, load_pipeline, world
+from diffusionclip_pipeline.training.config import FinetuneConfig
 
 
 @pytest.mark.filterwarnings("ignore::diffusionclip_pipeline.pipeline_diffusionclip.NoAdapterWarning")

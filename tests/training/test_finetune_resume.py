@@ -13,9 +13,10 @@ import torch
 from conftest import make_pipeline, random_images
 from peft.utils import get_peft_model_state_dict
 
-from diffusionclip_pipeline.checkpointing import CHECKPOINT_NAME, TRAINER_STATE_NAME, read_checkpoint
+from diffusionclip_pipeline.training.checkpointing import CHECKPOINT_NAME, TRAINER_STATE_NAME, read_checkpoint
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(HERE)  # conftest's folder
 PROMPTS = ("red circle", "blue circle")
 # 3 images in batches of 2: two batches per epoch (the second one partial), two epochs; 4 CLIP views (the default)
 # so that the CLIP loss's view generator matters
@@ -153,7 +154,7 @@ def test_checkpoint_adapter_is_a_loadable_adapter_file_and_a_finished_run_resume
 
 KILL_SCRIPT = r"""
 import sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {here!r}]
 import torch
 torch.set_num_threads(1)
 from conftest import make_pipeline, random_images
@@ -183,7 +184,8 @@ def test_sigkilled_run_resumes_bit_identically(tmp_path):
     """A fine-tuning process SIGKILLed mid-run (checkpoint every step) leaves its last complete checkpoint; resuming
     from it gives the uninterrupted run's adapter and loss history, tensor for tensor."""
     checkpoint_dir = str(tmp_path / "ckpt")
-    script = KILL_SCRIPT.format(tests=TESTS, checkpoint_dir=checkpoint_dir, delay=0.3)  # 0.3 s per step: 8 steps
+    # 0.3 s per step: 8 steps
+    script = KILL_SCRIPT.format(tests=TESTS, here=HERE, checkpoint_dir=checkpoint_dir, delay=0.3)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
