@@ -26,7 +26,7 @@ from diffusionclip_pipeline import DiffusionCLIPPipeline
 from diffusionclip_pipeline.loaders import lora_state
 from diffusionclip_pipeline.scheduling_ddim_grid import GridDDIMInverseScheduler, GridDDIMScheduler
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where conftest.py is
 EDIT = dict(t0=100, num_inversion_steps=3, num_inference_steps=3, output_type="pt")
 
 
@@ -186,7 +186,7 @@ def test_sd_adapter_reproduces_edits_in_a_fresh_process(tmp_path):
     save_file({"x": x, "edited": edited}, str(tmp_path / "expected.safetensors"))
     script = f"""
 import sys, torch
-sys.path.insert(0, {TESTS!r})
+sys.path[:0] = [{TESTS!r}, {os.path.join(TESTS, "families")!r}]
 torch.set_num_threads(1)
 from test_latent import load, EDIT
 from safetensors.torch import load_file

@@ -18,7 +18,7 @@ from diffusionclip_pipeline.families.unet_adapter_api import LoraUNet2DModel, ba
 from diffusionclip_pipeline.loaders import lora_file, lora_state
 
 EDIT = dict(t0=100, num_inversion_steps=3, num_inference_steps=3, output_type="pt")
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where conftest.py is
 LEGACY = os.path.join(TESTS, "data", "legacy_v1_adapter")
 
 

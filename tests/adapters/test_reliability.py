@@ -11,7 +11,7 @@ from conftest import add_random_adapter, make_pipeline, random_images
 
 from diffusionclip_pipeline import DiffusionCLIPPipeline
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where conftest.py is
 EDIT = dict(t0=100, num_inversion_steps=2, num_inference_steps=2, output_type="pt")
 
 KILL_SCRIPT = r"""
