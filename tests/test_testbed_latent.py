@@ -18,6 +18,8 @@ from diffusionclip_pipeline.testbed import LATENT_WEIGHTS_DIR, WEIGHTS_DIR, edit
 from diffusionclip_pipeline.testbed.demo import run_edit_experiment
 from diffusionclip_pipeline.testbed.settings import recommended
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _bytes(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
@@ -72,6 +74,18 @@ def test_stock_stable_diffusion_pipeline_loads_the_folder_and_draws_the_caption(
         for im in uint8
     ]
     assert sum(right) >= 3, right  # the folder's measured rate is >= 0.8 (METRICS.md)
+
+
+def test_the_documented_stock_pipeline_block_runs_as_written():
+    """docs/testbed-latent.md's code block, verbatim (it failed with a dtype error when the doc said only
+    ``from_pretrained(LATENT_WEIGHTS_DIR)``)."""
+    doc = open(os.path.join(ROOT, "docs", "testbed-latent.md"), encoding="utf-8").read()
+    blocks = [b for b in doc.split("```python\n")[1:] if "StableDiffusionPipeline.from_pretrained" in b]
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(blocks[0].split("```")[0], namespace)
+    images = namespace["images"]
+    assert len(images) == 4 and all(im.size == (32, 32) for im in images)
 
 
 def test_latent_colour_edit_beats_reconstruction():
