@@ -4,7 +4,7 @@ They were chosen by measuring edit success on the test-bed world (four colour ed
 results are in docs/testbed.md and how they were found, setting by setting, in docs/testbed-experiments.md.
 """
 
-from ..lora import DEFAULT_TARGET_MODULES
+from ..families.base import DEFAULT_TARGET_MODULES
 
 # the library's LoRA targets less the ResNet blocks' time-embedding projection, whose per-channel shift tinted
 # the backgrounds (docs/testbed-experiments.md)
