@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from ._version import __version__
+from .utils.lazy import lazy_exports
 
 _EXPORTS = {
     "CLIPDirectionalLoss": "clip_loss",
@@ -43,14 +44,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from .templates import IMAGENET_TEMPLATES
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -293,3 +293,16 @@ def test_fuse_lora_gives_the_adapted_model_and_refuses_the_inversion_until_unfus
     pipe.unfuse_lora()
     assert pipe.fused_loras == set()
     torch.testing.assert_close(pipe.invert(x, t0=200, num_inversion_steps=3).x_t0, latents, atol=1e-5, rtol=0)
+
+
+def test_adapter_files_get_the_permissions_of_a_plain_write(tmp_path):
+    """Written through a temporary file, they used to keep mkstemp's 0o600 while everything else got 0o644."""
+    pipe = make_pipeline(with_clip=False)
+    add_random_adapter(pipe, "a")
+    previous = os.umask(0o027)
+    try:
+        weights = pipe.save_lora_weights(tmp_path / "a")
+    finally:
+        os.umask(previous)
+    assert os.stat(weights).st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / "a" / "README.md").st_mode & 0o777 == 0o640

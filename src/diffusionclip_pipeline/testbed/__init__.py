@@ -7,7 +7,7 @@ quick. ``from diffusionclip_pipeline.testbed import load_pipeline`` works as usu
 
 from __future__ import annotations
 
-import importlib
+from ..utils.lazy import lazy_exports
 
 _EXPORTS = {
     "WEIGHTS_DIR": "pipeline",
@@ -56,16 +56,4 @@ __all__ = [
 _SUBMODULES = ("cli_plugin", "demo", "pipeline", "settings", "world")
 
 
-def __getattr__(name: str):
-    if name in _SUBMODULES:  # `testbed.world` without importing it first
-        return importlib.import_module(f"{__name__}.{name}")
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), submodules=_SUBMODULES)
