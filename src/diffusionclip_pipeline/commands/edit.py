@@ -89,15 +89,11 @@ def run(args: argparse.Namespace) -> None:
     from ..image_io import unique_stems
 
     # 1. Check everything before any work: images, adapters, output, model, device
-    images, files = loading.read_inputs(args.images)
+    images, files, registered = loading.check_before_editing(args, args.lora_weights)
     stems = unique_stems(files)
-    loading.check_adapters(args.lora, args.lora_weights)
-    loading.check_output(args.output)
-    registered = loading.check_model(args.model, args.clip)
-    loading.check_device(args.device)
     settings = {name: getattr(args, name) for name in STEP_OPTIONS}
     settings = with_model_defaults(args.model, settings, "edit", fast=args.fast)
-    loading.set_num_threads(args.threads, registered.num_threads if registered else None)
+    loading.set_threads_for(args, registered)
 
     # 2. Load the model and the adapters
     pipe = loading.load_pipeline(args.model, args.clip, args.device)

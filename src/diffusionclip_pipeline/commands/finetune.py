@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> None:
     images, files = _training_images(args, registered)
     validation = _validation_options(args)
     config = _config(args, sampling=images is None)
-    loading.set_num_threads(args.threads, registered.num_threads if registered else None)
+    loading.set_threads_for(args, registered)
 
     # 2. Load, then fine-tune
     pipe = loading.load_pipeline(args.model, args.clip, args.device, clip_2=args.clip_2)

@@ -15,6 +15,7 @@ from .registry import PLUGIN_GROUP, RegisteredModel, registered_models
 
 __all__ = [
     "check_adapters",
+    "check_before_editing",
     "check_device",
     "check_model",
     "check_output",
@@ -24,6 +25,7 @@ __all__ = [
     "load_pipeline",
     "read_inputs",
     "set_num_threads",
+    "set_threads_for",
 ]
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -210,6 +212,24 @@ def check_model(model: str, clip: str | None = None) -> RegisteredModel | None:
     check_source("--model", model)
     check_source("--clip", clip)
     return None
+
+
+def check_before_editing(args, lora_weights: list[float] | None = None, clip_2: str | None = None):
+    """What ``edit``, ``sweep`` and ``translate`` check before any work, in this order: the images, the adapters
+    (and ``lora_weights``), the output folder, the model and its CLIP (and ``clip_2``), the device. Returns the
+    images, their files and the registered model (`None` for a folder or hub id)."""
+    images, files = read_inputs(args.images)
+    check_adapters(args.lora, lora_weights)
+    check_output(args.output)
+    registered = check_model(args.model, args.clip)
+    check_source("--clip-2", clip_2)
+    check_device(args.device)
+    return images, files, registered
+
+
+def set_threads_for(args, registered: RegisteredModel | None) -> int:
+    """`set_num_threads` with ``--threads`` and the registered model's recommendation."""
+    return set_num_threads(args.threads, registered.num_threads if registered else None)
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------

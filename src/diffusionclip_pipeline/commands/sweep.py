@@ -51,15 +51,10 @@ def describe_defaults(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """``diffusionclip sweep``: checks, loads the model, the adapters and the scoring CLIP, sweeps, writes."""
     # 1. Check everything before any work: images, adapters, output, model, device, settings
-    images, files = loading.read_inputs(args.images)
-    loading.check_adapters(args.lora, args.lora_weights)
-    loading.check_output(args.output)
-    registered = loading.check_model(args.model, args.clip)
-    loading.check_source("--clip-2", args.clip_2)
-    loading.check_device(args.device)
+    images, files, registered = loading.check_before_editing(args, args.lora_weights, args.clip_2)
     settings = with_model_defaults(args.model, {name: getattr(args, name) for name in STEP_NAMES}, "edit", args.fast)
     settings = {k: v for k, v in settings.items() if k not in ("t0", "edit_strength")}  # swept here
-    loading.set_num_threads(args.threads, registered.num_threads if registered else None)
+    loading.set_threads_for(args, registered)
 
     # 2. Load the model, the adapters and the CLIP that scores
     pipe = loading.load_pipeline(args.model, args.clip, args.device, clip_2=args.clip_2)

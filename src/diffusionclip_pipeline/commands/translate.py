@@ -46,13 +46,9 @@ def run(args: argparse.Namespace) -> None:
     from ..image_io import image_grid, unique_stems
 
     # 1. Check everything before any work
-    images, files = loading.read_inputs(args.images)
+    images, files, registered = loading.check_before_editing(args)
     stems = unique_stems(files)
-    loading.check_adapters(args.lora, None)
-    loading.check_output(args.output)
-    registered = loading.check_model(args.model, args.clip)
-    loading.check_device(args.device)
-    loading.set_num_threads(args.threads, registered.num_threads if registered else None)
+    loading.set_threads_for(args, registered)
     import torch
 
     # 2. Load, then translate

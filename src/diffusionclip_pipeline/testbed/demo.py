@@ -32,22 +32,19 @@ def run_edit_experiment(
     seed: int = 0,
     finetune_kwargs: dict | None = None,
     edit_kwargs: dict | None = None,
-    adapter_name: str = "default",
-    kind: str | None = None,
 ) -> dict:
     """Fine-tunes ``pipe`` for "{source_colour} {shape}" -> "{target_colour or source_colour} {target_shape or shape}"
     on ``num_train`` rendered images and edits ``num_test`` other ones (seeds ``seed`` and ``seed + 1``).
 
-    ``finetune_kwargs`` / ``edit_kwargs`` override the test-bed's recommended settings for ``kind`` (``"pixel"`` or
-    ``"latent"``; by default the pipeline's: latent when it has an autoencoder).
+    ``finetune_kwargs`` / ``edit_kwargs`` override the test-bed's recommended settings for the pipeline's kind
+    (``"latent"`` when it has an autoencoder, else ``"pixel"``); ``finetune_kwargs`` may also name the adapter
+    (``adapter_name``, default ``"default"``).
 
     Returns:
         `dict`: ``success_rate``, the rate of every criterion, the per-image reports, the timings, and the source
         and edited PIL images.
     """
-    kind = kind or ("latent" if pipe.autoencoder is not None else "pixel")
-    check_choice(kind, "kind", KINDS)
-    recommended_finetune, recommended_edit = recommended(kind)
+    recommended_finetune, recommended_edit = recommended("latent" if pipe.autoencoder is not None else "pixel")
     size = pipe.resolution
     target_colour_name = target_colour or source_colour
     prompt_src = f"{source_colour} {shape}"
@@ -56,8 +53,7 @@ def run_edit_experiment(
     test, _ = world.render_dataset(num_test, seed=seed + 1, size=size, shape=shape, colour=source_colour)
     start = time.perf_counter()
     output = pipe.finetune(
-        prompt_src, prompt_tar, images=train, adapter_name=adapter_name,
-        **{**recommended_finetune, **(finetune_kwargs or {})},
+        prompt_src, prompt_tar, images=train, **{**recommended_finetune, **(finetune_kwargs or {})}
     )  # fmt: skip
     train_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -110,8 +106,7 @@ def run_demo(output_dir: str = "diffusionclip-demo", source: str = "red", target
     model = "latent test-bed (VAE + text-conditioned UNet)" if kind == "latent" else "test-bed DDPM"
     print(f"fine-tuning the {model}: '{source} circle' -> '{target} circle' on {DEMO_NUM_TRAIN} rendered images ...")
     result = run_edit_experiment(
-        pipe, source, target, num_train=DEMO_NUM_TRAIN, num_test=num_test, seed=seed, kind=kind,
-        edit_kwargs=edit_kwargs,
+        pipe, source, target, num_train=DEMO_NUM_TRAIN, num_test=num_test, seed=seed, edit_kwargs=edit_kwargs,
     )  # fmt: skip
     os.makedirs(output_dir, exist_ok=True)
     scale = 3
