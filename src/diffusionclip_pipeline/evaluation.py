@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils import BaseOutput
 
+from .choices import ENCODINGS, INVERSION_STARTS
 from .image_io import image_grid
 from .image_processing import postprocess_image, preprocess_image
 from .training.data import inverted_batches
 from .training.losses import CLIPDirectionalLoss
-from .utils.checks import check_number, check_positive_int, check_prompt, check_timestep, short_repr
+from .utils.checks import check_choice, check_number, check_positive_int, check_prompt, check_timestep, short_repr
 
 
 def _side(images) -> int:
@@ -223,6 +224,8 @@ def _check_edit_settings(pipe, images, settings: dict, t0: int, latents=None) ->
         images if latents is None else None, t0, settings["num_inversion_steps"], settings["num_inference_steps"],
         settings["eta"], settings["generator"], latents, "pt", None, settings["num_fixed_point_iterations"],
     )  # fmt: skip
+    check_choice(settings["encoding"], "encoding", ENCODINGS)
+    check_choice(settings["inversion_start"], "inversion_start", INVERSION_STARTS)
 
 
 def _batches(n: int, batch_size: int | None):
@@ -384,7 +387,8 @@ def sweep(
     for t0 in t0s:
         _check_edit_settings(pipe, x0, settings, t0)
     clip_losses = scoring_losses(pipe) if clip_losses is None else clip_losses
-    inversion = {k: v for k, v in edit_kwargs.items() if k in _INVERSION_KWARGS or k == "generator"}
+    # the inversion's settings (`edit`'s defaults where not given: those of `invert`), checked above
+    inversion = {k: settings[k] for k in (*_INVERSION_KWARGS, "generator")}
     generators = inversion.get("generator")
     generators = [] if generators is None else generators if isinstance(generators, list) else [generators]
     states = [g.get_state() for g in generators]
@@ -394,7 +398,7 @@ def sweep(
     for t0 in t0s:
         for g, state in zip(generators, states):
             g.set_state(state)
-        inverted = inverted_batches(pipe, x0, batch_size or x0.shape[0], t0=t0, **inversion)
+        inverted = inverted_batches(pipe, x0, batch_size or x0.shape[0], t0, **inversion)
         x_t0 = torch.cat([x for _, x in inverted])
         for strength in strengths:
             out = evaluate_edit(

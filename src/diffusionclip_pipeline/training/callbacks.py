@@ -237,9 +237,8 @@ class Validation:
         generator = torch.Generator().manual_seed(config.seed)  # for encoding="noise"; not the run's generator
         with _progress_bars_off(pipe):
             inverted = inverted_batches(
-                pipe, x_val, config.batch_size, generator, t0=config.t0, prompt=prompt, encoding=config.encoding,
-                num_inversion_steps=config.num_inversion_steps,
-                num_fixed_point_iterations=config.num_fixed_point_iterations,
+                pipe, x_val, config.batch_size, config.t0, config.num_inversion_steps,
+                config.num_fixed_point_iterations, prompt, config.encoding, generator=generator,
             )  # fmt: skip
             x_t0 = torch.cat([x for _, x in inverted])
         edit_kwargs = dict(t0=config.t0, num_inference_steps=config.num_train_steps, prompt=prompt)

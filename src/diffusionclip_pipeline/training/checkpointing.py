@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import lora
 from .._version import __version__
-from ..lora import LORA_WEIGHT_NAME, weights_fingerprint
+from ..loaders import lora_file
+from ..loaders.lora_file import LORA_WEIGHT_NAME, weights_fingerprint
 from ..utils.checks import check_non_negative_int, check_positive_int, short_repr
 from ..utils.io import atomic_directory
 from .data import tensor_bytes
@@ -250,7 +250,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 raise ValueError(f"{name} is missing")
             if _sha256_file(file) != state["files"][name]:
                 raise ValueError(f"{name} does not match its checksum (truncated or corrupt)")
-        adapter = lora.read_adapter_file(os.path.join(path, LORA_WEIGHT_NAME)).state_dict
+        adapter = lora_file.read_adapter_file(os.path.join(path, LORA_WEIGHT_NAME)).state_dict
         optimizer_tensors = load_file(os.path.join(path, OPTIMIZER_NAME))
         random_states = load_file(os.path.join(path, RANDOM_STATES_NAME))
         trainer_state = {k: state[k] for k in ("optimizer", "grad_scaler", "num_updates", "accelerator_step")}
@@ -292,7 +292,7 @@ class Checkpointer:
         if trainer.device.type == "cuda":
             random_states["torch_cuda"] = torch.cuda.get_rng_state(trainer.device)
         with atomic_directory(os.path.join(self.checkpoint_dir, CHECKPOINT_NAME)) as tmp:
-            lora.save_adapter(self.unet, tmp, self.adapter_name)
+            lora_file.save_adapter(self.unet, tmp, self.adapter_name)
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in optimizer_tensors.items()},
                 os.path.join(tmp, OPTIMIZER_NAME),

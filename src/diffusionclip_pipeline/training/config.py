@@ -10,7 +10,7 @@ from diffusers.utils import BaseOutput
 
 from ..choices import ENCODINGS, L1_SPACES, LOSS_TYPES, LOSS_WEIGHTS, MIXED_PRECISION, SCHEMES
 from ..families.base import DEFAULT_TARGET_MODULES
-from ..lora import LoraSettings
+from ..loaders.lora_state import LoraSettings
 from ..utils.checks import (
     check_bool,
     check_choice,

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 import torch
 from safetensors.torch import load_file
 
-from ..lora import adapters_disabled, atomic_save_file, weights_fingerprint
+from ..loaders.lora_file import atomic_save_file, weights_fingerprint
+from ..loaders.lora_state import adapters_disabled
+from ..utils.locking import unet_lock
 from .config import FinetuneConfig
 
 __all__ = ["inverted_batches", "precompute_latents", "tensor_bytes", "training_images"]
@@ -50,14 +52,22 @@ def _latent_cache_key(x0: torch.Tensor, t0: int, steps: int, unet_fingerprint: s
     return digest.hexdigest()
 
 
-def inverted_batches(pipe, x0: torch.Tensor, batch_size: int, generator=None, **invert_kwargs) -> Iterator:
-    """Yields ``(part, x_t0)``: `pipe.invert` of ``x0[part]`` (images as `pipe.prepare_image` returns them),
-    ``batch_size`` images at a time, in order; a list of generators (one per image) is sliced with the images.
-    ``invert_kwargs`` go to `pipe.invert`."""
+def inverted_batches(
+    pipe, x0: torch.Tensor, batch_size: int, t0: int, num_inversion_steps: int, num_fixed_point_iterations: int = 0,
+    prompt: str | None = None, encoding: str = "ddim", inversion_start: str = "clean", generator=None,
+) -> Iterator[tuple[slice, torch.Tensor]]:  # fmt: skip
+    """Yields ``(part, x_t0)``: the latents `pipe.invert` gives for ``x0[part]`` (images as `pipe.prepare_image`
+    returns them), ``batch_size`` images at a time, in order; a list of generators (one per image) is sliced with
+    the images. The arguments are those of `pipe.invert`, checked by the caller (they are not checked again)."""
     for start in range(0, x0.shape[0], batch_size):
         part = slice(start, min(start + batch_size, x0.shape[0]))
         batch_generator = generator[part] if isinstance(generator, list) else generator
-        yield part, pipe.invert(x0[part], generator=batch_generator, **invert_kwargs).x_t0
+        with unet_lock(pipe.unet), torch.no_grad():  # as `pipe.invert` holds them
+            x_t0 = pipe._invert(
+                x0[part], t0, num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start,
+                batch_generator,
+            )[0]  # fmt: skip
+        yield part, x_t0
 
 
 def precompute_latents(
@@ -89,10 +99,10 @@ def precompute_latents(
             if os.path.isfile(paths[i]):
                 latents[i] = load_file(paths[i])["latents"].to(x0)
     todo = [i for i in range(x0.shape[0]) if latents[i] is None]
-    inversion = dict(
-        t0=t0, num_inversion_steps=num_inversion_steps, num_fixed_point_iterations=num_fixed_point_iterations
+    inverted = inverted_batches(
+        pipe, x0[todo], batch_size, t0, num_inversion_steps, num_fixed_point_iterations, prompt
     )
-    for part, out in inverted_batches(pipe, x0[todo], batch_size, prompt=prompt, **inversion):
+    for part, out in inverted:
         for j, i in enumerate(todo[part]):
             latents[i] = out[j : j + 1]
             if cache_dir is not None:  # written batch by batch: an interrupted run keeps what it computed

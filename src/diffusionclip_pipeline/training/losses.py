@@ -105,6 +105,21 @@ def direction_loss(image_direction: torch.Tensor, text_direction: torch.Tensor, 
     return -torch.log(((1.0 + cos) / 2.0).clamp_min(1e-12))
 
 
+def _deprecated_normalisation(kwargs: dict) -> dict[str, Sequence[float]]:
+    """`CLIPDirectionalLoss`'s normalisation: OpenAI CLIP's, or the deprecated ``image_mean`` / ``image_std``."""
+    unknown = sorted(set(kwargs) - {"image_mean", "image_std"})
+    if unknown:
+        raise TypeError(f"CLIPDirectionalLoss got unexpected keyword argument(s) {unknown}.")
+    if kwargs:
+        warnings.warn(
+            "`image_mean` / `image_std` of CLIPDirectionalLoss are deprecated (removed in 0.3): it normalises with "
+            "OpenAI CLIP's constants; for another CLIP, set its `image_mean` / `image_std` buffers.",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return {"image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, **kwargs}
+
+
 class CLIPDirectionalLoss(nn.Module):
     r"""Directional CLIP loss on a frozen transformers `CLIPModel` (DiffusionCLIP, arXiv 2110.02711, eq. 5).
 
@@ -120,12 +135,15 @@ class CLIPDirectionalLoss(nn.Module):
         direction_weight (`float`, *optional*, defaults to 1.0): Weight of the directional term.
         global_weight (`float`, *optional*, defaults to 0.0): Weight of an extra global term
             ``1 - cos(E_I(x_gen), E_T(target))`` (off in DiffusionCLIP's fine-tuning; its loss class has it).
-        image_mean / image_std (`Sequence[float]`, *optional*): Normalisation; OpenAI CLIP's constants by default.
         num_augmentations (`int`, *optional*, defaults to 0): Random views per sample (same view for source and
             generated image) over which the loss is averaged; 0 (the official code) encodes the images as they are.
             Views keep the fine-tuned model from satisfying CLIP with pixel-exact adversarial patterns.
         augmentation_shift (`float`, *optional*, defaults to 0.125): Largest translation, as a fraction of the size.
         seed (`int`, *optional*, defaults to 0): Seed of the views.
+
+    The images are normalised with OpenAI CLIP's constants (those of every ``openai/clip-*`` checkpoint), kept in the
+    buffers ``image_mean`` and ``image_std``; for a CLIP normalised otherwise, set those. The keywords ``image_mean``
+    and ``image_std`` still work, with a `FutureWarning` (removed in 0.3).
 
     Example:
 
@@ -143,14 +161,14 @@ class CLIPDirectionalLoss(nn.Module):
         loss_type: str = "cosine",
         direction_weight: float = 1.0,
         global_weight: float = 0.0,
-        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
-        image_std: Sequence[float] = OPENAI_CLIP_STD,
         num_augmentations: int = 0,
         augmentation_shift: float = 0.125,
         augmentation_noise: float = 0.0,
         seed: int = 0,
+        **deprecated,
     ):
         super().__init__()
+        normalisation = _deprecated_normalisation(deprecated)
         check_choice(loss_type, "loss_type", LOSS_TYPES)
         templates = tuple(templates)
         if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
@@ -174,8 +192,8 @@ class CLIPDirectionalLoss(nn.Module):
         self.direction_weight = float(direction_weight)
         self.global_weight = float(global_weight)
         self.image_size = int(clip_model.config.vision_config.image_size)
-        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(image_std).view(1, -1, 1, 1), persistent=False)
+        for name, values in normalisation.items():
+            self.register_buffer(name, torch.tensor(values).view(1, -1, 1, 1), persistent=False)
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
 
     def augment(self, source: torch.Tensor, generated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

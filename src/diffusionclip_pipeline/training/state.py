@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .. import lora
+from ..loaders import lora_state
 
 __all__ = ["GradFlags", "UNetState", "frozen", "frozen_decoders"]
 
@@ -62,7 +62,7 @@ class UNetState:
     set, scales, enabled flag), every parameter's ``requires_grad``, the train/eval mode and gradient checkpointing."""
 
     def __init__(self, unet):
-        self.adapters = lora.active_state(unet)
+        self.adapters = lora_state.active_state(unet)
         self.requires_grad = GradFlags(unet.parameters())
         self.training = unet.training
         self.checkpointing = bool(unet.is_gradient_checkpointing)
@@ -75,9 +75,9 @@ class UNetState:
 
     def discard(self, unet, adapter_name: str) -> None:
         """Removes the new adapter and restores the previous adapters exactly (after a failed run)."""
-        if adapter_name in lora.adapter_names(unet):
+        if adapter_name in lora_state.adapter_names(unet):
             with warnings.catch_warnings():  # peft's "Adapter ... was active which is now deleted": restored below
                 warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-                lora.remove_adapter(unet, adapter_name)
-        lora.restore_active_state(unet, self.adapters)
+                lora_state.remove_adapter(unet, adapter_name)
+        lora_state.restore_active_state(unet, self.adapters)
         self.requires_grad.restore()

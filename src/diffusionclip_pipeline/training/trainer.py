@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import lora
 from .._version import __version__
 from ..choices import SCHEMES
+from ..loaders import lora_state
 from ..utils.checks import check_adapter_name, check_callable, check_prompt, check_timestep
 from .callbacks import ProgressLog, Validation, check_validation, tracking
 from .checkpointing import (
@@ -310,7 +310,7 @@ def _adapter_training(run: TrainingRun, adapter_name: str, unet_state: UNetState
     mode and the decoders frozen. Afterwards the adapter is frozen and the UNet's modes are as before."""
     pipe, config = run.pipe, run.config
     unet, trainer = pipe.unet, None
-    params = lora.adapter_parameters(unet, adapter_name)
+    params = lora_state.adapter_parameters(unet, adapter_name)
     for p in params:
         if p.dtype != torch.float32:
             p.data = p.data.float()
@@ -341,7 +341,7 @@ def _check_inputs(pipe, prompt_src, prompt_tar, config, adapter_name, identity_l
     if (source_images is None) != (target_images is None):
         raise ValueError("Pass both `source_images` and `target_images` for an image-guided direction, or neither.")
     check_adapter_name(adapter_name)
-    if adapter_name in lora.adapter_names(pipe.unet):
+    if adapter_name in lora_state.adapter_names(pipe.unet):
         raise ValueError(f"The UNet already has an adapter named {adapter_name!r}; pick another `adapter_name`.")
     if identity_loss is not None:
         check_callable(identity_loss, "identity_loss")
@@ -456,7 +456,7 @@ def finetune(
     a `KeyboardInterrupt` from a loss or callback), the new adapter is removed, the UNet's previous adapters are
     restored exactly (names, active set, scales, enabled flag) and the error is re-raised. On success the new adapter
     is the only active one, its weights are frozen, and its provenance (prompts, settings, package version) is
-    recorded with `lora.set_provenance`.
+    recorded with `lora_state.set_provenance`.
 
     Device and dtype: the whole pipeline is moved to the accelerator's device (``pipe.to(accelerator.device)``; the
     CPU for a CPU pipeline when no ``accelerator`` is given, else accelerate's device) and stays there. The base
@@ -603,7 +603,7 @@ def finetune(
         with tracking(accelerator, report_to, config, prompt_src, prompt_tar, **extra):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(config.seed)
-                lora.add_adapter(pipe.unet, config.lora, adapter_name)
+                lora_state.add_adapter(pipe.unet, config.lora, adapter_name)
                 # 5. Train it (from the checkpoint's weights, optimizer and random states when resuming), validating
                 with _adapter_training(run, adapter_name, unet_state) as trainer:
                     loss_history = fit(trainer, run)
@@ -611,7 +611,7 @@ def finetune(
             provenance = _provenance(
                 prompt_src, prompt_tar, direction_images, loss_fn, config, run.validation, keep_best
             )
-            lora.set_provenance(pipe.unet, adapter_name, provenance)
+            lora_state.set_provenance(pipe.unet, adapter_name, provenance)
     except BaseException:
         unet_state.discard(pipe.unet, adapter_name)
         raise
