@@ -21,7 +21,7 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from diffusionclip_pipeline.cli import checked
+    from diffusionclip_pipeline.commands import checked
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="hub id or folder (real models)")
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     from diffusionclip_pipeline import CLIPDirectionalLoss, DiffusionCLIPPipeline
-    from diffusionclip_pipeline.cli import set_num_threads
+    from diffusionclip_pipeline.commands import set_num_threads
     from diffusionclip_pipeline.evaluation import directional_clip_similarity, mean_absolute_error, ssim
     from diffusionclip_pipeline.image_io import read_images
 

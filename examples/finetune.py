@@ -22,7 +22,7 @@ import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from diffusionclip_pipeline.cli import checked
+    from diffusionclip_pipeline.commands import checked
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Pipeline folder, DDPM repository id/folder, or 'testbed'.")
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
     from accelerate import PartialState
 
-    from diffusionclip_pipeline.cli import load_pipeline, set_num_threads  # load: hub ids, folders, 'testbed'
+    from diffusionclip_pipeline.commands import load_pipeline, set_num_threads  # load: hub ids, folders, 'testbed'
     from diffusionclip_pipeline.finetune import FinetuneConfig, finetune
     from diffusionclip_pipeline.image_io import read_images
 

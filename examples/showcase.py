@@ -29,7 +29,7 @@ REAL_SETTINGS = dict(num_inversion_steps=40, num_train_steps=6, num_epochs=5, le
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from diffusionclip_pipeline.cli import checked
+    from diffusionclip_pipeline.commands import checked
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edit", choices=sorted(PRESETS), required=True)
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from diffusionclip_pipeline import DiffusionCLIPPipeline
-    from diffusionclip_pipeline.cli import set_num_threads
+    from diffusionclip_pipeline.commands import set_num_threads
     from diffusionclip_pipeline.image_io import image_grid, read_images, save_atomic
 
     args = parse_args(argv)

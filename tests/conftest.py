@@ -115,11 +115,11 @@ def clip_model(tokenizer) -> CLIPModel:
 @pytest.fixture
 def registry(monkeypatch):
     """A fresh CLI plugin registry: none registered, and the installed plugins' entry points hidden."""
-    from diffusionclip_pipeline import cli
+    from diffusionclip_pipeline.commands import registry
 
-    monkeypatch.setattr(cli, "_registry", cli._Registry())
-    monkeypatch.setattr(cli, "entry_points", lambda group: [])
-    return cli._registry
+    monkeypatch.setattr(registry, "_registry", registry._Registry())
+    monkeypatch.setattr(registry, "entry_points", lambda group: [])
+    return registry._registry
 
 
 @pytest.fixture

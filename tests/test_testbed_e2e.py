@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from diffusionclip_pipeline.cli import main
+from diffusionclip_pipeline.commands.main import main
 from diffusionclip_pipeline.finetune import FinetuneConfig
 from diffusionclip_pipeline.testbed import (
     RECOMMENDED_EDIT,

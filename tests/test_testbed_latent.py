@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from diffusionclip_pipeline.cli import main
+from diffusionclip_pipeline.commands.main import main
 from diffusionclip_pipeline.finetune import FinetuneConfig
 from diffusionclip_pipeline.pipeline_diffusionclip import NoAdapterWarning
 from diffusionclip_pipeline.testbed import LATENT_WEIGHTS_DIR, WEIGHTS_DIR, edit_success, load_pipeline, world

@@ -1,24 +1,23 @@
 """DiffusionCLIP for diffusers (Kim, Kwon, Ye, CVPR 2022, arXiv 2110.02711).
 
-The names below are imported when first used (PEP 562), so that `diffusionclip_pipeline.cli` (the ``diffusionclip``
-command) starts without importing torch, diffusers or transformers: ``diffusionclip --help`` and usage errors are
-quick. ``from diffusionclip_pipeline import DiffusionCLIPPipeline`` works as before.
+The names below are imported when first used (PEP 562), so that `diffusionclip_pipeline.commands` (the
+``diffusionclip`` command) starts without importing torch, diffusers or transformers: ``diffusionclip --help`` and
+usage errors are quick. ``from diffusionclip_pipeline import DiffusionCLIPPipeline`` works as before.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from ._version import __version__
 from .utils.lazy import lazy_exports
 
 _EXPORTS = {
-    "CLIPDirectionalLoss": "clip_loss",
-    "direction_loss": "clip_loss",
-    "FinetuneConfig": "finetune",
-    "FinetuneOutput": "finetune",
-    "NonFiniteLossError": "finetune",
+    "CLIPDirectionalLoss": "training",
+    "direction_loss": "training",
+    "FinetuneConfig": "training",
+    "FinetuneOutput": "training",
+    "NonFiniteLossError": "training",
     "DiffusionCLIPLoraLoaderMixin": "loaders",
     "DiffusionCLIPPipeline": "pipeline_diffusionclip",
     "NoAdapterWarning": "pipeline_diffusionclip",

@@ -10,7 +10,6 @@ Importing it warns with a `FutureWarning`.
 from __future__ import annotations
 
 import sys
-import types
 import warnings
 
 from .commands import (
@@ -25,9 +24,7 @@ from .commands import (
     register_model,
     set_num_threads,
 )
-from .commands import registry as _registry_module
 from .commands.main import build_parser, main
-from .commands.registry import _Registry  # noqa: F401  (old tests make a fresh one)
 from .utils.logging import quiet_loading
 
 __all__ = [
@@ -45,24 +42,6 @@ __all__ = [
     "register_model",
     "set_num_threads",
 ]
-
-_FORWARDED = ("_registry", "entry_points")  # set on this module, they are set on the registry (old monkeypatches)
-
-
-class _Shim(types.ModuleType):
-    def __getattr__(self, name: str):
-        if name in _FORWARDED:
-            return getattr(_registry_module, name)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _FORWARDED:
-            setattr(_registry_module, name, value)
-        else:
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Shim
 
 if __name__ == "__main__":
     sys.exit(main())

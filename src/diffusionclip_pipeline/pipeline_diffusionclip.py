@@ -47,7 +47,7 @@ from .utils.io import atomic_directory
 from .utils.locking import holds_unet_lock
 
 if TYPE_CHECKING:  # training is imported only when `finetune` runs: inference never loads it
-    from .finetune import FinetuneConfig, FinetuneOutput
+    from .training import FinetuneConfig, FinetuneOutput
 
 logger = logging.get_logger(__name__)
 
@@ -844,7 +844,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         Returns:
             [`FinetuneOutput`]: the adapter name and the loss of every optimizer step.
         """
-        from .finetune import FinetuneConfig, finetune  # training: imported only when it runs
+        from .training import FinetuneConfig, finetune  # training: imported only when it runs
 
         config = FinetuneConfig.from_kwargs(config, **kwargs)
         optional = dict(  # passed only when given, so that `finetune`'s own defaults apply

@@ -10,7 +10,7 @@ import torch
 from conftest import make_pipeline, random_images
 
 from diffusionclip_pipeline import CLIPDirectionalLoss, NoAdapterWarning
-from diffusionclip_pipeline.cli import main
+from diffusionclip_pipeline.commands.main import main
 from diffusionclip_pipeline.evaluation import (
     clip_score,
     directional_clip_similarity,

@@ -33,10 +33,10 @@ def test_fast_finetune_is_the_recommended_recipe_with_effdiffs_scheme():
 
 
 def test_testbed_registers_its_fast_presets_for_the_cli_flag():
-    from diffusionclip_pipeline import cli
+    from diffusionclip_pipeline import commands
 
-    cli.load_plugins()
-    testbed = cli._registry.models["testbed"]
+    commands.load_plugins()
+    testbed = commands.registered_models()["testbed"]
     assert testbed.settings("finetune", fast=True) == FAST_FINETUNE
     assert testbed.settings("edit", fast=True) == FAST_EDIT
-    assert not cli._registry.models["testbed-latent"].has_fast("edit")  # not measured there: no preset
+    assert not commands.registered_models()["testbed-latent"].has_fast("edit")  # not measured there: no preset

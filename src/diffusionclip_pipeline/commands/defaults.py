@@ -57,7 +57,9 @@ def edit_defaults(*names: str) -> dict[str, Any]:
 def rank_settings(rank: int) -> dict[str, Any]:
     """``lora_rank=rank`` with ``lora_alpha=rank``: the front-ends keep the LoRA scale alpha / r at 1 whatever the
     rank, as `FinetuneConfig`'s defaults do, so that a user changing only the rank does not also change the scale."""
-    return {"lora_rank": rank, "lora_alpha": float(rank)}
+    from ..loaders.lora_state import unit_scale_alpha  # the library's policy; imported when used (light --help)
+
+    return {"lora_rank": rank, "lora_alpha": unit_scale_alpha(rank)}
 
 
 def with_model_defaults(model: str, settings: dict, kind: str, fast: bool = False) -> dict:

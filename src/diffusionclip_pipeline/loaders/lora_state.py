@@ -38,6 +38,7 @@ __all__ = [
     "set_adapters_enabled",
     "set_provenance",
     "tuner_layers",
+    "unit_scale_alpha",
     "using_adapters",
 ]
 
@@ -69,6 +70,13 @@ class LoraSettings:
     @classmethod
     def from_peft(cls, config: LoraConfig) -> LoraSettings:
         return cls(rank=config.r, alpha=config.lora_alpha, target_modules=tuple(sorted(config.target_modules)))
+
+
+def unit_scale_alpha(rank: int) -> float:
+    """The ``lora_alpha`` that keeps the LoRA scale ``alpha / rank`` at 1 for ``rank``: the policy of the front-ends
+    (CLI, app), which offer the rank alone, so that a user changing the rank does not also change the scale (as
+    `FinetuneConfig`'s defaults, rank 4 and alpha 4)."""
+    return float(check_int(rank, "lora_rank", minimum=1, maximum=MAX_RANK))
 
 
 # ---- reading the state peft holds ----------------------------------------------------------------------------
