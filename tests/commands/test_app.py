@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 import zipfile
 
@@ -235,6 +236,42 @@ def test_client_examples_and_errors(client):
         client.predict([], "blue", 1.0, 400, app.NO_ADAPTER, 0.5, 0.5, api_name="/edit")
     with pytest.raises(AppError, match="no colour"):
         client.predict("a circle", api_name="/examples")
+
+
+def test_a_user_mistake_is_logged_as_one_line_not_a_traceback(client, capfd):
+    from gradio_client.exceptions import AppError
+
+    capfd.readouterr()
+    with pytest.raises(AppError, match="no colour"):
+        client.predict("a circle", api_name="/examples")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+    assert [line for line in err.splitlines() if "diffusionclip app: on_examples:" in line], err
+
+
+def test_the_app_command_prints_its_url_and_no_share_link_advice(tmp_path):
+    """Gradio's start-up lines advise ``share=True``, which this offline app never uses."""
+    pytest.importorskip("gradio")
+    port = str(free_port())
+    command = [sys.executable, "-m", "diffusionclip_pipeline.commands.app", "--port", port, "--threads", "1"]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "running on http://127.0.0.1:" in line:
+                break
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    output = "".join(lines)
+    assert "running on http://127.0.0.1:" in output, output
+    assert "share=True" not in output, output
 
 
 def test_served_page_is_offline(client):

@@ -395,7 +395,9 @@ def _user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (ValueError, TypeError, OSError) as error:
-            raise gr.Error(str(error).splitlines()[0] if str(error) else type(error).__name__) from error
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"diffusionclip app: {fn.__name__}: {message}", file=sys.stderr)  # one line, not a traceback
+            raise gr.Error(message, print_exception=False) from error
 
     return wrapper
 
@@ -546,11 +548,18 @@ def build_app(state: AppState):
 
 def launch(demo, host: str = "127.0.0.1", port: int | None = DEFAULT_PORT, block: bool = True):
     """Starts the app's server offline (no share link, no server-side rendering); returns gradio's
-    ``(app, local_url, share_url)``. ``block=False`` returns at once (tests; stop it with ``demo.close()``)."""
-    return demo.launch(
-        server_name=host, server_port=port, share=False, ssr_mode=False, prevent_thread_lock=not block,
-        inbrowser=False, mcp_server=False, quiet=not block, css=CSS, footer_links=["api", "settings"],
+    ``(app, local_url, share_url)``. ``block=False`` returns at once (tests; stop it with ``demo.close()``).
+
+    Gradio's own start-up lines are silenced: they advise ``share=True``, which this offline app never uses (see
+    docs/app.md for exposing it); the URL is printed here instead."""
+    result = demo.launch(
+        server_name=host, server_port=port, share=False, ssr_mode=False, prevent_thread_lock=True,
+        inbrowser=False, mcp_server=False, quiet=True, css=CSS, footer_links=["api", "settings"],
     )  # fmt: skip
+    if block:
+        print(f"diffusionclip app: running on {result[1]} (Ctrl-C stops it)", flush=True)
+        demo.block_thread()
+    return result
 
 
 # ---- the command ------------------------------------------------------------------------------------------------
