@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -45,6 +46,7 @@ from .utils.checks import (
 )
 from .utils.io import atomic_directory
 from .utils.locking import holds_unet_lock
+from .utils.logging import LogProgress
 
 if TYPE_CHECKING:  # training is imported only when `finetune` runs: inference never loads it
     from .training import FinetuneConfig, FinetuneOutput
@@ -250,6 +252,24 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                 self.register_modules(unet=adapted)
             if lora_state.adapter_names(adapted):
                 lora_file.save_adapters_folder(adapted, os.path.join(tmp, lora_file.ADAPTERS_FOLDER))
+
+    def progress_bar(self, iterable=None, total=None, desc: str | None = None):
+        """diffusers' progress bar, labelled ``desc`` (after the configured ``desc``, if any). Where the bars are set
+        to show on a terminal only (``set_progress_bar_config(disable=None)``, as the CLI and the demo do) and stderr
+        is not one (a log file, a CI job), progress is written as a line per 10 % instead (`LogProgress`)."""
+        config = dict(getattr(self, "_progress_bar_config", None) or {})
+        label = ": ".join(part for part in (config.get("desc"), desc) if part) or None
+        if "disable" in config and config["disable"] is None and not sys.stderr.isatty():
+            return LogProgress(iterable, total=total, desc=label)
+        previous = getattr(self, "_progress_bar_config", None)
+        self._progress_bar_config = {**config, "desc": label} if label else config
+        try:
+            return super().progress_bar(iterable, total)
+        finally:
+            if previous is None:
+                del self._progress_bar_config
+            else:
+                self._progress_bar_config = previous
 
     # ---- CLIP --------------------------------------------------------------------------------------------------
 
@@ -545,7 +565,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         # 4. DDIM eq. (12) run forward from the image's latents, eps of the original model at the source level
         latents = self.encode_image(x0)
         with self._original_model():  # once for the loop, not per call
-            for t in self.progress_bar(steps):
+            for t in self.progress_bar(steps, desc="inversion"):
                 source_t = max(inverse_scheduler.source_timestep(t), 0)
                 noise_pred = self._predict_noise(latents, source_t, condition=condition)
                 next_latents = inverse_scheduler.step(noise_pred, t, latents).prev_sample
@@ -683,7 +703,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         # 3. Generation grid [t0, ..., 0] on the family's scheduler
         scheduler = self.family.generation_scheduler(self.family.timesteps(t0, num_inference_steps))
         # 4. Denoising loop with the current (adapted) UNet, or the mix of original and adapted predictions
-        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
+        for i, t in enumerate(self.progress_bar(scheduler.timesteps, desc="generation")):
             noise_pred = self._mixed_noise(latents, t, mix, condition)
             if unconditional is not None:  # classifier-free guidance (generation only, lossy: see the docstring)
                 noise_uncond = self._mixed_noise(latents, t, mix, unconditional)
@@ -763,7 +783,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         condition = self.encode_prompt(None, x0.shape[0])
         scheduler = self.family.generation_scheduler(self.family.timesteps(t0, num_denoise_steps))
         # 3. Rounds of q-sampling to t0 and deterministic DDIM back with the original model
-        for _ in self.progress_bar(range(n_iter)):
+        for _ in self.progress_bar(range(n_iter), desc="translation"):
             x = self.noise_to(x0, t0, generator)
             for t in scheduler.timesteps:
                 x = scheduler.step(self._predict_noise(x, t, adapted=False, condition=condition), t, x).prev_sample
