@@ -33,14 +33,13 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
-    from .clip_loss import CLIPDirectionalLoss, direction_loss
     from .families.unet_adapter_api import LoraUNet2DModel
-    from .finetune import FinetuneConfig, FinetuneOutput, NonFiniteLossError
     from .loaders import DiffusionCLIPLoraLoaderMixin
     from .pipeline_diffusionclip import DiffusionCLIPPipeline, NoAdapterWarning
     from .pipeline_output import DiffusionCLIPInversionOutput, DiffusionCLIPPipelineOutput
     from .scheduling_ddim_grid import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timesteps
     from .templates import IMAGENET_TEMPLATES
+    from .training import CLIPDirectionalLoss, FinetuneConfig, FinetuneOutput, NonFiniteLossError, direction_loss
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -807,31 +807,13 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
 
     @holds_unet_lock
     def finetune(
-        self,
-        prompt_src: str,
-        prompt_tar: str,
-        images=None,
-        config: FinetuneConfig | None = None,
-        adapter_name: str = "default",
-        identity_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        source_images=None,
-        target_images=None,
-        cache_dir: str | os.PathLike | None = None,
-        checkpoint_dir: str | os.PathLike | None = None,
-        checkpoint_every: int | None = None,
-        resume_from: str | os.PathLike | None = None,
-        loss_vae=None,
-        validation_images=None,
-        validation_epochs: int = 1,
-        keep_best: str | None = None,
-        keep_best_min_ssim: float | None = None,
-        report_to: str | None = None,
-        logging_dir: str | os.PathLike | None = None,
-        **kwargs,
+        self, prompt_src: str, prompt_tar: str, images=None, config: FinetuneConfig | None = None, **kwargs
     ) -> FinetuneOutput:
         r"""
         Fine-tunes a LoRA adapter of the UNet so that editing moves images from ``prompt_src`` to ``prompt_tar``
         (DiffusionCLIP, arXiv 2110.02711, Sec. 3.2: directional CLIP loss + L1 identity term, on precomputed latents).
+        A forwarder to [`~training.finetune`], which documents every argument; training is imported only when this
+        runs, so that inference never loads it.
 
         Args:
             prompt_src (`str`): Text describing the source domain, e.g. ``"face"``.
@@ -840,46 +822,20 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                 ``config.num_sampled_images`` images from the model itself (seeded DDIM).
             config ([`FinetuneConfig`], *optional*): Settings; single fields can also be given as keyword arguments
                 (``pipe.finetune(src, tar, num_epochs=5, lora_rank=8)``).
-            adapter_name (`str`, *optional*, defaults to `"default"`): Name of the new adapter (letters, digits, ``_``,
-                ``-``); it becomes the only active one. If the run fails or is interrupted, it is discarded and the
-                adapters are restored as they were.
-            identity_loss (`Callable`, *optional*): ``fn(x0_source, x0_pred) -> per-sample loss`` (e.g. a face
-                identity loss), weighted by ``identity_loss_weight``.
-            source_images / target_images (*optional*): Image-guided direction: the CLIP image embeddings' mean
-                difference (target minus source) replaces the text direction.
-            cache_dir (`str`, *optional*): Folder for the precomputed latents, keyed by image content, ``t0``, step
-                count and the base UNet's weights.
-            checkpoint_dir (`str`, *optional*): Folder for resumable checkpoints (adapter, optimizer, RNG states,
-                epoch and step, settings), written atomically every ``checkpoint_every`` optimizer steps.
-            checkpoint_every (`int`, *optional*): Optimizer steps between checkpoints (needs ``checkpoint_dir``).
-            loss_vae ([`~diffusers.AutoencoderTiny`], *optional*): Latent models: a small decoder of the same latent
-                space (TAESD) that decodes ``x0_hat`` for the loss only (see `finetune.finetune`).
-            resume_from (`str`, *optional*): A checkpoint folder to continue from; the final adapter is then bit
-                for bit the one an uninterrupted run gives. Settings that differ from the checkpoint's are an error.
-            validation_images (*optional*), validation_epochs (`int`, *optional*, defaults to 1), keep_best (`str`,
-                *optional*), keep_best_min_ssim (`float`, *optional*), report_to (`str`, *optional*), logging_dir
-                (`str`, *optional*): Validation on held-out images during training, best-epoch selection and
-                trackers (see `finetune.finetune`).
+            **kwargs: `FinetuneConfig` fields, and the options of [`~training.finetune`]: ``adapter_name`` (default
+                ``"default"``; a failed or interrupted run discards it and restores the adapters as they were),
+                ``identity_loss``, ``source_images`` / ``target_images`` (an image-guided direction), ``cache_dir``
+                (cached latents), ``checkpoint_dir`` / ``checkpoint_every`` / ``resume_from`` (resumable, bit for
+                bit), ``loss_vae`` (e.g. TAESD, decoding ``x0_hat`` for the loss only), ``validation_images`` /
+                ``validation_epochs`` / ``keep_best`` / ``keep_best_min_ssim`` / ``report_to`` / ``logging_dir``
+                (held-out validation, best-epoch selection, trackers) and ``accelerator``.
 
         Returns:
             [`FinetuneOutput`]: the adapter name and the loss of every optimizer step.
         """
         from .training import FinetuneConfig, finetune  # training: imported only when it runs
 
+        options = inspect.signature(finetune).parameters
+        forwarded = {name: kwargs.pop(name) for name in list(kwargs) if name in options}
         config = FinetuneConfig.from_kwargs(config, **kwargs)
-        optional = dict(  # passed only when given, so that `finetune`'s own defaults apply
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            resume_from=resume_from,
-            loss_vae=loss_vae,
-            validation_images=validation_images,
-            keep_best=keep_best,
-            keep_best_min_ssim=keep_best_min_ssim,
-            report_to=report_to,
-            logging_dir=logging_dir,
-        )
-        return finetune(
-            self, prompt_src, prompt_tar, images=images, config=config, adapter_name=adapter_name,
-            identity_loss=identity_loss, source_images=source_images, target_images=target_images, cache_dir=cache_dir,
-            validation_epochs=validation_epochs, **{k: v for k, v in optional.items() if v is not None},
-        )  # fmt: skip
+        return finetune(self, prompt_src, prompt_tar, images=images, config=config, **forwarded)
