@@ -28,7 +28,7 @@ def build_pipeline(model: str, device: str):
     from diffusers import DDPMScheduler
 
     from diffusionclip_pipeline import DiffusionCLIPPipeline
-    from diffusionclip_pipeline.lora import LoraSettings, add_adapter
+    from diffusionclip_pipeline.loaders.lora_state import LoraSettings, add_adapter
 
     unet = build_unet(model).eval()
     add_adapter(unet, LoraSettings(), "bench")  # edits run with an adapter, as a user's do
@@ -55,8 +55,8 @@ def time_it(fn, repeats: int, device) -> float:
 
 
 def measure(pipe, batch: int, t0: int, steps: int, repeats: int) -> tuple[float, float]:
-    from diffusionclip_pipeline.lora import adapters_disabled
-    from diffusionclip_pipeline.schedule import ddim_timesteps
+    from diffusionclip_pipeline.loaders.lora_state import adapters_disabled
+    from diffusionclip_pipeline.scheduling_ddim_grid import ddim_timesteps
 
     device = pipe.device
     size = pipe.unet.config.sample_size

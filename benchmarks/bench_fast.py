@@ -165,8 +165,8 @@ def worker(cfg: dict) -> dict:
     from accelerate import Accelerator
 
     from diffusionclip_pipeline import DiffusionCLIPPipeline
-    from diffusionclip_pipeline.lora import adapter_parameters, add_adapter
-    from diffusionclip_pipeline.schedule import GridDDIMScheduler, ddim_timesteps
+    from diffusionclip_pipeline.loaders.lora_state import adapter_parameters, add_adapter
+    from diffusionclip_pipeline.scheduling_ddim_grid import GridDDIMScheduler, ddim_timesteps
     from diffusionclip_pipeline.training.config import FinetuneConfig
     from diffusionclip_pipeline.training.losses import build_losses
     from diffusionclip_pipeline.training.trainer import TRAINING_SCHEMES, Trainer

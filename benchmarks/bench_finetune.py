@@ -85,8 +85,9 @@ def worker(cfg: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from diffusionclip_pipeline.lora import LoraSettings, adapter_parameters, add_adapter, save_adapter
-    from diffusionclip_pipeline.schedule import GridDDIMScheduler, ddim_timesteps
+    from diffusionclip_pipeline.loaders.lora_file import save_adapter
+    from diffusionclip_pipeline.loaders.lora_state import LoraSettings, adapter_parameters, add_adapter
+    from diffusionclip_pipeline.scheduling_ddim_grid import GridDDIMScheduler, ddim_timesteps
     from diffusionclip_pipeline.training.losses import direction_loss
 
     torch.set_num_threads(cfg["threads"])

@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     from accelerate import PartialState
 
     from diffusionclip_pipeline.commands import load_pipeline, set_num_threads  # load: hub ids, folders, 'testbed'
-    from diffusionclip_pipeline.finetune import FinetuneConfig, finetune
     from diffusionclip_pipeline.image_io import read_images
+    from diffusionclip_pipeline.training import FinetuneConfig, finetune
 
     args = parse_args(argv)
     set_num_threads(args.threads, recommended=1 if args.model == "testbed" else None)

@@ -8,7 +8,6 @@ import torch
 from safetensors import safe_open
 
 from diffusionclip_pipeline.commands.main import main
-from diffusionclip_pipeline.finetune import FinetuneConfig
 from diffusionclip_pipeline.testbed import (
     RECOMMENDED_EDIT,
     RECOMMENDED_FINETUNE,
@@ -17,6 +16,7 @@ from diffusionclip_pipeline.testbed import (
     load_pipeline,
 )
 from diffusionclip_pipeline.testbed.demo import run_demo, run_edit_experiment
+from diffusionclip_pipeline.training import FinetuneConfig
 
 
 def test_shipped_weights_are_small_and_load_offline(monkeypatch):

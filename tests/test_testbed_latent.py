@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 
 from diffusionclip_pipeline.commands.main import main
-from diffusionclip_pipeline.finetune import FinetuneConfig
 from diffusionclip_pipeline.pipeline_diffusionclip import NoAdapterWarning
 from diffusionclip_pipeline.testbed import LATENT_WEIGHTS_DIR, WEIGHTS_DIR, edit_success, load_pipeline, world
 from diffusionclip_pipeline.testbed.demo import run_edit_experiment
 from diffusionclip_pipeline.testbed.settings import recommended
+from diffusionclip_pipeline.training import FinetuneConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

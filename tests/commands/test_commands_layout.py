@@ -69,7 +69,7 @@ def test_registered_models_is_a_read_only_view(registry):
 
 
 def test_cli_shim_warns_and_reexports(registry, monkeypatch):
-    monkeypatch.delitem(sys.modules, "diffusionclip_pipeline.cli")  # imported afresh here, put back after
+    monkeypatch.delitem(sys.modules, "diffusionclip_pipeline.cli", raising=False)  # imported afresh here
     with pytest.warns(FutureWarning, match="moved to `diffusionclip_pipeline.commands`"):
         cli = importlib.import_module("diffusionclip_pipeline.cli")
     for name in cli.__all__:

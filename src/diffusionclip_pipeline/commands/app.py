@@ -228,7 +228,7 @@ class _NullFile:
         pass
 
 
-def _reporting_bar(report: Callable, iterable=None, total=None):
+def _reporting_bar(report: Callable, iterable=None, total=None, desc: str | None = None):
     """A tqdm bar (what `pipe.progress_bar` returns, so every tqdm method works) that draws nothing and calls
     ``report(done, total, postfix)`` after every step; ``postfix`` is what `finetune` shows (``postfix["loss"]``)."""
     from tqdm.auto import tqdm

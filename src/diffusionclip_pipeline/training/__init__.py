@@ -16,8 +16,9 @@ uses) does not import the trainer.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..utils.lazy import lazy_exports
 
 _EXPORTS = {
     "FinetuneConfig": "config",
@@ -46,7 +47,4 @@ if TYPE_CHECKING:
     from .trainer import Trainer, finetune, fit
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -131,7 +131,7 @@ class ProgressLog:
     left) and the loss of every batch to the accelerator's trackers (``train/loss``, at the optimizer-step count)."""
 
     def __init__(self, pipe, accelerator, total: int, done: int = 0):
-        self.bar = pipe.progress_bar(total=total)
+        self.bar = pipe.progress_bar(total=total, desc="fine-tuning")  # the inversion pre-pass says "inversion"
         if done:  # a resumed run: rate and time left from this run's batches only
             self.bar.n = self.bar.last_print_n = self.bar.initial = done
         self.accelerator = accelerator
