@@ -21,6 +21,7 @@ _EXPORTS = {
     "DiffusionCLIPLoraLoaderMixin": "loaders",
     "DiffusionCLIPPipeline": "pipeline_diffusionclip",
     "NoAdapterWarning": "pipeline_diffusionclip",
+    "NonFiniteResultError": "pipeline_diffusionclip",
     "DiffusionCLIPInversionOutput": "pipeline_output",
     "DiffusionCLIPPipelineOutput": "pipeline_output",
     "GridDDIMInverseScheduler": "scheduling_ddim_grid",
@@ -35,7 +36,7 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from .families.unet_adapter_api import LoraUNet2DModel
     from .loaders import DiffusionCLIPLoraLoaderMixin
-    from .pipeline_diffusionclip import DiffusionCLIPPipeline, NoAdapterWarning
+    from .pipeline_diffusionclip import DiffusionCLIPPipeline, NoAdapterWarning, NonFiniteResultError
     from .pipeline_output import DiffusionCLIPInversionOutput, DiffusionCLIPPipelineOutput
     from .scheduling_ddim_grid import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timesteps
     from .templates import IMAGENET_TEMPLATES

@@ -25,7 +25,7 @@ from diffusers import (
 from diffusers.utils import logging, replace_example_docstring
 
 from .choices import ENCODINGS, INVERSION_STARTS, OUTPUT_TYPES
-from .families import ModelFamily, check_components, check_layout
+from .families import ModelFamily, check_components, check_layout, check_loaded
 from .families.unet_adapter_api import plain_unet, with_adapter_api
 from .image_processing import postprocess_image, preprocess_image
 from .loaders import DiffusionCLIPLoraLoaderMixin, lora_file, lora_state
@@ -70,6 +70,15 @@ EXAMPLE_DOC_STRING = """
         >>> edited = pipe.edit(image, t0=500).images[0]
         ```
 """
+
+
+class NonFiniteResultError(ValueError):
+    """A call produced NaN or infinite values: raised instead of returning an image that would come out black."""
+
+
+def _check_finite_result(tensor: torch.Tensor, what: str, causes: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteResultError(f"{what} holds NaN or infinite values; likely cause: {causes}.")
 
 
 class NoAdapterWarning(UserWarning):
@@ -222,6 +231,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         """
         check_layout(pretrained_model_name_or_path, kwargs)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        check_loaded(pipe)  # every weight present and finite, a valid noise schedule
         for component in (pipe.unet, pipe.vae, pipe.vqvae):
             if component is not None:
                 _align_tensors(component)
@@ -357,6 +367,14 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             return self.family.predict(self.unet, sample, timestep, condition)
         with self._original_model():
             return self.family.predict(self.unet, sample, timestep, condition)
+
+    def _likely_causes(self, edit_strength: float, eta: float, adapters) -> str:
+        """What can make an edit non-finite, with this call's values (for `NonFiniteResultError`)."""
+        weights = adapters if adapters is not None else lora_state.adapter_weights(self.unet)
+        return (
+            f"`edit_strength`={edit_strength:g}, `eta`={eta:g}, the adapters' weights {dict(weights)!r:.200}, the "
+            "given `latents`, or an adapter's own weights (far too large after a diverged fine-tuning)"
+        )
 
     def _original_model(self):
         """Context in which the UNet is the original model (every adapter bypassed); refused while adapters are
@@ -574,6 +592,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                     noise_pred = self._predict_noise(next_latents, t, condition=condition)
                     next_latents = inverse_scheduler.step(noise_pred, t, latents).prev_sample
                 latents = next_latents
+        _check_finite_result(latents, "The inversion", "the original UNet's weights, or the input image")
         return latents, timesteps, x0
 
     # ---- editing ---------------------------------------------------------------------------------------------
@@ -716,8 +735,11 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                 callback_outputs = callback_on_step_end(self, i, int(t), callback_kwargs)
                 if callback_outputs is not None:
                     latents = callback_outputs.get("latents", latents)
-        # 5. Post-process
-        images = postprocess_image(self.decode_latents(latents), output_type)
+        # 5. Post-process (a non-finite result is an error, never an image)
+        _check_finite_result(latents, "The edit", self._likely_causes(edit_strength, eta, adapters))
+        decoded = self.decode_latents(latents)
+        _check_finite_result(decoded, "The decoded edit", "the autoencoder overflowed (an fp16 VAE: decode in fp32)")
+        images = postprocess_image(decoded, output_type)
         self.maybe_free_model_hooks()
         generation_grid = [int(t) for t in scheduler.timesteps]
         if not return_dict:

@@ -44,8 +44,11 @@ def ddim_timesteps(t0: int, num_steps: int, num_train_timesteps: int = 1000) -> 
     num_steps = check_positive_int(num_steps, "num_steps")
     if num_steps == 1:
         return [int(t0)]
-    grid = [int(s) for s in np.linspace(0.0, 1.0, int(num_steps)) * int(t0)]
-    unique = sorted(set(grid))
+    if num_steps > t0 + 1:  # every integer in [0, t0] is hit: no need to build a huge linspace (1e9 steps: 7.5 GiB)
+        grid, unique = range(num_steps), list(range(int(t0) + 1))
+    else:
+        grid = [int(s) for s in np.linspace(0.0, 1.0, int(num_steps)) * int(t0)]
+        unique = sorted(set(grid))
     if len(unique) < len(grid):
         warnings.warn(
             f"{num_steps} steps do not fit between 0 and t0={t0}: using the {len(unique)} distinct integer "

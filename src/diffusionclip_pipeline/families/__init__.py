@@ -10,6 +10,7 @@ Diffusion 1.x / 2.x (`sd`: ``vae`` = `AutoencoderKL`, ``text_encoder`` + ``token
 
 from __future__ import annotations
 
+import json
 import os
 
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel, VQModel
@@ -19,7 +20,22 @@ from .ldm import LatentFamily
 from .pixel import PixelFamily
 from .sd import StableDiffusionFamily
 
-__all__ = ["FAMILIES", "LatentFamily", "ModelFamily", "PixelFamily", "StableDiffusionFamily", "check_components"]
+__all__ = [
+    "FAMILIES",
+    "LatentFamily",
+    "ModelFamily",
+    "PixelFamily",
+    "StableDiffusionFamily",
+    "check_components",
+    "check_layout",
+    "check_loaded",
+]
+
+# Bounds on sizes read from a folder's configs before anything is allocated from them: crafted values (10**9
+# training timesteps, a 10**6-pixel sample size) would otherwise allocate gigabytes while loading. Real models use
+# 1000 timesteps (a few use 4000) and sample sizes up to 256 (pixels) or 128 (latents).
+MAX_NUM_TRAIN_TIMESTEPS = 10_000
+MAX_SAMPLE_SIZE = 4096
 
 # the first whose `matches` accepts a component set is its family
 FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionFamily, LatentFamily, PixelFamily)
@@ -60,9 +76,56 @@ def check_layout(pretrained_model_name_or_path, kwargs: dict) -> None:
         config = DiffusionPipeline.load_config(path, **load_kwargs)
     except (OSError, ValueError):
         return  # let `from_pretrained` report the missing or unreachable repository in its own words
+    if os.path.isdir(path):
+        _check_folder_configs(path)
     name = str(config.get("_class_name", ""))
     if any(name.startswith(prefix) for prefix in UNSUPPORTED_PIPELINES) or "text_encoder_2" in config:
         raise ValueError(
             f"{path!r} is a {name or 'two-text-encoder'} repository: DiffusionCLIPPipeline supports DDPM, LDM and "
             "Stable Diffusion 1.x / 2.x layouts (SDXL and later are not supported)."
+        )
+
+
+def _check_folder_configs(path: str) -> None:
+    """Bounds on the sizes a local folder's scheduler and UNet configs ask for (see `MAX_NUM_TRAIN_TIMESTEPS`)."""
+    bounds = {
+        os.path.join("scheduler", "scheduler_config.json"): ("num_train_timesteps", MAX_NUM_TRAIN_TIMESTEPS),
+        os.path.join("unet", "config.json"): ("sample_size", MAX_SAMPLE_SIZE),
+    }
+    for name, (key, limit) in bounds.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            with open(file, encoding="utf-8") as f:
+                value = json.load(f).get(key)
+        except (OSError, ValueError, RecursionError, AttributeError) as error:
+            raise ValueError(f"{file!r} is not a readable JSON config: {type(error).__name__}.") from error
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(
+            v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit) for v in values
+        ):
+            raise ValueError(f"{file!r} sets `{key}` to {value!r:.60}; this package accepts integers in [1, {limit}].")
+
+
+def check_loaded(pipe) -> None:
+    """After loading: every weight is materialised (not left on the ``meta`` device by a folder with missing weight
+    files) and finite, and the noise schedule is a valid one (``0 < beta < 1``, so ``alphas_cumprod`` decreases in
+    (0, 1)). A `ValueError` naming the component; nothing would otherwise fail until an edit came out black."""
+    import torch
+
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for key, tensor in [*component.named_parameters(), *component.named_buffers()]:
+            if tensor.device.type == "meta":
+                raise ValueError(f"`{name}` has no weights for `{key}` (missing or incomplete weight files).")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"`{name}`'s weight `{key}` holds NaN or infinite values.")
+    betas = getattr(pipe.scheduler, "betas", None)
+    if betas is not None and not bool(((betas > 0) & (betas < 1)).all()):
+        raise ValueError(
+            f"The scheduler's betas must lie in (0, 1), got values in [{float(betas.min()):.3g}, "
+            f"{float(betas.max()):.3g}] (beta_start={pipe.scheduler.config.get('beta_start')!r}, "
+            f"beta_end={pipe.scheduler.config.get('beta_end')!r})."
         )
