@@ -11,6 +11,10 @@ with `testbed.edit_success`. About 80-100 s per edit of 64 images on one CPU thr
     python scripts/testbed/edits.py --edit-set num_fixed_point_iterations=1       # exact inversion when editing
     python scripts/testbed/edits.py --single-clip                     # the shipped CLIP alone (no clip_2/)
     python scripts/testbed/edits.py --kind latent                     # the latent test-bed, its recommendations
+    python scripts/testbed/edits.py --save-images build/edits          # also keep the images, to score them again
+
+Since 2026-12-06 `edit_success` is shape-aware: a colour edit must also keep the source's shape (``shape_ok``), so the
+"shape" column is filled for colour edits too.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +54,10 @@ def main() -> None:
     p.add_argument("--single-clip", action="store_true", help="leave out the second CLIP (clip_2/): one CLIP loss")
     p.add_argument("--json", help="also append the results here (JSON lines)")
     p.add_argument("--kind", choices=("pixel", "latent"), default="pixel", help="which test-bed")
+    p.add_argument("--save-images", metavar="DIR",
+                   help="write each edit's source and edited images (uint8 arrays 'sources' and 'edited') to "
+                        "DIR/<source>-<target>-<shape>[-<target shape>]-<kind>-seed<seed>.npz, to score them again "
+                        "without fine-tuning")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -79,6 +88,13 @@ def main() -> None:
             num_test=args.num_test, seed=args.seed, finetune_kwargs=overrides, edit_kwargs=edit_overrides,
         )  # fmt: skip
         c = result["criteria"]
+        if args.save_images:
+            os.makedirs(args.save_images, exist_ok=True)
+            np.savez_compressed(
+                os.path.join(args.save_images, f"{spec.replace(':', '-')}-{args.kind}-seed{args.seed}.npz"),
+                sources=np.stack([np.asarray(im) for im in result["sources"]]),
+                edited=np.stack([np.asarray(im) for im in result["edited"]]),
+            )
         bg = sum(r["background"] for r in result["reports"]) / len(result["reports"])
 
         def pct(key, c=c):

@@ -101,7 +101,7 @@ def load_done(path: str) -> set:
     return done
 
 
-def run(pipe, counter, ft_name, edit_names, seed, pair, num_train, num_test, out, done):
+def run(pipe, counter, ft_name, edit_names, seed, pair, num_train, num_test, out, done, save_images=None):
     source, target, shape = pair.split(":")
     todo = [e for e in edit_names if (ft_name, e, seed, pair, num_test) not in done]
     if not todo:
@@ -129,6 +129,13 @@ def run(pipe, counter, ft_name, edit_names, seed, pair, num_train, num_test, out
         edit_calls, edit_per_image = counter.calls["no_grad"], counter.total_images() / num_test
         reports = [world.edit_success(s, e, target_colour=target) for s, e in zip(test, out_e.images)]
         criteria = [k for k in reports[0] if k.endswith("_ok")]
+        if save_images:  # to score the same edits again without fine-tuning
+            os.makedirs(save_images, exist_ok=True)
+            np.savez_compressed(
+                os.path.join(save_images, f"{ft_name}-{e_name}-seed{seed}-{pair.replace(':', '-')}.npz"),
+                sources=np.stack([np.asarray(im) for im in test]),
+                edited=np.stack([np.asarray(im) for im in out_e.images]),
+            )
         # the unedited round trip: the same x_t0, the same generation grid, the original UNet (edit_strength 0)
         rt_kwargs = {k: v for k, v in ek.items() if k not in ("num_inversion_steps", "encoding", "inversion_start")}
         counter.reset()
@@ -164,6 +171,7 @@ def main() -> None:
     p.add_argument("--num-train", type=int, default=16)
     p.add_argument("--num-test", type=int, default=32)
     p.add_argument("--out", default="build/fast_search.jsonl")
+    p.add_argument("--save-images", metavar="DIR", help="write each edit's source and edited images (npz) to DIR")
     p.add_argument("--list", action="store_true", help="print the presets and exit")
     args = p.parse_args()
     if args.list:
@@ -178,7 +186,8 @@ def main() -> None:
     for pair in args.pairs:
         for seed in args.seeds:
             for ft_name in args.finetunes:
-                run(pipe, counter, ft_name, args.edits, seed, pair, args.num_train, args.num_test, args.out, done)
+                sizes = (args.num_train, args.num_test)
+                run(pipe, counter, ft_name, args.edits, seed, pair, *sizes, args.out, done, args.save_images)
 
 
 if __name__ == "__main__":

@@ -71,14 +71,15 @@ def main(argv=None) -> None:
     # 1. strength
     pipe.finetune("red circle", "blue circle", images=train, adapter_name="blue", **RECOMMENDED_FINETUNE)
     print("\n1. edit strength r (red circle -> blue circle): mean share of blue foreground pixels")
-    print("| r | blue share | success |\n|---|---|---|")
+    print("| r | blue share | shape kept | success |\n|---|---|---|---|")
     shares = []
     for r in (0.0, 0.25, 0.5, 0.75, 1.0):
         edited = pipe.edit(test, edit_strength=r, **RECOMMENDED_EDIT).images
         share = np.mean([colour_fraction(e, "blue", foreground_mask(e)) for e in edited])
-        success = np.mean([edit_success(s, e, target_colour="blue")["success"] for s, e in zip(test, edited)])
+        reports = [edit_success(s, e, target_colour="blue") for s, e in zip(test, edited)]
+        kept, success = np.mean([r["shape_ok"] for r in reports]), np.mean([r["success"] for r in reports])
         shares.append(share)
-        print(f"| {r:.2f} | {share:.3f} | {success:.0%} |")
+        print(f"| {r:.2f} | {share:.3f} | {kept:.0%} | {success:.0%} |")
     print(f"monotonic in r: {all(b >= a for a, b in zip(shares, shares[1:]))}")
 
     # 2. multi-attribute
