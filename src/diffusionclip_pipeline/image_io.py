@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 
 import PIL.Image
+import PIL.ImageOps
 
 from .utils.io import atomic_write
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "image_grid", "read_image", "read_images", "save_atomic", "unique_stems"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageConversionWarning",
+    "as_model_input",
+    "find_images",
+    "image_grid",
+    "read_image",
+    "read_images",
+    "save_atomic",
+    "unique_stems",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -38,19 +50,73 @@ def find_images(paths: list[str]) -> list[str]:
     return files
 
 
-def read_image(path: str) -> PIL.Image.Image:
-    """The image at ``path``, fully read and converted to RGB.
+class ImageConversionWarning(UserWarning):
+    """An input image lost information on the way to the model (transparency, the frames after the first)."""
+
+
+# 16-bit and float grey: kept as they are, `image_processing` scales them by their real range (RGB would clip them)
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def as_model_input(
+    image: PIL.Image.Image, name: str = "image", on_loss: Callable[[str], None] | None = None
+) -> PIL.Image.Image:
+    """``image`` as the model takes it, decoded; each choice is the one an image viewer makes:
+
+    - the EXIF orientation is applied (a phone's portrait photo stays upright);
+    - 16-bit and float grey images (modes ``I;16``, ``I``, ``F``) are kept as they are: `image_processing` scales them
+      by their real range (0-65535, [0, 1]), where ``convert("RGB")`` would clip them to white;
+    - transparent areas are composited onto white, with an `ImageConversionWarning` (the model has no alpha);
+    - of an animation (GIF, APNG, WebP) only the first frame is used, with an `ImageConversionWarning`;
+    - every other mode is converted to RGB.
+
+    ``on_loss(message)`` is called instead of the warning when given (a server collects the messages of one request
+    this way: `warnings.catch_warnings` is not thread-safe).
+    """
+    on_loss = on_loss or (lambda message: warnings.warn(message, ImageConversionWarning, stacklevel=4))
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        on_loss(f"{name} has {frames} frames (an animation): only the first is used.")
+        image.seek(0)
+    image = PIL.ImageOps.exif_transpose(image)  # a copy (decoded), upright
+    if image.mode in WIDE_MODES:
+        return image
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:
+            on_loss(f"{name} has transparent areas: they are composited onto white.")
+            white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+        return rgba.convert("RGB")
+    return image.convert("RGB")
+
+
+def read_image(
+    path: str, max_pixels: int | None = None, on_loss: Callable[[str], None] | None = None
+) -> PIL.Image.Image:
+    """The image at ``path``, fully read, as the model takes it (`as_model_input`: upright, RGB or 16-bit/float grey,
+    transparency onto white and only an animation's first frame, each with a warning).
+
+    Args:
+        path (`str`): The image file.
+        max_pixels (`int`, *optional*): Refuse images of more pixels than this (read from the header, before any
+            pixel is decoded); PIL's own decompression-bomb limit applies in any case.
+        on_loss (`Callable[[str], None]`, *optional*): Called with each message instead of the
+            `ImageConversionWarning` (see `as_model_input`).
 
     Raises:
-        `OSError` naming ``path``: not an image PIL can read, truncated, or larger than PIL's decompression-bomb
-        limit (``PIL.Image.MAX_IMAGE_PIXELS``; a file whose header claims, say, 30000x30000 pixels is refused before
-        any pixel is decoded).
+        `OSError` naming ``path``: not an image PIL can read, truncated, larger than ``max_pixels`` or than PIL's
+        decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``; a file whose header claims, say, 30000x30000 pixels
+        is refused before any pixel is decoded).
     """
     try:
         with warnings.catch_warnings():  # PIL only warns between 1x and 2x its limit: refuse those too
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
             with PIL.Image.open(path) as image:
-                return image.convert("RGB")
+                if max_pixels is not None and image.width * image.height > max_pixels:
+                    raise OSError(f"{image.width}x{image.height} pixels, more than the {max_pixels} allowed")
+                return as_model_input(image, os.path.basename(path), on_loss)
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
         raise OSError(f"cannot read image {path}: refused as a possible decompression bomb ({error})") from error
     except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken files
@@ -58,7 +124,7 @@ def read_image(path: str) -> PIL.Image.Image:
 
 
 def read_images(paths: list[str]) -> tuple[list[PIL.Image.Image], list[str]]:
-    """Images from files and folders (a folder's images sorted by name), converted to RGB.
+    """Images from files and folders (a folder's images sorted by name), as the model takes them (`read_image`).
 
     Args:
         paths (`list[str]`): Image files and folders; a folder contributes its files ending in `IMAGE_SUFFIXES`.

@@ -19,19 +19,23 @@ reads the registered models through `registry.registered_models` and their defau
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import functools
+import inspect
 import os
 import re
 import shutil
 import sys
 import tempfile
-import zipfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+from .app_limits import AppLimits, FinetuneStopped
 from .errors import CLIError
 from .loading import load_pipeline
 from .options import checked
@@ -44,11 +48,13 @@ if TYPE_CHECKING:
 # every command, so torch, the package's models and gradio are imported by the functions that need them.
 
 __all__ = [
+    "AppLimits",
     "AppState",
     "EditResult",
     "FinetuneResult",
     "add_arguments",
     "build_app",
+    "delete_adapter",
     "edit_images",
     "example_images",
     "export_adapter",
@@ -71,38 +77,46 @@ INSTALL_HINT = 'the app needs gradio: pip install "diffusionclip-pipeline[app]" 
 @dataclass
 class AppState:
     """What every browser tab shares: the pipeline (with its loaded adapters), the settings recommended for its model,
-    the model's renderer of example images (``render(prompt, n, seed)``, a plugin's, or `None`), and a temporary
-    folder for the adapters offered as downloads (removed with the state)."""
+    the model's renderer of example images (``render(prompt, n, seed)``, a plugin's, or `None`), the folders a
+    web user may load adapters from by path (``adapter_roots``; the app's temporary folder is always one), the bounds
+    on every request (`AppLimits`), the adapters no request may delete (``protected``: those the model came with),
+    and a temporary folder for the adapters offered as downloads (removed with the state)."""
 
     pipe: object
     model: str = TESTBED
     edit_defaults: dict = field(default_factory=dict)
     finetune_defaults: dict = field(default_factory=dict)
     render: Callable | None = None
+    adapter_roots: tuple[str, ...] = ()
+    limits: AppLimits = field(default_factory=AppLimits)
+    protected: frozenset = frozenset()
     _workdir: tempfile.TemporaryDirectory = field(
         default_factory=lambda: tempfile.TemporaryDirectory(prefix="diffusionclip-app-"), repr=False
     )
 
     @classmethod
     def load(
-        cls, model: str = TESTBED, clip: str | None = None, device: str | None = None, set_threads: bool = True
-    ) -> AppState:
+        cls, model: str = TESTBED, clip: str | None = None, device: str | None = None, set_threads: bool = True,
+        adapter_roots=(), limits: AppLimits | None = None,
+    ) -> AppState:  # fmt: skip
         """The pipeline of ``--model`` (a registered name such as ``testbed``, a folder or a hub id), with the
         ``finetune`` / ``edit`` settings and the image renderer its plugin registered (none for folders and hub ids).
         A registered model's recommended CPU thread count is applied (``set_threads``) unless ``OMP_NUM_THREADS``
-        is set."""
+        is set. The adapters the model came with are ``protected``."""
         pipe = load_pipeline(model, clip, device)
         pipe.set_progress_bar_config(disable=True)
+        common = dict(adapter_roots=tuple(adapter_roots), limits=limits or AppLimits(),
+                      protected=frozenset(pipe.lora_adapters))  # fmt: skip
         registered = registered_models().get(model)
         if registered is None:
-            return cls(pipe, model)
+            return cls(pipe, model, **common)
         threads = registered.num_threads
         if threads and set_threads and "OMP_NUM_THREADS" not in os.environ:
             import torch
 
             torch.set_num_threads(threads)
         finetune, edit = (dict(registered.settings(kind)) for kind in ("finetune", "edit"))
-        return cls(pipe, model, edit, finetune, registered.render)
+        return cls(pipe, model, edit, finetune, registered.render, **common)
 
     @property
     def workdir(self) -> str:
@@ -134,6 +148,7 @@ class EditResult:
     before: list[PIL.Image.Image]
     reconstruction: list[PIL.Image.Image]
     after: list[PIL.Image.Image]
+    notes: list[str] = field(default_factory=list)  # what the inputs lost on the way to the model (transparency, ...)
 
     def strips(self) -> list[PIL.Image.Image]:
         """One image per input: input | reconstruction | edit, side by side."""
@@ -142,15 +157,42 @@ class EditResult:
         return [image_grid([list(row)]) for row in zip(self.before, self.reconstruction, self.after)]
 
 
-def _images(images) -> list[PIL.Image.Image]:
-    """A list of RGB images from PIL images, file paths or Gradio gallery items ``(image, caption)``."""
+def _images(images, limits: AppLimits, notes: list[str] | None = None) -> list[PIL.Image.Image]:
+    """The images as the model takes them (`image_io.read_image`: upright, 16-bit grey kept, transparency onto white)
+    from PIL images, file paths or Gradio gallery items ``(image, caption)``: at most ``limits.max_images`` of at
+    most ``limits.max_image_pixels`` each (checked before decoding). What an image loses is appended to ``notes``."""
     import PIL.Image
 
+    from ..image_io import as_model_input, read_image
+
+    items = list(images or [])
+    if len(items) > limits.max_images:
+        raise ValueError(f"At most {limits.max_images} images per request, got {len(items)}.")
+    notes = [] if notes is None else notes
     result = []
-    for item in images or []:
+    for i, item in enumerate(items):
         item = item[0] if isinstance(item, (tuple, list)) else item
-        result.append((PIL.Image.open(item) if isinstance(item, (str, os.PathLike)) else item).convert("RGB"))
+        name = f"image {i + 1}"
+        if isinstance(item, (str, os.PathLike)):
+            try:
+                result.append(read_image(os.fspath(item), limits.max_image_pixels, notes.append))
+            except OSError as error:  # the message names the server's temporary file
+                reason = str(error).split(": ", 1)[-1] if "pixels, more than" in str(error) else "not a readable image"
+                raise ValueError(f"{name} cannot be used: {reason}.") from error
+        elif isinstance(item, PIL.Image.Image):
+            if item.width * item.height > limits.max_image_pixels:
+                raise ValueError(f"{name} has {item.width}x{item.height} pixels, more than the "
+                                 f"{limits.max_image_pixels} allowed.")  # fmt: skip
+            result.append(as_model_input(item, name, notes.append))
+        else:
+            raise TypeError(f"{name} must be an image file or a PIL image, got {type(item).__name__}.")
     return result
+
+
+def _bounded(value, name: str, maximum: float, minimum: float | None = None) -> float:
+    from ..utils.checks import check_number
+
+    return check_number(value, name, -maximum if minimum is None else minimum, maximum)
 
 
 def edit_images(
@@ -173,13 +215,15 @@ def edit_images(
     """
     from ..image_processing import postprocess_image
     from ..loaders.lora_state import using_adapters
-    from ..utils.checks import check_number
     from ..utils.locking import unet_lock
 
-    images = _images(images)
+    notes = []
+    images = _images(images, state.limits, notes)
     if not images:
         raise ValueError("Upload an image (or pick examples) to edit.")
-    edit_strength = check_number(edit_strength, "edit_strength")
+    top = state.limits.max_edit_weight
+    edit_strength = _bounded(edit_strength, "edit_strength", top)
+    weight, second_weight = _bounded(weight, "weight", top), _bounded(second_weight, "second_weight", top)
     if second_adapter is not None and (adapter is None or second_adapter == adapter):
         raise ValueError(f"Choose two different adapters to combine, got {adapter!r} and {second_adapter!r}.")
     pipe, settings = state.pipe, state.edit_settings(t0)
@@ -201,7 +245,7 @@ def edit_images(
         else:
             mix = {adapter: edit_strength * weight, second_adapter: edit_strength * second_weight}
             edited = pipe.edit(adapters=mix, **common).images
-    return EditResult(postprocess_image(inversion.image, "pil"), reconstruction, edited)
+    return EditResult(postprocess_image(inversion.image, "pil"), reconstruction, edited, notes)
 
 
 @dataclass
@@ -211,6 +255,7 @@ class FinetuneResult:
     adapter_name: str
     loss_history: list[float]
     zip_path: str
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         losses = self.loss_history
@@ -288,6 +333,7 @@ def finetune_adapter(
     lora_rank: int | None = None,
     adapter_name: str | None = None,
     report: Callable | None = None,
+    stop: threading.Event | None = None,
     **settings,
 ) -> FinetuneResult:
     """Fine-tunes a new adapter ``prompt_src`` → ``prompt_tar`` on ``images`` with the model's recommended settings
@@ -296,71 +342,127 @@ def finetune_adapter(
     8 images of ``prompt_src`` that the model's renderer draws (as the CLI does), or, for a model without one, on
     images sampled from it.
 
-    ``report(done, total, postfix)`` is called after every step (``postfix["loss"]``: the latest loss).
+    ``num_epochs``, ``learning_rate``, ``lora_rank``, the images and the number of loaded adapters are bounded by
+    ``state.limits``. ``report(done, total, postfix)`` is called after every step (``postfix["loss"]``: the latest
+    loss). Setting ``stop`` (or running longer than ``state.limits.max_finetune_seconds``) stops the run at its next
+    step with `FinetuneStopped`; the run then discards its adapter and restores the previous ones.
     """
     from ..utils.checks import check_int
     from ..utils.locking import unet_lock
     from .defaults import rank_settings
 
-    images = _images(images) or (example_images(state, prompt_src, 8) if state.render is not None else [])
+    limits, notes = state.limits, []
     given = dict(num_epochs=num_epochs, learning_rate=learning_rate, lora_rank=lora_rank, **settings)
+    for key in ("num_epochs", "lora_rank"):  # sliders and number boxes send floats
+        if isinstance(given.get(key), float) and given[key].is_integer():
+            given[key] = int(given[key])
+    if num_epochs is not None:
+        check_int(given["num_epochs"], "num_epochs", minimum=1, maximum=limits.max_epochs)
+    if lora_rank is not None:
+        check_int(given["lora_rank"], "lora_rank", minimum=1, maximum=limits.max_lora_rank)
+    if learning_rate is not None:
+        _bounded(learning_rate, "learning_rate", limits.max_learning_rate, minimum=0.0)
+    images = _images(images, limits, notes) or (example_images(state, prompt_src, 8) if state.render else [])
     config = {**state.finetune_defaults, **{k: v for k, v in given.items() if v is not None}}
     if lora_rank is not None:
-        config.update(rank_settings(check_int(lora_rank, "lora_rank", minimum=1)))
-    for key in ("num_epochs", "lora_rank"):  # sliders and number boxes send floats
-        if isinstance(config.get(key), float) and config[key].is_integer():
-            config[key] = int(config[key])
+        config.update(rank_settings(given["lora_rank"]))
+    guard = _guard(report, stop, limits.max_finetune_seconds)
     with unet_lock(state.pipe.unet):  # the name is free until the adapter exists
+        _check_room(state)
         name = _new_name(state, adapter_name, prompt_tar or "adapter")
-        with _progress_to(state.pipe, report):
+        with _progress_to(state.pipe, guard):
             output = state.pipe.finetune(prompt_src, prompt_tar, images=images or None, adapter_name=name, **config)
         zip_path = export_adapter(state, name, example_images=images[:4] or None)
-    return FinetuneResult(name, list(output.loss_history), zip_path)
+    return FinetuneResult(name, list(output.loss_history), zip_path, notes)
+
+
+def _guard(report: Callable | None, stop: threading.Event | None, seconds: float) -> Callable:
+    """``report``, which first raises `FinetuneStopped` once ``stop`` is set or ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+
+    def guarded(done, total, postfix):
+        if stop is not None and stop.is_set():
+            raise FinetuneStopped("Fine-tuning was cancelled: its adapter is discarded.")
+        if time.monotonic() > deadline:
+            raise FinetuneStopped(f"Fine-tuning ran longer than this app allows ({seconds:g} s): stopped, its adapter "
+                                  "discarded. Try fewer epochs or images.")  # fmt: skip
+        if report is not None:
+            report(done, total, postfix)
+
+    return guarded
+
+
+def _check_room(state: AppState) -> None:
+    if len(state.adapters) >= state.limits.max_adapters:
+        raise ValueError(f"{len(state.adapters)} adapters are loaded, the most this app holds: delete one first.")
 
 
 def export_adapter(state: AppState, adapter_name: str, example_images=None) -> str:
-    """Saves ``adapter_name`` (weights, model card, before/after grid of ``example_images``) into a fresh folder of the
-    state's temporary folder and returns it zipped (``<adapter_name>.zip``)."""
+    """Saves ``adapter_name`` (weights, model card, before/after grid of ``example_images``) into the state's
+    temporary folder and returns it zipped (``<adapter_name>.zip``); the adapter's previous export is replaced."""
+    from .app_limits import remove_tree
+
     if adapter_name not in state.adapters:
         raise ValueError(f"No adapter named {adapter_name!r} is loaded; loaded: {state.adapters}.")
-    export = tempfile.mkdtemp(prefix="export-", dir=state.workdir)
+    export = os.path.join(state.workdir, f"export-{adapter_name}")
+    remove_tree(export)  # gradio serves a copy of what it was given: the previous export is no longer needed
+    os.makedirs(export)
     folder = os.path.join(export, adapter_name)
     state.pipe.save_lora_weights(
-        folder, adapter_name=adapter_name, example_images=_images(example_images) or None,
+        folder, adapter_name=adapter_name, example_images=_images(example_images, state.limits) or None,
         example_edit_kwargs=state.edit_settings() if example_images else None,
     )  # fmt: skip
     return shutil.make_archive(folder, "zip", root_dir=export, base_dir=adapter_name)
 
 
-def load_adapter(state: AppState, path: str, adapter_name: str | None = None) -> str:
+def load_adapter(state: AppState, path: str, adapter_name: str | None = None, uploaded: bool = False) -> str:
     """Loads an adapter from a folder, a ``pytorch_lora_weights.safetensors`` file, or a zip the app exported (only
-    its weights file is extracted); returns its name (default: from its target prompt, else its file name)."""
+    its weights file is extracted); returns its name (default: from its target prompt, else its file name).
+
+    ``path`` must lie inside the state's ``adapter_roots`` or its temporary folder (`app_limits.adapter_source`: a
+    regular file or folder, at most ``limits.max_file_bytes``; one message for "not found" and "not allowed"), unless
+    it is ``uploaded`` (a file Gradio received; it must be a regular file of that size too)."""
     from ..loaders.lora_file import LORA_WEIGHT_NAME, read_adapter_file
     from ..utils.locking import unet_lock
+    from .app_limits import adapter_source, checked_upload, is_zip, remove_tree, weights_from_zip
 
     if not path or not str(path).strip():
         raise ValueError("Give an adapter folder, a .safetensors file or an exported .zip.")
-    path = os.path.abspath(os.path.expanduser(str(path).strip()))
-    if zipfile.is_zipfile(path):
-        path = _weights_from_zip(state, path)
-    named = os.path.dirname(path) if path.endswith(LORA_WEIGHT_NAME) else path
-    fallback = read_adapter_file(path).provenance.get("prompt_tar") or os.path.basename(named)
+    if uploaded:
+        source = checked_upload(path, state.limits)
+    else:
+        source = adapter_source(path, (*state.adapter_roots, state.workdir), state.limits, LORA_WEIGHT_NAME)
+    _check_room(state)
+    extracted = None
+    try:
+        if is_zip(source):
+            extracted = tempfile.mkdtemp(prefix="upload-", dir=state.workdir)
+            target = os.path.join(extracted, LORA_WEIGHT_NAME)
+            source = weights_from_zip(source, target, state.limits, LORA_WEIGHT_NAME)
+        named = os.path.dirname(source) if source.endswith(LORA_WEIGHT_NAME) else source
+        fallback = read_adapter_file(source).provenance.get("prompt_tar") or os.path.basename(named)
+        with unet_lock(state.pipe.unet):
+            _check_room(state)
+            name = _new_name(state, adapter_name, os.path.splitext(str(fallback))[0])
+            return state.pipe.load_lora_weights(source, adapter_name=name, keep_active=True)
+    finally:
+        if extracted is not None:
+            remove_tree(extracted)
+
+
+def delete_adapter(state: AppState, adapter_name: str) -> None:
+    """Removes ``adapter_name`` from the shared pipeline (and its export), unless it is one the model came with
+    (``state.protected``)."""
+    from ..utils.locking import unet_lock
+    from .app_limits import remove_tree
+
     with unet_lock(state.pipe.unet):
-        name = _new_name(state, adapter_name, os.path.splitext(fallback)[0])
-        return state.pipe.load_lora_weights(path, adapter_name=name, keep_active=True)
-
-
-def _weights_from_zip(state: AppState, path: str) -> str:
-    from ..loaders.lora_file import LORA_WEIGHT_NAME
-
-    with zipfile.ZipFile(path) as archive:
-        members = [m for m in archive.namelist() if os.path.basename(m) == LORA_WEIGHT_NAME]
-        if len(members) != 1:
-            raise ValueError(f"{os.path.basename(path)!r} holds {len(members)} {LORA_WEIGHT_NAME} files, not 1.")
-        target = os.path.join(tempfile.mkdtemp(prefix="upload-", dir=state.workdir), LORA_WEIGHT_NAME)
-        with archive.open(members[0]) as source, open(target, "wb") as out:
-            shutil.copyfileobj(source, out)  # the member's name is never used as a path
-    return target
+        if adapter_name not in state.adapters:
+            raise ValueError(f"No adapter named {adapter_name!r} is loaded; loaded: {state.adapters}.")
+        if adapter_name in state.protected:
+            raise ValueError(f"{adapter_name!r} came with the model and cannot be deleted here.")
+        state.pipe.delete_adapters(adapter_name)
+    remove_tree(os.path.join(state.workdir, f"export-{adapter_name}"))
 
 
 def example_images(state: AppState, prompt: str, n: int = 4, seed: int = 0) -> list[PIL.Image.Image]:
@@ -386,18 +488,40 @@ def _gradio():
     return gradio
 
 
+def _user_error(gr, name: str, error: BaseException):
+    """The `gr.Error` for ``error`` (logged as one line, not a traceback)."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, FloatingPointError):  # training.NonFiniteLossError
+        message = f"Training diverged: {message} (try a lower learning rate); no adapter was added."
+    print(f"diffusionclip app: {name}: {message}", file=sys.stderr)
+    return gr.Error(message, print_exception=False)
+
+
+_USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError, FinetuneStopped)
+
+
 def _user_errors(fn: Callable) -> Callable:
-    """Shows a `ValueError`, `TypeError` or `OSError` of ``fn`` as a Gradio error message (the request ends)."""
+    """Shows a `ValueError`, `TypeError`, `OSError`, a diverged run or a stopped one of ``fn`` (a function or a
+    coroutine function) as a Gradio error message (the request ends)."""
     gr = _gradio()
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def async_wrapper(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except _USER_ERRORS as error:
+                raise _user_error(gr, fn.__name__, error) from error
+
+        return async_wrapper
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, TypeError, OSError) as error:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            print(f"diffusionclip app: {fn.__name__}: {message}", file=sys.stderr)  # one line, not a traceback
-            raise gr.Error(message, print_exception=False) from error
+        except _USER_ERRORS as error:
+            raise _user_error(gr, fn.__name__, error) from error
 
     return wrapper
 
@@ -410,12 +534,12 @@ CSS = (
 )
 
 
-def _adapter_choices(state: AppState, selected: str | None = None):
+def _adapter_choices(state: AppState, selected: str | None = None, second_selected: str | None = None):
     """Updates of the two adapter menus and the combination controls (shown when two adapters are loaded)."""
     gr = _gradio()
     names = state.adapters
     first = selected if selected in names else (names[0] if names else None)
-    second = gr.update(choices=[NO_ADAPTER, *names], value=NO_ADAPTER)
+    second = gr.update(choices=[NO_ADAPTER, *names], value=second_selected if second_selected in names else NO_ADAPTER)
     return gr.update(choices=names, value=first), second, gr.update(visible=len(names) >= 2)
 
 
@@ -433,13 +557,18 @@ def _layout(state: AppState, gr) -> SimpleNamespace:
     gr.Markdown(f"# DiffusionCLIP · `{state.model}`\nText-guided editing with LoRA adapters (arXiv 2110.02711).")
     with gr.Row():
         with gr.Column():
-            ui.images = gr.Gallery(label="Images", interactive=True, columns=4, height=240, elem_id="images", **image)
+            files = {**image, "type": "filepath"}  # the app reads them itself: bounded, 16-bit aware
+            ui.images = gr.Gallery(label="Images", interactive=True, columns=4, height=240, elem_id="images", **files)
             with gr.Row(visible=state.render is not None, equal_height=True):
                 ui.example_prompt = gr.Textbox(label="Examples of", value="red circle" if testbed else "", scale=3)
                 ui.examples = gr.Button("Render examples", scale=1, elem_id="examples")
-            ui.adapter = gr.Dropdown(label="Adapter", choices=state.adapters, elem_id="adapter")
+            # the menus list the shared pipeline's adapters, refreshed when opened; the server checks every name
+            # itself (gradio would refuse a name another tab added since this one's last refresh)
+            menu = dict(allow_custom_value=True)
+            ui.adapter = gr.Dropdown(label="Adapter", choices=state.adapters, elem_id="adapter", **menu)
             with gr.Row(visible=len(state.adapters) >= 2) as ui.combine:
-                ui.second = gr.Dropdown(label="Combine with", choices=[NO_ADAPTER, *state.adapters], value=NO_ADAPTER)
+                ui.second = gr.Dropdown(label="Combine with", choices=[NO_ADAPTER, *state.adapters], value=NO_ADAPTER,
+                                        **menu)  # fmt: skip
                 ui.weight = gr.Slider(-1.0, 2.0, value=0.5, step=0.05, label="Weight of the adapter")
                 ui.second_weight = gr.Slider(-1.0, 2.0, value=0.5, step=0.05, label="Weight of the second")
             ui.strength = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Edit strength", elem_id="strength")
@@ -477,15 +606,19 @@ def _adapter_tabs(state: AppState, gr, ui: SimpleNamespace, testbed: bool) -> No
                 ui.epochs = gr.Number(label="Epochs", value=defaults["num_epochs"], precision=0, minimum=1)
                 ui.lr = gr.Number(label="Learning rate", value=defaults["learning_rate"], minimum=0)
                 ui.rank = gr.Number(label="LoRA rank", value=defaults["lora_rank"], precision=0, minimum=1)
-            ui.finetune = gr.Button("Fine-tune on the images above", elem_id="finetune")
+            with gr.Row():
+                ui.finetune = gr.Button("Fine-tune on the images above", elem_id="finetune", scale=3)
+                ui.stop = gr.Button("Stop", elem_id="stop", scale=1)
             ui.loss = gr.Markdown()
             ui.download = gr.File(label="The adapter (zip: weights, model card, before/after grid)")
         with gr.Tab("Load"):
             ui.path = gr.Textbox(label="Adapter folder, .safetensors file or exported .zip on the server")
             ui.upload = gr.File(label="…or upload a .safetensors / .zip", file_types=[".safetensors", ".zip"])
             ui.load = gr.Button("Load")
-        with gr.Tab("Download"):
-            ui.export = gr.Button("Download the selected adapter")
+        with gr.Tab("Download or delete"):
+            with gr.Row():
+                ui.export = gr.Button("Download the selected adapter")
+                ui.delete = gr.Button("Delete the selected adapter", variant="stop")
             ui.exported = gr.File(label="The adapter (zip)")
     ui.menus = [ui.adapter, ui.second, ui.combine]
 
@@ -496,7 +629,9 @@ def _wire(state: AppState, gr, ui: SimpleNamespace, demo) -> None:
     none = lambda value: None if value in (None, "", NO_ADAPTER) else value  # noqa: E731
 
     def on_edit(images, adapter, strength, t0, second, weight, second_weight):
-        result = edit_images(state, images, none(adapter), strength, int(t0), none(second), weight, second_weight)
+        result = edit_images(state, images, none(adapter), strength, t0, none(second), weight, second_weight)
+        for note in result.notes:
+            gr.Warning(note)
         return [*_edit_outputs(result, 0, slider), result.strips(), result]
 
     def on_select(result: EditResult | None, event):
@@ -506,16 +641,31 @@ def _wire(state: AppState, gr, ui: SimpleNamespace, demo) -> None:
 
     on_select.__annotations__["event"] = gr.SelectData  # gradio passes event data by this annotation (a string here)
 
-    def on_finetune(images, src, tar, epochs, lr, rank, name, progress=gr.Progress()):  # noqa: B008 (gradio's way)
+    async def on_finetune(images, src, tar, epochs, lr, rank, name, progress=gr.Progress()):  # noqa: B008
         def report(done, total, postfix):
             loss = postfix.get("loss")
             progress((done, total), desc=f"fine-tuning, loss {loss}" if loss else "inverting the images")
 
-        result = finetune_adapter(state, images, src, tar, epochs, lr, rank, none(name), report=report)
+        stop = threading.Event()  # set when gradio cancels this request: the run stops at its next step
+        try:
+            result = await asyncio.to_thread(finetune_adapter, state, images, src, tar, epochs, lr, rank, none(name),
+                                             report=report, stop=stop)  # fmt: skip
+        except asyncio.CancelledError:
+            stop.set()
+            print("diffusionclip app: on_finetune: cancelled; the run stops at its next step", file=sys.stderr)
+            raise
+        for note in result.notes:
+            gr.Warning(note)
         return [result.summary(), result.zip_path, *_adapter_choices(state, result.adapter_name)]
 
     def on_load(path, upload, name):
-        return _adapter_choices(state, load_adapter(state, upload or path, none(name)))
+        if upload:
+            return _adapter_choices(state, load_adapter(state, upload, none(name), uploaded=True))
+        return _adapter_choices(state, load_adapter(state, path, none(name)))
+
+    def on_delete(adapter):
+        delete_adapter(state, none(adapter) or "")
+        return _adapter_choices(state)
 
     def on_examples(prompt, seed):  # each click draws new ones
         return example_images(state, prompt, 4, seed), seed + 1
@@ -529,20 +679,27 @@ def _wire(state: AppState, gr, ui: SimpleNamespace, demo) -> None:
     ui.strips.select(on_select, [ui.results], views, api_visibility="private")
     finetune_inputs = [ui.images, ui.src, ui.tar, ui.epochs, ui.lr, ui.rank, ui.name]
     finetune_outputs = [ui.loss, ui.download, *ui.menus]
-    ui.finetune.click(_user_errors(on_finetune), finetune_inputs, finetune_outputs, api_name="finetune")
+    training = ui.finetune.click(_user_errors(on_finetune), finetune_inputs, finetune_outputs, api_name="finetune")
+    ui.stop.click(None, None, None, cancels=[training], api_name="stop_finetune", queue=False)
     ui.load.click(_user_errors(on_load), [ui.path, ui.upload, ui.name], ui.menus, api_name="load_adapter")
     ui.export.click(_user_errors(on_export), [ui.adapter], ui.exported, api_name="download_adapter")
+    ui.delete.click(_user_errors(on_delete), [ui.adapter], ui.menus, api_name="delete_adapter")
     ui.examples.click(_user_errors(on_examples), [ui.example_prompt, ui.seed], [ui.images, ui.seed],
                       api_name="examples")  # fmt: skip
     demo.load(lambda: _adapter_choices(state), None, ui.menus, api_visibility="private")  # a new tab: every adapter
+    for menu in (ui.adapter, ui.second):  # adapters another tab added or deleted since
+        menu.focus(lambda first, second: _adapter_choices(state, first, second), [ui.adapter, ui.second], ui.menus,
+                   api_visibility="private", queue=False, show_progress="hidden")  # fmt: skip
 
 
 def build_app(state: AppState):
     """The Gradio `Blocks` app over ``state``, queued (not launched: see `launch`)."""
     gr = _gradio()
-    with gr.Blocks(title="DiffusionCLIP", analytics_enabled=False) as demo:
+    # delete_cache: gradio's copies of uploads and downloads older than an hour are removed hourly
+    with gr.Blocks(title="DiffusionCLIP", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         _wire(state, gr, _layout(state, gr), demo)
     demo.queue(default_concurrency_limit=1)
+    demo.app_state = state  # `launch` reads its limits
     return demo
 
 
@@ -552,9 +709,12 @@ def launch(demo, host: str = "127.0.0.1", port: int | None = DEFAULT_PORT, block
 
     Gradio's own start-up lines are silenced: they advise ``share=True``, which this offline app never uses (see
     docs/app.md for exposing it); the URL is printed here instead."""
+    state = getattr(demo, "app_state", None)
+    limits = state.limits if state is not None else AppLimits()
     result = demo.launch(
         server_name=host, server_port=port, share=False, ssr_mode=False, prevent_thread_lock=True,
         inbrowser=False, mcp_server=False, quiet=True, css=CSS, footer_links=["api", "settings"],
+        max_file_size=limits.max_file_bytes,
     )  # fmt: skip
     if block:
         print(f"diffusionclip app: running on {result[1]} (Ctrl-C stops it)", flush=True)
@@ -574,6 +734,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})",
                         action=checked(_check_port))  # fmt: skip
+    parser.add_argument("--adapter-root", action="append", default=[], metavar="FOLDER",
+                        help="a folder whose adapters a user may load by path on the server (repeatable; default: "
+                             "none, only uploads)")  # fmt: skip
 
 
 def _check_port(value, name: str) -> int:
@@ -585,7 +748,11 @@ def _check_port(value, name: str) -> int:
 def run(args: argparse.Namespace) -> None:
     """``diffusionclip app``: loads the model, builds the app and serves it until interrupted."""
     _gradio()  # fail before loading the model when gradio is missing
-    state = AppState.load(args.model, args.clip, args.device, set_threads=getattr(args, "threads", None) is None)
+    for root in args.adapter_root:
+        if not os.path.isdir(root):
+            raise CLIError(f"--adapter-root {root}: not a folder")
+    state = AppState.load(args.model, args.clip, args.device, set_threads=getattr(args, "threads", None) is None,
+                          adapter_roots=args.adapter_root)  # fmt: skip
     print(f"diffusionclip app: serving --model {args.model} at http://{args.host}:{args.port} (Ctrl-C stops)")
     launch(build_app(state), host=args.host, port=args.port)
 
