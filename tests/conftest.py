@@ -242,3 +242,49 @@ def make_sd_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
 def make_ldm_components(seed: int = 0) -> dict:
     """The components of an `LDMPipeline` at toy size: 16 px images, 8 x 8 x 3 latents."""
     return dict(vqvae=make_vqvae(seed), unet=make_unet(sample_size=8, seed=seed), scheduler=make_scheduler())
+
+
+def make_sdxl_components(seed: int = 0) -> dict:
+    """The components of a `StableDiffusionXLPipeline` at toy size (as diffusers' SDXL tests build them, offline):
+    16 px images, 8 x 8 x 4 latents, two CLIP text encoders (32 + 32 wide, the second with a 32-wide projection)
+    and size conditioning (6 ids x 8 + 32 = 80 added-embedding inputs)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=4,
+    ).eval()
+    encoder = make_text_encoder(tokenizer, seed)
+    torch.manual_seed(seed + 1)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos,
+        projection_dim=32,
+    )  # fmt: skip
+    scheduler = make_scheduler()
+    return dict(
+        vae=make_vae(seed),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(config).eval(),
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )

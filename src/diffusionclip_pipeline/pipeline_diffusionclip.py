@@ -10,8 +10,6 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -35,6 +33,7 @@ from .pipeline_output import (
     DiffusionCLIPPipelineOutput,
     DiffusionCLIPTranslationOutput,
 )
+from .pipeline_utils import _align_tensors, _as_deterministic, _renamed_kwargs, batch_size_of, check_image
 from .utils.checks import (
     check_choice,
     check_finite_tensor,
@@ -85,47 +84,6 @@ class NoAdapterWarning(UserWarning):
     """`edit` was called with no adapter active: the result is a reconstruction, not an edit."""
 
 
-def _renamed_kwargs(kwargs: dict, edit_strength: float) -> float:
-    """`edit`'s ``strength`` is now ``edit_strength`` (diffusers' ``strength`` is the noising depth, our ``t0``)."""
-    if "strength" in kwargs:
-        warnings.warn(
-            "`strength` was renamed `edit_strength` (in diffusers, `strength` is the noising depth, which is `t0` "
-            "here); the old name will be removed in a future release.",
-            FutureWarning,
-            stacklevel=5,
-        )
-        if edit_strength != 1.0:
-            raise TypeError("Pass `edit_strength` or its old name `strength`, not both.")
-        edit_strength = kwargs.pop("strength")
-    if kwargs:
-        raise TypeError(f"`edit` got unexpected keyword argument(s) {sorted(kwargs)}.")
-    return edit_strength
-
-
-def _align_tensors(module: torch.nn.Module, alignment: int = 64) -> None:
-    """Copies parameters and buffers that do not start at an ``alignment``-byte boundary into fresh memory.
-
-    Weights loaded from safetensors may be views into the file's buffer at any offset; CPU kernels take other code
-    paths on unaligned memory and round differently (up to 7e-7 on the test UNet). Aligned, a reloaded pipeline
-    reproduces the saved one's edits bit for bit.
-    """
-    with torch.no_grad():
-        for tensor in list(module.parameters()) + list(module.buffers()):
-            if tensor.device.type == "cpu" and tensor.data_ptr() % alignment:
-                tensor.data = tensor.data.clone()
-
-
-def _as_deterministic(scheduler, cls):
-    """``cls`` built from ``scheduler``'s config with ``clip_sample=False`` (clipping x0 breaks DDIM inversion)."""
-    if type(scheduler) is cls and not scheduler.config.clip_sample:
-        return scheduler
-    if scheduler.config.get("clip_sample", False):
-        logger.info(f"Building {cls.__name__} with clip_sample=False from the {type(scheduler).__name__} config.")
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    config = {k: v for k, v in scheduler.config.items() if k in accepted}  # e.g. DDPM's variance_type: not DDIM's
-    return cls.from_config(config, clip_sample=False)
-
-
 class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
     r"""
     Pipeline for DiffusionCLIP: DDIM-invert real images to a middle timestep ``t0`` and regenerate them with a UNet
@@ -159,10 +117,10 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         tokenizer ([`~transformers.CLIPTokenizer`], *optional*): The text encoder's tokenizer.
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     _optional_components = [
         "inverse_scheduler", "clip_model", "clip_tokenizer", "clip_model_2", "clip_tokenizer_2", "vae", "vqvae",
-        "text_encoder", "tokenizer",
+        "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor",
     ]  # fmt: skip
 
     def __init__(
@@ -178,9 +136,17 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         vqvae: VQModel | None = None,
         text_encoder=None,
         tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt: bool = True,
     ):
         super().__init__()
-        family = check_components(unet, vae=vae, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer)
+        family = check_components(
+            unet, vae=vae, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+        )  # fmt: skip
         if (clip_model_2 is None) != (clip_tokenizer_2 is None):
             raise ValueError(
                 "Pass both `clip_model_2` and `clip_tokenizer_2` for a second CLIP, or neither; got "
@@ -201,7 +167,12 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             vqvae=vqvae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            image_encoder=image_encoder,  # SDXL's optional IP-Adapter encoder: kept, not used
+            feature_extractor=feature_extractor,
         )
+        self.register_to_config(force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
         self.clip_model_name_or_path = DEFAULT_CLIP
         self._family = family(self)
 
@@ -354,11 +325,12 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         """Images in [-1, 1] (not clamped) from UNet-space latents; differentiable (fine-tuning decodes x0_hat)."""
         return self.family.decode(latents)
 
-    def encode_prompt(self, prompt: str | None, batch_size: int = 1):
+    def encode_prompt(self, prompt: str | None, batch_size: int = 1, **conditioning):
         """What the UNet is conditioned on for ``prompt`` (``None`` means the empty prompt), for ``batch_size``
-        samples (for Stable Diffusion, the text encoder's hidden states); `None` for an unconditional UNet (where a
-        non-empty ``prompt`` is an error)."""
-        return self.family.encode_prompt(prompt, batch_size)
+        samples (for Stable Diffusion, the text encoder's hidden states; for SDXL a dict with the pooled embeddings
+        and the size conditioning, which ``conditioning`` may set: ``original_size``, ``crops_coords_top_left``,
+        ``target_size``); `None` for an unconditional UNet (where a non-empty ``prompt`` is an error)."""
+        return self.family.encode_prompt(prompt, batch_size, **conditioning)
 
     def _predict_noise(self, sample: torch.Tensor, timestep: int, adapted: bool = True, condition=None):
         """The UNet's prediction at integer ``timestep`` (``condition`` from `encode_prompt`); ``adapted=False`` asks
@@ -436,7 +408,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         if image is None and latents is None:
             raise ValueError("Pass `image` (to invert) or `latents` (x_t0 from `invert`).")
         if image is not None:
-            self._check_image(image)
+            check_image(image)
         if latents is not None:
             c, s = self.family.latent_channels, self.family.sample_size
             if not torch.is_tensor(latents) or latents.ndim != 4 or tuple(latents.shape[1:]) != (c, s, s):
@@ -449,7 +421,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                 f"`generator` must be a `torch.Generator`, a list of them or None, got {short_repr(generator)}."
             )
         if isinstance(generator, list):
-            batch = self._batch_size(image, latents)
+            batch = batch_size_of(image, latents)
             if len(generator) != batch:
                 raise ValueError(
                     f"`generator` is a list of {len(generator)} generators, but the batch size is {batch}."
@@ -461,32 +433,6 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                     "`callback_on_step_end_tensor_inputs` may hold 'latents' and 'pred_original_sample', "
                     f"got {unknown}."
                 )
-
-    def _check_image(self, image, name: str = "image") -> None:
-        if isinstance(image, (list, tuple)):
-            if len(image) == 0:
-                raise ValueError(f"`{name}` must not be an empty list.")
-            shapes = {tuple(i.shape) for i in image if torch.is_tensor(i)}
-            if len(shapes) > 1:
-                raise ValueError(f"`{name}` is a list of tensors of mixed sizes {sorted(shapes)}; resize them first.")
-            for item in image:
-                self._check_image(item, name)
-            return
-        if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
-            raise TypeError(
-                f"`{name}` must be a PIL image, a numpy array, a torch tensor or a list of them, got "
-                f"{type(image).__name__}: {image!r:.100}."
-            )
-
-    @staticmethod
-    def _batch_size(image, latents) -> int:
-        if latents is not None:
-            return latents.shape[0]
-        if isinstance(image, (list, tuple)):
-            return sum(DiffusionCLIPPipeline._batch_size(item, None) for item in image)
-        if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
-            return image.shape[0]
-        return 1
 
     def prepare_image(self, image, name: str = "image") -> torch.Tensor:
         """``image`` (any form `invert` accepts) as the model's input: NCHW in [-1, 1], on the execution device, in the
@@ -509,6 +455,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         encoding: str = "ddim",
         inversion_start: str = "clean",
         generator: torch.Generator | list[torch.Generator] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
     ) -> DiffusionCLIPInversionOutput | tuple:
         r"""
         Deterministic DDIM inversion (the DDIM ODE run forward, eta = 0) of ``image`` from t = 0 to ``t0``.
@@ -548,6 +497,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                 DiffusionCLIP code, the clean image is taken as ``x`` at t = 0 (``alphas_cumprod[0]``) and the first
                 step is skipped: ``num_inversion_steps - 1`` calls, latents reproducible against that code.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): The noise of ``encoding="noise"``.
+            original_size, crops_coords_top_left, target_size (`tuple[int, int]`, *optional*): SDXL's size
+                conditioning, as `StableDiffusionXLPipeline` takes it (defaults: the working resolution, no crop).
 
         Returns:
             [`DiffusionCLIPInversionOutput`] or `tuple`: ``(x_t0, timesteps, image)``; ``x_t0`` is in the UNet's
@@ -559,22 +510,40 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         )
         check_choice(encoding, "encoding", ENCODINGS)
         check_choice(inversion_start, "inversion_start", INVERSION_STARTS)
+        size = {
+            "original_size": original_size,
+            "crops_coords_top_left": crops_coords_top_left,
+            "target_size": target_size,
+        }
+        condition = self.encode_prompt(prompt, batch_size_of(image, None), **size)  # encoded once
         latents, timesteps, x0 = self._invert(
-            image, t0, num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start, generator
-        )
+            image, t0, num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start, generator,
+            condition=condition,
+        )  # fmt: skip
         if not return_dict:
             return (latents, timesteps, x0)
         return DiffusionCLIPInversionOutput(x_t0=latents, timesteps=timesteps, image=x0)
 
     def _invert(
-        self, image, t0, num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start, generator
+        self,
+        image,
+        t0,
+        num_inversion_steps,
+        num_fixed_point_iterations,
+        prompt,
+        encoding,
+        inversion_start,
+        generator,
+        condition=None,
     ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-        """`invert` on checked arguments (`invert` and `edit` check them once, at their entry)."""
+        """`invert` on checked arguments (`invert` and `edit` check them once, at their entry); ``condition``, when
+        the caller encoded ``prompt`` already, is used as it is."""  # fmt: skip
         # 2. Preprocess image to [-1, 1], encode the prompt of a conditional UNet
         x0 = self.prepare_image(image)
         if encoding == "noise":  # EffDiff: closed-form forward noising, no UNet call
             return self.noise_to(self.encode_image(x0), t0, generator), [int(t0)], x0
-        condition = self.encode_prompt(prompt, x0.shape[0])
+        if condition is None:
+            condition = self.encode_prompt(prompt, x0.shape[0])
         # 3. Inversion grid [0, ..., t0] on the family's inverse scheduler
         timesteps = self.family.timesteps(t0, num_inversion_steps)
         inverse_scheduler = self.family.inversion_scheduler(timesteps)
@@ -621,6 +590,9 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         guidance_scale: float = 1.0,
         encoding: str = "ddim",
         inversion_start: str = "clean",
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
         **kwargs,
     ) -> DiffusionCLIPPipelineOutput | tuple:
         r"""
@@ -670,6 +642,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             encoding (`str`, *optional*, defaults to `"ddim"`), inversion_start (`str`, *optional*, defaults to
                 `"clean"`): How ``image`` is brought to ``t0`` (see `invert`): ``encoding="noise"`` is EffDiff's
                 zero-call stochastic encoding, seeded by ``generator``.
+            original_size, crops_coords_top_left, target_size (`tuple[int, int]`, *optional*): SDXL's size
+                conditioning (see `invert`).
 
         Examples:
 
@@ -692,7 +666,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         )
         check_choice(encoding, "encoding", ENCODINGS)
         check_choice(inversion_start, "inversion_start", INVERSION_STARTS)
-        batch_size = self._batch_size(image, latents)
+        batch_size = batch_size_of(image, latents)
         guidance_scale = check_number(guidance_scale, "guidance_scale", minimum=1)
         if guidance_scale > 1 and (self.text_encoder is None or not prompt):
             raise ValueError(
@@ -711,14 +685,19 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                 NoAdapterWarning,
                 stacklevel=4,
             )
-        # 2. Invert to x_t0 with the original model (or take the given latents)
+        # 2. Encode the prompt once; invert to x_t0 with the original model (or take the given latents)
+        size = {
+            "original_size": original_size,
+            "crops_coords_top_left": crops_coords_top_left,
+            "target_size": target_size,
+        }
+        condition = self.encode_prompt(prompt, batch_size, **size)
+        unconditional = self.family.encode_negative(batch_size) if guidance_scale > 1 else None
         if latents is None:
             inversion = (num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start)
-            latents, _, _ = self._invert(image, t0, *inversion, generator)
+            latents, _, _ = self._invert(image, t0, *inversion, generator, condition=condition)
         latents = latents.to(device=self._execution_device, dtype=self.unet.dtype)
         x_t0 = latents
-        condition = self.encode_prompt(prompt, batch_size)
-        unconditional = self.encode_prompt(None, batch_size) if guidance_scale > 1 else None
         # 3. Generation grid [t0, ..., 0] on the family's scheduler
         scheduler = self.family.generation_scheduler(self.family.timesteps(t0, num_inference_steps))
         # 4. Denoising loop with the current (adapted) UNet, or the mix of original and adapted predictions

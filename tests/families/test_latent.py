@@ -224,13 +224,13 @@ def test_components_that_cannot_work_together_are_refused(tmp_path):
         DiffusionCLIPPipeline(unet=make_unet(8), scheduler=scheduler, vae=make_ldm_components()["vqvae"])
 
 
-def test_sdxl_repository_is_refused_before_loading(tmp_path):
+def test_a_repository_of_an_unsupported_pipeline_is_refused_before_loading(tmp_path):
+    """SD3 / Flux are not families yet (SDXL is: tests/families/test_sdxl.py)."""
     folder = stock_sd(tmp_path)
     index = json.loads((folder / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
-    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    index["_class_name"] = "StableDiffusion3Pipeline"
     (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="SDXL and later are not supported"):
+    with pytest.raises(ValueError, match="is a StableDiffusion3Pipeline repository"):
         DiffusionCLIPPipeline.from_pretrained(folder, **clip_kwargs())
 
 

@@ -1,10 +1,11 @@
 """Model families: one module per family behind one protocol (`base.ModelFamily`), and the check that picks the
 family of a component set before anything runs (or, for a repository, loads).
 
-Three families today: a pixel DDPM (`pixel`: ``unet`` = `UNet2DModel`), an unconditional latent diffusion model
+Four families today: a pixel DDPM (`pixel`: ``unet`` = `UNet2DModel`), an unconditional latent diffusion model
 (`ldm`: ``vqvae`` = `VQModel` or ``vae`` = `AutoencoderKL`, + ``unet`` = `UNet2DModel`, as `LDMPipeline`) and Stable
 Diffusion 1.x / 2.x (`sd`: ``vae`` = `AutoencoderKL`, ``text_encoder`` + ``tokenizer``, ``unet`` =
-`UNet2DConditionModel`). SDXL is refused. Adding a family is adding one module and listing it in `FAMILIES`
+`UNet2DConditionModel`) and SDXL (`sdxl`: two text encoders and size conditioning). Adding a family is adding
+one module and listing it in `FAMILIES`
 (see docs/design.md, "How to add a model family").
 """
 
@@ -16,16 +17,20 @@ import os
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel, VQModel
 
 from .base import ModelFamily
+from .flow import FlowMatchFamily
 from .ldm import LatentFamily
 from .pixel import PixelFamily
 from .sd import StableDiffusionFamily
+from .sdxl import StableDiffusionXLFamily
 
 __all__ = [
     "FAMILIES",
+    "FlowMatchFamily",
     "LatentFamily",
     "ModelFamily",
     "PixelFamily",
     "StableDiffusionFamily",
+    "StableDiffusionXLFamily",
     "check_components",
     "check_layout",
     "check_loaded",
@@ -38,12 +43,20 @@ MAX_NUM_TRAIN_TIMESTEPS = 10_000
 MAX_SAMPLE_SIZE = 4096
 
 # the first whose `matches` accepts a component set is its family
-FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionFamily, LatentFamily, PixelFamily)
+FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionXLFamily, StableDiffusionFamily, LatentFamily, PixelFamily)
 
-UNSUPPORTED_PIPELINES = ("StableDiffusionXL", "StableDiffusion3", "Flux", "Kandinsky")
+UNSUPPORTED_PIPELINES = (
+    "StableDiffusion3",
+    "Flux",
+    "Kandinsky",
+    "StableDiffusionXLInpaint",
+    "StableDiffusionXLInstruct",
+)
 
 
-def check_components(unet, vae=None, vqvae=None, text_encoder=None, tokenizer=None) -> type[ModelFamily]:
+def check_components(
+    unet, vae=None, vqvae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None
+) -> type[ModelFamily]:
     """The family of this component set; `ValueError` / `TypeError` naming the component when it cannot work."""
     if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
         raise TypeError(f"`unet` must be a `UNet2DModel` or a `UNet2DConditionModel`, got {type(unet).__name__}.")
@@ -60,7 +73,10 @@ def check_components(unet, vae=None, vqvae=None, text_encoder=None, tokenizer=No
             f"`{name}` makes {autoencoder.config.latent_channels}-channel latents, but `unet` takes "
             f"{unet.config.in_channels} input channels."
         )
-    components = {"unet": unet, "vae": vae, "vqvae": vqvae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+    components = {
+        "unet": unet, "vae": vae, "vqvae": vqvae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2,
+    }  # fmt: skip
     family = next(family for family in FAMILIES if family.matches(components))
     family.check_components(components)
     return family
@@ -79,10 +95,19 @@ def check_layout(pretrained_model_name_or_path, kwargs: dict) -> None:
     if os.path.isdir(path):
         _check_folder_configs(path)
     name = str(config.get("_class_name", ""))
-    if any(name.startswith(prefix) for prefix in UNSUPPORTED_PIPELINES) or "text_encoder_2" in config:
+    if any(name.startswith(prefix) for prefix in UNSUPPORTED_PIPELINES):
         raise ValueError(
-            f"{path!r} is a {name or 'two-text-encoder'} repository: DiffusionCLIPPipeline supports DDPM, LDM and "
-            "Stable Diffusion 1.x / 2.x layouts (SDXL and later are not supported)."
+            f"{path!r} is a {name} repository: DiffusionCLIPPipeline supports DDPM, LDM, Stable Diffusion 1.x / 2.x "
+            "and SDXL layouts."
+        )
+    def given(name: str) -> bool:  # a saved component is [library, class]; a saved None is [null, null]
+        entry = config.get(name)
+        return isinstance(entry, (list, tuple)) and bool(entry) and entry[0] is not None
+
+    if config.get("requires_aesthetics_score") or (given("text_encoder_2") and not given("text_encoder")):
+        raise ValueError(
+            f"{path!r} is the SDXL refiner (aesthetic-score conditioning, no first text encoder): it is not "
+            "supported; load the SDXL base model."
         )
 
 

@@ -101,12 +101,25 @@ class ModelFamily:
 
     # 3. conditioning -----------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str | None, batch_size: int = 1):
+    def encode_prompt(self, prompt: str | None, batch_size: int = 1, **conditioning):
         """What the denoiser is conditioned on for ``prompt`` (`None`: the empty prompt), for ``batch_size``
-        samples; `None` for an unconditional model, where a non-empty ``prompt`` is a `ValueError`."""
+        samples; `None` for an unconditional model, where a non-empty ``prompt`` is a `ValueError`. ``conditioning``
+        holds a family's extra inputs (SDXL's ``original_size``, ...); a family that has none refuses them."""
+        self.refuse_conditioning(conditioning)
         if prompt:
             raise ValueError(f"`prompt` needs a text-conditioned UNet; this one is unconditional: {prompt!r}.")
         return None
+
+    def encode_negative(self, batch_size: int = 1):
+        """The unconditional input of classifier-free guidance (the empty prompt's conditioning by default)."""
+        return self.encode_prompt(None, batch_size)
+
+    def refuse_conditioning(self, conditioning: dict) -> None:
+        given = sorted(name for name, value in conditioning.items() if value is not None)
+        if given:
+            raise ValueError(
+                f"{', '.join(f'`{n}`' for n in given)}: SDXL's size conditioning; this is a {self.name} model."
+            )
 
     # 4. the denoiser call ------------------------------------------------------------------------------------
 

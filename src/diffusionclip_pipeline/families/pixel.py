@@ -20,8 +20,10 @@ class PixelFamily(DDIMFamily):
 
     @classmethod
     def check_components(cls, components) -> None:
-        if components.get("text_encoder") is not None or components.get("tokenizer") is not None:
-            raise ValueError("`text_encoder` / `tokenizer` need a text-conditioned `UNet2DConditionModel` `unet`.")
+        names = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+        given = [name for name in names if components.get(name) is not None]
+        if given:
+            raise ValueError(f"`{'` / `'.join(given)}` need a text-conditioned `UNet2DConditionModel` `unet`.")
 
 
 def _autoencoder(components):

@@ -42,10 +42,13 @@ class StableDiffusionFamily(LatentFamily):
             )
         if components.get("vae") is None and components.get("vqvae") is None:
             raise ValueError("A text-conditioned `unet` (Stable Diffusion) needs its `vae`.")
+        if components.get("text_encoder_2") is not None or components.get("tokenizer_2") is not None:
+            raise ValueError("`text_encoder_2` / `tokenizer_2` need an SDXL `unet` (addition_embed_type='text_time').")
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: str | None, batch_size: int = 1) -> torch.Tensor:
+    def encode_prompt(self, prompt: str | None, batch_size: int = 1, **conditioning) -> torch.Tensor:
         """The text encoder's last hidden states for ``prompt`` (`None`: the empty prompt), repeated over the batch."""
+        self.refuse_conditioning(conditioning)
         pipe = self.pipe
         text = check_prompt_or_empty(prompt, "prompt")
         tokens = pipe.tokenizer(
