@@ -171,7 +171,7 @@ def test_progress_bars_for_finetune_and_edit(setup, capsys, monkeypatch):
     assert "fine-tuning: " in err and "loss=" in err and "epoch=" in err  # tqdm also shows step/total and time left
     assert main(edit_argv(setup, "--lora", str(setup / "ada"))) == 0
     assert "editing images 1-3 of 3: " in capsys.readouterr().err
-    assert main(edit_argv(setup, "--lora", str(setup / "ada"), "--quiet")) == 0
+    assert main(edit_argv(setup, "--lora", str(setup / "ada"), "--quiet", "--overwrite")) == 0
     assert "editing images" not in capsys.readouterr().err
 
 

@@ -78,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         action=checked("check_number"),
                         help="edit strength r (0: reconstruction, 1: full edit)")  # fmt: skip
     run_arguments(parser)
+    output.add_overwrite_argument(parser)
     parser.describe_defaults = describe_steps
 
 
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> None:
     # 1. Check everything before any work: images, adapters, output, model, device
     images, files, registered = loading.check_before_editing(args, args.lora_weights)
     stems = unique_stems(files)
+    output.check_outputs(args, [f"{stem}_edited.png" for stem in stems] + ["grid.png"], files)
     settings = {name: getattr(args, name) for name in STEP_OPTIONS}
     settings = with_model_defaults(args.model, settings, "edit", fast=args.fast)
     loading.set_threads_for(args, registered)

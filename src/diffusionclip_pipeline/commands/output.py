@@ -11,7 +11,9 @@ import sys
 from .errors import CLIError, one_line
 
 __all__ = [
+    "add_overwrite_argument",
     "as_model_sees_them",
+    "check_outputs",
     "count",
     "csv_text",
     "duration",
@@ -73,6 +75,34 @@ def write_text(args: argparse.Namespace, text: str, path: str) -> None:
     from ..utils.io import atomic_write_text
 
     _written(args, path, lambda: atomic_write_text(path, text))
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: replace existing outputs (an input is never overwritten)."""
+    help_text = "replace outputs that exist already (default: refuse); an input file is never replaced"
+    parser.add_argument("--overwrite", action="store_true", help=help_text)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(args: argparse.Namespace, names: list[str], inputs: list[str]) -> None:
+    """Before any work: raises `CLIError` if an output ``--output``/``name`` is one of the ``inputs`` (always: e.g.
+    an input named ``grid.png`` in the ``--output`` folder), or exists and ``--overwrite`` was not given."""
+    existing = [os.path.join(args.output, n) for n in names if os.path.lexists(os.path.join(args.output, n))]
+    for path in existing:
+        for source in inputs:
+            if _same_file(path, source):
+                raise CLIError(f"--output {args.output}: writing {os.path.basename(path)} would overwrite the input "
+                               f"{source}; choose another --output folder")  # fmt: skip
+    if existing and not getattr(args, "overwrite", False):
+        shown = ", ".join(os.path.basename(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise CLIError(f"--output {args.output}: {count(len(existing), 'output')} exist already ({shown}): pass "
+                       "--overwrite to replace them, or choose another folder")  # fmt: skip
 
 
 def makedirs(path: str) -> None:

@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=SWEPT_HELP["edit_strength"])  # fmt: skip
     step_arguments(parser, STEP_NAMES)
     run_arguments(parser)
+    output.add_overwrite_argument(parser)
     parser.describe_defaults = describe_defaults
 
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> None:
     """``diffusionclip sweep``: checks, loads the model, the adapters and the scoring CLIP, sweeps, writes."""
     # 1. Check everything before any work: images, adapters, output, model, device, settings
     images, files, registered = loading.check_before_editing(args, args.lora_weights, args.clip_2)
+    output.check_outputs(args, ["grid.png", "metrics.csv"], files)
     settings = with_model_defaults(args.model, {name: getattr(args, name) for name in STEP_NAMES}, "edit", args.fast)
     settings = {k: v for k, v in settings.items() if k not in ("t0", "edit_strength")}  # swept here
     loading.set_threads_for(args, registered)

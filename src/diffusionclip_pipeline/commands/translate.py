@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inversion depth of the final edit (default: --t0)")  # fmt: skip
     parser.add_argument("--n-iter", type=int, action=POSITIVE, default=None, help=OPTIONS["n_iter"])
     parser.add_argument("--seed", type=int, action=NON_NEGATIVE, default=0, help="seed of the noise the rounds add")
+    output.add_overwrite_argument(parser)
     parser.describe_defaults = describe_defaults
 
 
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> None:
     # 1. Check everything before any work
     images, files, registered = loading.check_before_editing(args)
     stems = unique_stems(files)
+    output.check_outputs(args, [f"{stem}_translated.png" for stem in stems] + ["grid.png"], files)
     loading.set_threads_for(args, registered)
     import torch
 
