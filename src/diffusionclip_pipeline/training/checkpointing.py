@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from .._version import __version__
 from ..loaders import lora_file
 from ..loaders.lora_file import LORA_WEIGHT_NAME, weights_fingerprint
-from ..utils.checks import check_non_negative_int, check_positive_int, short_repr
+from ..utils.checks import check_int, check_non_negative_int, check_number, check_positive_int, short_repr
 from ..utils.io import atomic_directory
 from .data import tensor_bytes
 from .losses import FinetuneLoss
@@ -45,8 +45,12 @@ CHECKPOINT_NAME = "checkpoint-latest"
 TRAINER_STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 RANDOM_STATES_NAME = "random_states.safetensors"
+_FILES = (LORA_WEIGHT_NAME, OPTIMIZER_NAME, RANDOM_STATES_NAME)
 CHECKPOINT_FORMAT = "diffusionclip-finetune-checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # 2: trainer_state.json carries its own checksum
+MAX_STATE_BYTES = 64 * 2**20  # trainer_state.json: a loss history of a million steps is about 20 MB
+MAX_CLIP_MODELS = 8
+_MAX_COUNT = 2**53  # counters: exact in a JSON number
 
 
 def _sha256_file(path: str) -> str:
@@ -63,6 +67,64 @@ def _sha256_tensors(*tensors: torch.Tensor) -> str:
         digest.update(f"{tuple(x.shape)}|{x.dtype}|".encode())
         digest.update(tensor_bytes(x))
     return digest.hexdigest()
+
+
+def _state_checksum(state: dict) -> str:
+    """SHA-256 of ``state`` (all but its ``checksum``) as canonical JSON: with the files' checksums it lists, it
+    covers every value of the checkpoint."""
+    rest = {k: v for k, v in state.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _is_hex_digest(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _check_state_fields(state: dict) -> None:
+    """Every field of a checksummed ``trainer_state.json`` has the type and range a run writes (`ValueError`/
+    `TypeError` naming it), before any is used: an edited or crafted file cannot make the reader allocate, loop or
+    resume with values no run produces."""
+    for key in ("epoch", "batch", "num_updates", "accelerator_step"):
+        check_int(state[key], f"{TRAINER_STATE_NAME} {key}", minimum=0, maximum=_MAX_COUNT)
+    settings, history = state["settings"], state["loss_history"]
+    if not isinstance(settings, dict) or not isinstance(history, list):
+        raise TypeError("`settings` must be an object and `loss_history` a list")
+    for i, loss in enumerate(history):
+        check_number(loss, f"{TRAINER_STATE_NAME} loss_history[{i}]")
+    check_int(settings["num_clip_models"], f"{TRAINER_STATE_NAME} num_clip_models", minimum=1, maximum=MAX_CLIP_MODELS)
+    if isinstance(settings.get("num_epochs"), int) and state["epoch"] > settings["num_epochs"]:
+        raise ValueError(f"epoch {state['epoch']} is past the run's num_epochs {settings['num_epochs']}")
+    optimizer, scaler = state["optimizer"], state["grad_scaler"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("param_groups"), list)
+            and all(isinstance(g, dict) for g in optimizer["param_groups"])
+            and isinstance(optimizer.get("state"), dict)
+            and all(isinstance(v, dict) for v in optimizer["state"].values())):  # fmt: skip
+        raise TypeError("`optimizer` must hold a list of param groups and a state object")
+    if scaler is not None and not isinstance(scaler, dict):
+        raise TypeError(f"`grad_scaler` must be an object or null, got {short_repr(scaler)}")
+    files = state["files"]
+    if not isinstance(files, dict) or not all(_is_hex_digest(files.get(n)) for n in _FILES):
+        raise ValueError("`files` must list a SHA-256 for each file")
+
+
+def _read_state(state_path: str) -> dict:
+    """``trainer_state.json``: bounded in size and depth, of this format and version, its checksum verified, its
+    fields validated."""
+    if os.path.getsize(state_path) > MAX_STATE_BYTES:
+        raise ValueError(f"{TRAINER_STATE_NAME} is larger than {MAX_STATE_BYTES} bytes")
+    try:
+        with open(state_path, encoding="utf-8") as handle:
+            state = json.load(handle)
+    except RecursionError:
+        raise ValueError(f"{TRAINER_STATE_NAME} is nested too deeply") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"not a {CHECKPOINT_FORMAT}")
+    if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(f"format version {state.get('format_version')!r}, expected {CHECKPOINT_FORMAT_VERSION}")
+    if state.get("checksum") != _state_checksum(state):
+        raise ValueError(f"{TRAINER_STATE_NAME} does not match its checksum (edited or corrupt)")
+    _check_state_fields(state)
+    return state
 
 
 def check_checkpointing(checkpoint_dir, checkpoint_every, resume_from) -> None:
@@ -230,21 +292,17 @@ def _resolve_checkpoint(path) -> str:
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Reads and validates a checkpoint folder written by `finetune` (or a ``checkpoint_dir`` holding one).
 
-    Safetensors and JSON only (never pickle). Every file's SHA-256 is checked against ``trainer_state.json`` (written
-    last); a missing, truncated or corrupt file, or a checkpoint of another format, raises `ValueError`.
+    Safetensors and JSON only (never pickle). ``trainer_state.json`` (written last) carries its own SHA-256 and every
+    other file's, and each of its fields is checked for type and range before use; a missing, truncated, corrupt or
+    edited file, or a checkpoint of another format, raises `ValueError`.
     """
     path = _resolve_checkpoint(path)
     state_path = os.path.join(path, TRAINER_STATE_NAME)
     if not os.path.isfile(state_path):
         raise ValueError(f"`resume_from` {path!r} is not a fine-tuning checkpoint (no {TRAINER_STATE_NAME}).")
     try:
-        with open(state_path, encoding="utf-8") as handle:
-            state = json.load(handle)
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"not a {CHECKPOINT_FORMAT}")
-        if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-            raise ValueError(f"format version {state.get('format_version')!r}, expected {CHECKPOINT_FORMAT_VERSION}")
-        for name in (LORA_WEIGHT_NAME, OPTIMIZER_NAME, RANDOM_STATES_NAME):
+        state = _read_state(state_path)
+        for name in _FILES:
             file = os.path.join(path, name)
             if not os.path.isfile(file):
                 raise ValueError(f"{name} is missing")
@@ -266,7 +324,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         missing = [key for key in needed if key not in random_states]
         if missing:
             raise ValueError(f"no random state {missing}")
-    except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError, ValueError) as error:
+    except (OSError, KeyError, TypeError, AttributeError, ValueError) as error:  # JSONDecodeError: a ValueError
         raise ValueError(f"The checkpoint at {path!r} is unreadable or incomplete: {error}") from error
     return checkpoint
 
@@ -299,15 +357,13 @@ class Checkpointer:
                 metadata={"format": "pt"},
             )
             save_file(random_states, os.path.join(tmp, RANDOM_STATES_NAME), metadata={"format": "pt"})
-            files = {
-                name: _sha256_file(os.path.join(tmp, name))
-                for name in (LORA_WEIGHT_NAME, OPTIMIZER_NAME, RANDOM_STATES_NAME)
-            }
+            files = {name: _sha256_file(os.path.join(tmp, name)) for name in _FILES}
             state = {
                 "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
                 "package_version": __version__, "epoch": epoch, "batch": batch, **trainer_state,
                 "loss_history": loss_history, "settings": self.settings, "files": files,
             }  # fmt: skip
+            state["checksum"] = _state_checksum(_jsonable(state))  # of the values as they read back
             with open(os.path.join(tmp, TRAINER_STATE_NAME), "w", encoding="utf-8") as handle:
                 json.dump(state, handle, indent=1)
         self.last = trainer.num_updates
