@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--second-clip", action="store_true", help="train with the folder's second CLIP (clip_2/) on "
                    "every model that has one")  # fmt: skip
     p.add_argument("--json", required=True)
+    p.add_argument("--save-images", metavar="DIR", help="write each run's source and edited images (npz) to DIR")
     args = p.parse_args()
     torch.set_num_threads(1)
     overrides, edit_overrides = parse_settings(args.set), parse_settings(args.edit_set, "--edit-set")
@@ -110,6 +111,13 @@ def main() -> None:
                 _, metas = world.render_dataset(args.num_test, seed=seed + 1, size=pipe.resolution, shape=shape,
                                                 colour=source)  # fmt: skip
                 ideal = [world.render_shape(shape, target, m["cx"], m["cy"], m["r"], m["size"]) for m in metas]
+                if args.save_images:  # to score the same edits again without fine-tuning
+                    os.makedirs(args.save_images, exist_ok=True)
+                    np.savez_compressed(
+                        os.path.join(args.save_images, f"{name}-{args.tag}-{pair.replace(':', '-')}-seed{seed}.npz"),
+                        sources=np.stack([np.asarray(im) for im in result["sources"]]),
+                        edited=np.stack([np.asarray(im) for im in result["edited"]]),
+                    )
                 record = dict(
                     model=name, pair=pair, seed=seed, tag=args.tag, settings=overrides, edit_settings=edit_overrides,
                     clip_models=len(pipe.clip_models), success=result["success_rate"], criteria=result["criteria"],
