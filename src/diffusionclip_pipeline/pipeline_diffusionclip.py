@@ -20,11 +20,12 @@ from diffusers import (
     UNet2DModel,
     VQModel,
 )
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import logging, replace_example_docstring
 
 from .choices import ENCODINGS, INVERSION_STARTS, OUTPUT_TYPES
 from .families import ModelFamily, check_components, check_layout, check_loaded
-from .families.unet_adapter_api import plain_unet, with_adapter_api
+from .families.unet_adapter_api import adapter_view, plain_unet
 from .image_processing import postprocess_image, preprocess_image
 from .loaders import DiffusionCLIPLoraLoaderMixin, lora_file, lora_state
 from .noise_mixing import MixComponent, build_mix
@@ -92,9 +93,10 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
     With an unmodified UNet, `edit` reconstructs its input (the paper's "reconstruction" mode).
 
     Args:
-        unet ([`UNet2DModel`]): A pixel-space, unconditional noise-prediction UNet (e.g. `google/ddpm-celebahq-256`).
-            A plain `UNet2DModel` gains diffusers' adapter API in place (it becomes a [`LoraUNet2DModel`], same
-            weights); it is saved as a plain `UNet2DModel`. Adapters: see [`DiffusionCLIPLoraLoaderMixin`].
+        unet ([`UNet2DModel`] or [`UNet2DConditionModel`]): The denoiser (e.g. `google/ddpm-celebahq-256`'s). The
+            pipeline holds a view of a plain `UNet2DModel` with diffusers' adapter API (the same weight tensors, the
+            same type; the object given is not changed); it is saved as a plain `UNet2DModel`. Adapters: see
+            [`DiffusionCLIPLoraLoaderMixin`].
         scheduler ([`DDIMScheduler`]): Generation scheduler. Any scheduler is converted to a `DDIMScheduler` from
             its config, with ``clip_sample=False``.
         inverse_scheduler ([`DDIMInverseScheduler`], *optional*): Inversion scheduler; built from the scheduler's
@@ -118,6 +120,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _callback_tensor_inputs = ["latents", "pred_original_sample", "prompt_embeds"]
     _optional_components = [
         "inverse_scheduler", "clip_model", "clip_tokenizer", "clip_model_2", "clip_tokenizer_2", "vae", "vqvae",
         "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor",
@@ -152,7 +155,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                 "Pass both `clip_model_2` and `clip_tokenizer_2` for a second CLIP, or neither; got "
                 f"clip_model_2={type(clip_model_2).__name__}, clip_tokenizer_2={type(clip_tokenizer_2).__name__}."
             )
-        unet = with_adapter_api(unet)
+        unet = adapter_view(unet)  # the caller's model keeps its type (a plain UNet2DModel gets a view)
         scheduler = _as_deterministic(scheduler, DDIMScheduler)
         inverse_scheduler = _as_deterministic(inverse_scheduler or scheduler, DDIMInverseScheduler)
         self.register_modules(
@@ -340,6 +343,37 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         with self._original_model():
             return self.family.predict(self.unet, sample, timestep, condition)
 
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance scale of the running call (a step callback may change it)."""
+        return getattr(self, "_guidance_scale", 1.0)
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of generation steps of the running (or last) call."""
+        return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a step callback to skip the remaining generation steps."""
+        return getattr(self, "_interrupt", False)
+
+    def _step_callback(self, callback, names, i, t, tensors: dict) -> tuple[torch.Tensor, object]:
+        """Runs ``callback(self, i, t, callback_kwargs)`` with the requested tensors (``prompt_embeds``: the
+        conditional text embeddings); returns the latents and the conditioning, as the callback left them."""
+        condition = tensors.pop("condition")
+        embeds = condition["encoder_hidden_states"] if isinstance(condition, dict) else condition
+        available = {**tensors, "prompt_embeds": embeds}
+        outputs = callback(self, i, int(t), {name: available[name] for name in names}) or {}
+        latents = outputs.get("latents", tensors["latents"])
+        new_embeds = outputs.get("prompt_embeds", embeds)
+        if new_embeds is not embeds:  # diffusers' CFG-cutoff callbacks keep the conditional half, batch 1
+            new_embeds = new_embeds.expand(latents.shape[0], *new_embeds.shape[1:])
+            condition = (
+                {**condition, "encoder_hidden_states": new_embeds} if isinstance(condition, dict) else new_embeds
+            )
+        return latents, condition
+
     def _likely_causes(self, edit_strength: float, eta: float, adapters) -> str:
         """What can make an edit non-finite, with this call's values (for `NonFiniteResultError`)."""
         weights = adapters if adapters is not None else lora_state.adapter_weights(self.unet)
@@ -427,11 +461,10 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
                     f"`generator` is a list of {len(generator)} generators, but the batch size is {batch}."
                 )
         if callback_on_step_end_tensor_inputs is not None:
-            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in ("latents", "pred_original_sample")]
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
             if unknown:
                 raise ValueError(
-                    "`callback_on_step_end_tensor_inputs` may hold 'latents' and 'pred_original_sample', "
-                    f"got {unknown}."
+                    f"`callback_on_step_end_tensor_inputs` may hold {self._callback_tensor_inputs}, got {unknown}."
                 )
 
     def prepare_image(self, image, name: str = "image") -> torch.Tensor:
@@ -569,7 +602,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
     @holds_unet_lock
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
-    def edit(
+    def __call__(
         self,
         image=None,
         t0: int = 500,
@@ -596,8 +629,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         **kwargs,
     ) -> DiffusionCLIPPipelineOutput | tuple:
         r"""
-        Edits ``image``: DDIM-invert it to ``t0`` with the original UNet, then regenerate it with the current
-        (fine-tuned) UNet over ``num_inference_steps`` DDIM steps from ``t0`` to 0.
+        Edits ``image`` (the same as `edit`): DDIM-invert it to ``t0`` with the original UNet, then regenerate it with
+        the current (fine-tuned) UNet over ``num_inference_steps`` DDIM steps from ``t0`` to 0.
 
         Args:
             image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
@@ -612,10 +645,13 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             latents (`torch.Tensor`, *optional*): Precomputed ``x_t0`` (e.g. `invert(...).x_t0`, same ``t0``).
             output_type (`str`, *optional*, defaults to `"pil"`): ``"pil"``, ``"np"`` or ``"pt"`` (both in [0, 1]).
             return_dict (`bool`, *optional*, defaults to `True`): Return a dataclass instead of a tuple.
-            callback_on_step_end (`Callable`, *optional*): ``fn(pipe, step, timestep, callback_kwargs)`` called after
-                every generation step; it may return a dict to replace ``latents``.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                ``fn(pipe, step, timestep, callback_kwargs)`` called after every generation step; it may return a dict
+                to replace ``latents`` or ``prompt_embeds``, set ``pipe._guidance_scale`` (diffusers' CFG-cutoff
+                callbacks do) or ``pipe._interrupt`` (the remaining steps are skipped).
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to ``["latents"]``): Tensors put
-                in ``callback_kwargs`` (``"latents"``, ``"pred_original_sample"``).
+                in ``callback_kwargs``: any of `_callback_tensor_inputs` (``"latents"``, ``"pred_original_sample"``,
+                ``"prompt_embeds"``); a `PipelineCallback` names its own.
             edit_strength (`float`, *optional*, defaults to 1.0): Continuous edit strength r (paper Sec. 3.4):
                 ``eps = r * eps_adapted + (1 - r) * eps_original`` at every step (two UNet calls per step when r is
                 not 1). 0 gives the reconstruction, 1 the full edit; values outside [0, 1] extrapolate, with a
@@ -652,6 +688,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         """
         # 1. Check inputs
         edit_strength = _renamed_kwargs(kwargs, edit_strength)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(
             image,
             t0,
@@ -700,20 +738,22 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         x_t0 = latents
         # 3. Generation grid [t0, ..., 0] on the family's scheduler
         scheduler = self.family.generation_scheduler(self.family.timesteps(t0, num_inference_steps))
+        self._guidance_scale, self._interrupt, self._num_timesteps = guidance_scale, False, len(scheduler.timesteps)
         # 4. Denoising loop with the current (adapted) UNet, or the mix of original and adapted predictions
         for i, t in enumerate(self.progress_bar(scheduler.timesteps, desc="generation")):
+            if self.interrupt:
+                continue
             noise_pred = self._mixed_noise(latents, t, mix, condition)
-            if unconditional is not None:  # classifier-free guidance (generation only, lossy: see the docstring)
+            if unconditional is not None and self._guidance_scale > 1:  # CFG (generation only, lossy: docstring)
                 noise_uncond = self._mixed_noise(latents, t, mix, unconditional)
-                noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
+                noise_pred = noise_uncond + self._guidance_scale * (noise_pred - noise_uncond)
             step = scheduler.step(noise_pred, t, latents, eta=eta, generator=generator)
             latents = step.prev_sample
             if callback_on_step_end is not None:
-                callback_kwargs = {"latents": latents, "pred_original_sample": step.pred_original_sample}
-                callback_kwargs = {k: callback_kwargs[k] for k in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, i, int(t), callback_kwargs)
-                if callback_outputs is not None:
-                    latents = callback_outputs.get("latents", latents)
+                tensors = {"latents": latents, "pred_original_sample": step.pred_original_sample}
+                latents, condition = self._step_callback(
+                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, {**tensors, "condition": condition}
+                )
         # 5. Post-process (a non-finite result is an error, never an image)
         _check_finite_result(latents, "The edit", self._likely_causes(edit_strength, eta, adapters))
         decoded = self.decode_latents(latents)
@@ -725,9 +765,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             return (images, x_t0, generation_grid)
         return DiffusionCLIPPipelineOutput(images=images, x_t0=x_t0, timesteps=generation_grid)
 
-    def __call__(self, *args, **kwargs):
-        """Same as `edit`."""
-        return self.edit(*args, **kwargs)
+    edit = __call__  # the paper's name for the call; the same function, with the same signature
 
     # ---- unseen-domain translation ---------------------------------------------------------------------------
 
