@@ -144,6 +144,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
         image_encoder=None,
         feature_extractor=None,
         force_zeros_for_empty_prompt: bool = True,
+        clip_model_name_or_path: str | None = None,
     ):
         super().__init__()
         family = check_components(
@@ -176,8 +177,19 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
             feature_extractor=feature_extractor,
         )
         self.register_to_config(force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
-        self.clip_model_name_or_path = DEFAULT_CLIP
+        self.clip_model_name_or_path = clip_model_name_or_path or DEFAULT_CLIP
         self._family = family(self)
+
+    @property
+    def clip_model_name_or_path(self) -> str:
+        """Where `load_clip` loads CLIP from when fine-tuning needs it; saved with the pipeline (its config)."""
+        return self.config.clip_model_name_or_path
+
+    @clip_model_name_or_path.setter
+    def clip_model_name_or_path(self, value: str) -> None:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"`clip_model_name_or_path` must be a non-empty string, got {value!r:.100}.")
+        self.register_to_config(clip_model_name_or_path=value)
 
     @property
     def family(self) -> ModelFamily:

@@ -220,7 +220,7 @@ def test_components_that_cannot_work_together_are_refused(tmp_path):
         )
     with pytest.raises(ValueError, match="need a text-conditioned"):
         DiffusionCLIPPipeline(unet=make_unet(8), scheduler=scheduler, text_encoder=make_text_encoder(make_tokenizer()))
-    with pytest.raises(TypeError, match="`vae` must be an `AutoencoderKL`"):
+    with pytest.raises(TypeError, match="`vae` must be one of `AutoencoderKL`"):
         DiffusionCLIPPipeline(unet=make_unet(8), scheduler=scheduler, vae=make_ldm_components()["vqvae"])
 
 

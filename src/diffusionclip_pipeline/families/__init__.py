@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 
-from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel, VQModel
+from diffusers import UNet2DConditionModel, UNet2DModel, VQModel
 
+from . import autoencoders
 from .base import ModelFamily
 from .flow import FlowMatchFamily
 from .ldm import LatentFamily
@@ -62,8 +63,9 @@ def check_components(
         raise TypeError(f"`unet` must be a `UNet2DModel` or a `UNet2DConditionModel`, got {type(unet).__name__}.")
     if vae is not None and vqvae is not None:
         raise ValueError("Pass at most one autoencoder: `vae` (AutoencoderKL) or `vqvae` (VQModel), not both.")
-    if vae is not None and not isinstance(vae, AutoencoderKL):
-        raise TypeError(f"`vae` must be an `AutoencoderKL`, got {type(vae).__name__} (a VQModel goes in `vqvae`).")
+    if vae is not None and not isinstance(vae, autoencoders.VAES):
+        names = ", ".join(f"`{c.__name__}`" for c in autoencoders.VAES)
+        raise TypeError(f"`vae` must be one of {names}, got {type(vae).__name__} (a VQModel goes in `vqvae`).")
     if vqvae is not None and not isinstance(vqvae, VQModel):
         raise TypeError(f"`vqvae` must be a `VQModel`, got {type(vqvae).__name__}.")
     autoencoder = vae if vae is not None else vqvae
@@ -100,6 +102,7 @@ def check_layout(pretrained_model_name_or_path, kwargs: dict) -> None:
             f"{path!r} is a {name} repository: DiffusionCLIPPipeline supports DDPM, LDM, Stable Diffusion 1.x / 2.x "
             "and SDXL layouts."
         )
+
     def given(name: str) -> bool:  # a saved component is [library, class]; a saved None is [null, null]
         entry = config.get(name)
         return isinstance(entry, (list, tuple)) and bool(entry) and entry[0] is not None

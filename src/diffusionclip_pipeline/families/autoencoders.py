@@ -15,16 +15,23 @@ Images are in [-1, 1] on both sides.
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, VQModel
+from diffusers import AsymmetricAutoencoderKL, AutoencoderKL, AutoencoderTiny, ConsistencyDecoderVAE, VQModel
 
-AUTOENCODERS = (AutoencoderKL, VQModel, AutoencoderTiny)
+# the Gaussian-posterior autoencoders: encoded by their posterior mean (deterministic)
+KL_AUTOENCODERS = (AutoencoderKL, AsymmetricAutoencoderKL, ConsistencyDecoderVAE)
+VAES = (*KL_AUTOENCODERS, AutoencoderTiny)  # what the ``vae`` component may be
+AUTOENCODERS = (*VAES, VQModel)
 
 
 def scale_factor(autoencoder) -> int:
     """Pixels per latent along each side (8 for Stable Diffusion's VAE)."""
+    config = autoencoder.config
     if isinstance(autoencoder, AutoencoderTiny):
-        return 2 ** (len(autoencoder.config.num_encoder_blocks) - 1)
-    return 2 ** (len(autoencoder.config.block_out_channels) - 1)
+        return 2 ** (len(config.num_encoder_blocks) - 1)
+    for key in ("block_out_channels", "down_block_out_channels", "encoder_block_out_channels"):
+        if config.get(key) is not None:
+            return 2 ** (len(config[key]) - 1)
+    raise TypeError(f"Unsupported autoencoder {type(autoencoder).__name__}: no block_out_channels in its config.")
 
 
 def latent_channels(autoencoder) -> int:
@@ -38,20 +45,29 @@ def _shift(autoencoder) -> float:
 def encode(autoencoder, images: torch.Tensor) -> torch.Tensor:
     """Latents of ``images`` (NCHW in [-1, 1]) in the UNet's space (scaled, deterministic)."""
     scaling = float(autoencoder.config.scaling_factor)
-    if isinstance(autoencoder, AutoencoderKL):
+    if isinstance(autoencoder, KL_AUTOENCODERS):
         return (autoencoder.encode(images).latent_dist.mean - _shift(autoencoder)) * scaling
     if isinstance(autoencoder, VQModel):
         return autoencoder.encode(images).latents * scaling
     if isinstance(autoencoder, AutoencoderTiny):  # scaling 1: TAESD works in the UNet's (scaled) latent space
         return (autoencoder.encode(images).latents - _shift(autoencoder)) * scaling
-    raise TypeError(f"Unsupported autoencoder {type(autoencoder).__name__}; expected one of AutoencoderKL, VQModel.")
+    raise TypeError(
+        f"Unsupported autoencoder {type(autoencoder).__name__}; expected one of {[c.__name__ for c in AUTOENCODERS]}."
+    )
 
 
 def decode(autoencoder, latents: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] (not clamped) from UNet-space latents; differentiable."""
     scaling = float(autoencoder.config.scaling_factor)
-    if isinstance(autoencoder, (AutoencoderKL, AutoencoderTiny)):
+    if isinstance(autoencoder, VAES):  # ConsistencyDecoderVAE decodes stochastically (its own noise)
         return autoencoder.decode(latents / scaling + _shift(autoencoder)).sample
     if isinstance(autoencoder, VQModel):
         return autoencoder.decode(latents / scaling).sample
-    raise TypeError(f"Unsupported autoencoder {type(autoencoder).__name__}; expected one of AutoencoderKL, VQModel.")
+    raise TypeError(
+        f"Unsupported autoencoder {type(autoencoder).__name__}; expected one of {[c.__name__ for c in AUTOENCODERS]}."
+    )
+
+
+def _unsupported(autoencoder) -> TypeError:
+    names = ", ".join(c.__name__ for c in AUTOENCODERS)
+    return TypeError(f"Unsupported autoencoder {type(autoencoder).__name__}; expected one of {names}.")
