@@ -9,7 +9,9 @@ import json
 import shutil
 
 import pytest
+import torch
 from conftest import make_pipeline, random_images
+from safetensors.torch import save_file
 
 from diffusionclip_pipeline.training.checkpointing import CHECKPOINT_NAME, TRAINER_STATE_NAME, read_checkpoint
 
@@ -123,3 +125,17 @@ def test_resuming_from_an_edited_checkpoint_trains_nothing(checkpoint, tmp_path)
         pipe.finetune(*PROMPTS, images=random_images(3), identity_loss=stop_at(None), resume_from=bad,
                       identity_loss_weight=0.5, **SETTINGS)  # fmt: skip
     assert pipe.lora_adapters == []
+
+
+def test_a_damaged_latent_cache_entry_is_recomputed_not_trusted(tmp_path):
+    cache = tmp_path / "cache"
+    first = make_pipeline().finetune(*PROMPTS, images=random_images(2), cache_dir=cache, **SETTINGS)
+    entries = sorted(cache.iterdir())
+    assert len(entries) == 2
+    entries[0].write_bytes(entries[0].read_bytes()[:40])  # truncated
+    save_file({"latents": torch.full((1, 3, 16, 16), float("nan"))}, str(entries[1]))  # readable, not finite
+    with pytest.warns(UserWarning, match="latent cache entry .* is damaged"):
+        again = make_pipeline().finetune(*PROMPTS, images=random_images(2), cache_dir=cache, **SETTINGS)
+    assert again.num_cached_latents == 0 and again.loss_history == first.loss_history
+    third = make_pipeline().finetune(*PROMPTS, images=random_images(2), cache_dir=cache, **SETTINGS)
+    assert third.num_cached_latents == 2  # rewritten

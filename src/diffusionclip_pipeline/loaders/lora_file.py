@@ -11,8 +11,6 @@ File format (version 2, ``pytorch_lora_weights.safetensors``): diffusers' layout
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
 import json
 import os
@@ -28,7 +26,7 @@ from torch import nn
 
 from .._version import __version__
 from ..families.unet_adapter_api import base_state_dict, with_adapter_api
-from ..utils.checks import check_adapter_name
+from ..utils.checks import check_adapter_name, short_repr
 from ..utils.io import atomic_write
 from .lora_state import (
     LoraSettings,
@@ -78,6 +76,8 @@ _REQUIRED_DEFAULTS = {
     "use_dora": False, "use_rslora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}
 }  # fmt: skip
 _KEY = re.compile(r"(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<part>[AB])\.weight")
+MAX_TARGET_MODULES = 1024  # more names than any UNet has module-name suffixes worth targeting: a crafted file
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what `isfinite` and peft handle
 
 
 # ---- fingerprints ----------------------------------------------------------------------------------------------
@@ -102,16 +102,20 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """``safetensors.save_file`` through the atomic writer (`utils.io.atomic_write`)."""
-    from safetensors.torch import save_file
+    """A safetensors file written through the atomic writer (`utils.io.atomic_write`). The bytes are made in memory
+    (`safetensors.torch.save`) and written by the atomic writer itself: ``save_file`` would leave its own temporary
+    file (``.tmpXXXXXX``) behind when killed, which no later write could tell from a live writer's."""
+    from safetensors.torch import save
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    for leftover in glob.glob(os.path.join(glob.escape(directory), ".tmp-*.safetensors")):  # of a 0.1 writer
-        with contextlib.suppress(OSError):
-            os.remove(leftover)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+
+    atomic_write(path, write)
 
 
 def _peft_metadata(settings: LoraSettings) -> dict:
@@ -207,8 +211,11 @@ def read_adapter_file(path: str) -> AdapterFile:
         raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt?): {error}") from error
     try:
         settings, ours = _settings_from_metadata(path, metadata)
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
-        raise ValueError(f"The adapter at {path!r} has unreadable LoRA metadata: {error!r}") from error
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"The adapter at {path!r} has unreadable LoRA metadata: {short_repr(error)}") from None
+    if len(settings.target_modules) > MAX_TARGET_MODULES:
+        raise ValueError(f"The adapter at {path!r} lists {len(settings.target_modules)} target modules, more than "
+                         f"{MAX_TARGET_MODULES}: not a file this package or diffusers writes.")  # fmt: skip
     version = ours.get("format_version", FORMAT_VERSION)
     prefix = f"{PREFIX}." if version >= 2 else ""
     state_dict = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
@@ -229,14 +236,23 @@ def _check_tensors(path: str, tensors: dict, state_dict: dict, settings: LoraSet
     if bad_keys or not state_dict:
         raise ValueError(f"{path!r} holds no LoRA weights or unexpected keys: {bad_keys[:5]}.")
     for key, value in state_dict.items():
-        if not value.is_floating_point() or value.ndim not in (2, 4):
-            raise ValueError(f"{path!r}: {key} is not a 2-d or 4-d float tensor ({value.dtype}, {value.ndim}-d).")
+        if value.dtype not in _DTYPES or value.ndim not in (2, 4):
+            raise ValueError(f"{path!r}: {key} is not a 2-d or 4-d float16/bfloat16/float32/float64 tensor "
+                             f"({value.dtype}, {value.ndim}-d).")  # fmt: skip
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{path!r}: {key} holds non-finite values (NaN or infinity).")
         part = _KEY.fullmatch(key)["part"]
         rank = value.shape[0] if part == "A" else value.shape[1]
         if rank != settings.rank:
             raise ValueError(f"{path!r}: {key} has rank {rank}, its metadata says {settings.rank}.")
+    parts = {"A": set(), "B": set()}
+    for key in state_dict:
+        match = _KEY.fullmatch(key)
+        parts[match["part"]].add(match["module"])
+    if parts["A"] != parts["B"]:  # peft would fill the missing half: lora_A randomly, lora_B with zeros
+        half = sorted(parts["A"] ^ parts["B"])
+        raise ValueError(f"{path!r} holds half a LoRA pair (lora_A without lora_B or the reverse) for {len(half)} "
+                         f"module(s), e.g. {half[:3]}: the file is incomplete.")  # fmt: skip
 
 
 def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -251,13 +267,20 @@ def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _check_fits(model: nn.Module, adapter: AdapterFile) -> None:
-    """The file's pairs are exactly the modules its targets select in ``model``, with matching shapes."""
+    """The file's pairs are exactly the modules its targets select in ``model``, with matching shapes. Targets that
+    select nothing in ``model`` are dropped from ``adapter.settings`` before peft sees them (peft ignores them, at a
+    cost that grows with targets x modules)."""
     modules = _base_modules(model)
-    targets = adapter.settings.target_modules
-    selected = {
-        name for name, m in modules.items()
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and any(name == t or name.endswith(f".{t}") for t in targets)
-    }  # fmt: skip
+    by_suffix: dict[str, set[str]] = {}  # every dotted suffix of a layer's name -> the layers it selects (peft's rule)
+    for name, m in modules.items():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            parts = name.split(".")
+            for i in range(len(parts)):
+                by_suffix.setdefault(".".join(parts[i:]), set()).add(name)
+    targets = tuple(dict.fromkeys(t for t in adapter.settings.target_modules if t in by_suffix))
+    selected = set().union(*(by_suffix[t] for t in targets))
+    if targets:
+        adapter.settings = LoraSettings(adapter.settings.rank, adapter.settings.alpha, targets)
     in_file = {_KEY.fullmatch(k)["module"] for k in adapter.state_dict}
     if in_file != selected:
         missing, unexpected = sorted(selected - in_file), sorted(in_file - selected)
@@ -359,6 +382,14 @@ def load_adapters_folder(model: nn.Module, folder: str) -> None:
         check_adapter_name(name, f"{INDEX_NAME} adapter name")  # a name is a folder inside `folder`, never a path
     if not set(active) <= set(names) or len(weights) != len(active) or not isinstance(enabled, bool):
         raise ValueError(f"The adapter index {path!r} is inconsistent: {index!r:.300}")
+    real_folder = os.path.realpath(folder)
+    for name in names:  # a link (lora/<name> -> elsewhere) would read outside the pipeline folder
+        for part in (os.path.join(folder, name), os.path.join(folder, name, LORA_WEIGHT_NAME)):
+            if os.path.islink(part) or os.path.dirname(os.path.realpath(part)) not in (
+                real_folder, os.path.join(real_folder, name)
+            ):  # fmt: skip
+                raise ValueError(f"The adapter {name!r} of {path!r} is a link ({part!r}): only files inside the "
+                                 "pipeline folder are loaded.")  # fmt: skip
     state = active_state(model)
     loaded = []
     try:

@@ -18,10 +18,10 @@ import warnings
 import torch
 from diffusers.loaders.lora_base import LoraBaseMixin
 
-from ..image_io import image_grid, save_atomic
+from ..image_io import image_grid
 from ..image_processing import postprocess_image
 from ..utils.checks import check_adapter_name, check_bool, check_number
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_directory
 from ..utils.locking import holds_unet_lock
 from . import lora_file, lora_state, model_card
 
@@ -67,6 +67,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
                 raise ValueError(f"Pass `adapter_name`: the UNet has several adapters {names}.")
             adapter_name = names[0]
         check_adapter_name(adapter_name)
+        lora_state.require_adapter(self.unet, adapter_name)
         return adapter_name
 
     @holds_unet_lock
@@ -119,11 +120,19 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
             base_model=self._base_model_id(), repo_id=repo_id, grid_file=model_card.GRID_NAME if grid else None,
             grid_settings=grid_settings, license=license,
         )  # fmt: skip
-        weights = lora_file.save_adapter(self.unet, path, adapter_name, dtype=dtype)
-        if grid is not None:
-            save_atomic(grid, os.path.join(path, model_card.GRID_NAME))
-        _write_card(os.path.join(path, model_card.CARD_NAME), card)
-        return weights
+        card_path = os.path.join(path, model_card.CARD_NAME)
+        ours = _card_is_ours(card_path)
+        written = {lora_file.LORA_WEIGHT_NAME, model_card.GRID_NAME} | ({model_card.CARD_NAME} if ours else set())
+        # the whole folder at once: a reader never sees one adapter's weights beside another's card or grid; what
+        # else the folder holds (logs, a README of someone else's) is kept, leftovers of killed writes are not
+        with atomic_directory(path, keep=lambda entry: entry not in written and not _is_leftover(entry)) as tmp:
+            lora_file.save_adapter(self.unet, tmp, adapter_name, dtype=dtype)
+            if grid is not None:
+                grid.save(os.path.join(tmp, model_card.GRID_NAME))
+            if ours:
+                with open(os.path.join(tmp, model_card.CARD_NAME), "w", encoding="utf-8", newline="") as handle:
+                    handle.write(card)
+        return os.path.join(os.path.abspath(path), lora_file.LORA_WEIGHT_NAME)
 
     def _base_model_id(self) -> str | None:
         """The base model's hub id: the UNet's ``_name_or_path``, else the pipeline's, when either names the hub."""
@@ -209,7 +218,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         if previous:
             warnings.warn(
                 f"Loaded adapter {adapter_name!r} is now the only active one; {previous} are loaded but inactive. "
-                "Pass `keep_active=True` (CLI: --keep-active) or call `set_adapters` to combine them.",
+                "Pass `keep_active=True` or call `set_adapters` to combine them.",
                 stacklevel=3,
             )
         lora_state.set_adapters(self.unet, [adapter_name], [1.0])
@@ -259,13 +268,19 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
             lora_state.set_adapters_enabled(self.unet, enabled)
 
 
-def _write_card(path: str, text: str) -> None:
-    """Writes the card atomically (`utils.io.atomic_write_text`), unless ``path`` holds a README of someone else."""
+def _card_is_ours(path: str) -> bool:
+    """Whether the card may be written at ``path``: absent, or a README this package wrote (else a warning)."""
     if os.path.exists(path):
         with open(path, encoding="utf-8", errors="replace") as f:
             if not model_card.is_adapter_card(f.read()):
                 warnings.warn(
-                    f"{path!r} exists and was not written by diffusionclip-pipeline: not replaced.", stacklevel=4
+                    f"{path!r} exists and was not written by diffusionclip-pipeline: not replaced.", stacklevel=5
                 )
-                return
-    atomic_write_text(path, text)
+                return False
+    return True
+
+
+def _is_leftover(entry: str) -> bool:
+    """A temporary file of a killed write: safetensors' ``.tmpXXXXXX`` / 0.1's ``.tmp-*``, `atomic_write`'s
+    ``.<name>.<pid>.<random>.tmp``."""
+    return entry.startswith(".tmp") or (entry.startswith(".") and entry.endswith(".tmp"))

@@ -44,6 +44,21 @@ def tensor_bytes(x: torch.Tensor) -> bytes:
     return x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
+def _cached_latent(path: str, x0: torch.Tensor) -> torch.Tensor | None:
+    """The cache entry at ``path`` if it is a readable, finite ``(1, C, H, W)`` float tensor; else `None` (a miss:
+    it is recomputed and rewritten), with a warning when the file exists but is damaged."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        value = load_file(path)["latents"]
+        if value.ndim != 4 or value.shape[0] != 1 or not value.is_floating_point() or not torch.isfinite(value).all():
+            raise ValueError(f"shape {tuple(value.shape)}, dtype {value.dtype}")
+    except Exception as error:  # safetensors raises its own types for damaged files
+        warnings.warn(f"The latent cache entry {path!r} is damaged ({str(error)[:100]}): recomputed.", stacklevel=3)
+        return None
+    return value.to(x0)
+
+
 def _latent_cache_key(x0: torch.Tensor, t0: int, steps: int, unet_fingerprint: str, fixed_point: int = 0) -> str:
     digest = hashlib.sha256(tensor_bytes(x0.float()))
     digest.update(f"|{tuple(x0.shape)}|t0={t0}|steps={steps}|unet={unet_fingerprint}".encode())
@@ -96,8 +111,7 @@ def precompute_latents(
         for i in range(x0.shape[0]):
             key = _latent_cache_key(x0[i], t0, num_inversion_steps, fingerprint, num_fixed_point_iterations)
             paths[i] = os.path.join(cache_dir, f"latent-{key}.safetensors")
-            if os.path.isfile(paths[i]):
-                latents[i] = load_file(paths[i])["latents"].to(x0)
+            latents[i] = _cached_latent(paths[i], x0)
     todo = [i for i in range(x0.shape[0]) if latents[i] is None]
     inverted = inverted_batches(
         pipe, x0[todo], batch_size, t0, num_inversion_steps, num_fixed_point_iterations, prompt

@@ -6,10 +6,15 @@ which is then renamed over ``path``. The final file gets the permissions a plain
 (``0o666`` less the umask), not ``mkstemp``'s ``0o600``.
 
 `atomic_directory` replaces a whole folder.
-The new content is written into a temporary sibling folder (``.<name>.tmp-*``), which is then swapped in. On Linux
-the swap is one ``renameat2(RENAME_EXCHANGE)`` call; elsewhere two renames (the old folder is moved aside first, so
-an interruption between them leaves the old folder complete under ``.<name>.old-*``, and no mixed folder). Leftovers
-of interrupted saves are removed by the next save of the same folder.
+The new content is written into a temporary sibling folder (``.<name>.tmp-<pid>-*``), which is then swapped in. On
+Linux the swap is one ``renameat2(RENAME_EXCHANGE)`` call; elsewhere two renames (the old folder is moved aside
+first, so an interruption between them leaves the old folder complete under ``.<name>.old-<pid>-*``, and no mixed
+folder). Entries of the old folder that the caller keeps (``keep``) are hard-linked into the new one first.
+
+Sharing: several processes may write the same file or folder at once (the last complete write wins, readers never
+see a mix). Each writer's temporary files carry its process id, and the leftovers of interrupted writes are removed
+by the next write only when their process is gone, so one writer never deletes another live writer's files (on one
+machine: process ids of other machines sharing a network folder cannot be checked).
 """
 
 from __future__ import annotations
@@ -52,15 +57,31 @@ def exchange(a: str, b: str) -> bool:
 
 
 def _leftovers(target: str) -> list[str]:
+    """The temporary siblings of ``target`` that interrupted writers left: those of processes that are gone (the
+    process id follows ``tmp-`` / ``old-``; a name without one is of a version before 0.2.1 and always a leftover)."""
     parent, name = os.path.split(target)
     pattern = os.path.join(glob.escape(parent), f".{glob.escape(name)}.")
-    return glob.glob(pattern + "tmp-*") + glob.glob(pattern + "old-*")
+    found = []
+    for path in glob.glob(pattern + "tmp-*") + glob.glob(pattern + "old-*"):
+        tag = os.path.basename(path)[len(name) + 6 :].split("-", 1)  # after ".<name>.tmp-"
+        if not (len(tag) == 2 and tag[0].isdigit() and _alive(int(tag[0]))):
+            found.append(path)
+    return found
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike):
-    """Yields an empty temporary folder; when the block succeeds, it replaces ``target`` (created if missing).
+def atomic_directory(target: str | os.PathLike, keep: Callable[[str], bool] | None = None):
+    """Yields a temporary folder; when the block succeeds, it replaces ``target`` (created if missing).
 
+    ``keep(name)`` chooses the entries of an existing ``target`` that the new folder keeps (hard-linked, or copied,
+    into the temporary folder before it is yielded); without it the new folder holds only what the block writes.
     If the block raises, the temporary folder is removed and ``target`` is untouched.
     """
     target = os.path.abspath(os.fspath(target))
@@ -68,18 +89,28 @@ def atomic_directory(target: str | os.PathLike):
     os.makedirs(parent, exist_ok=True)
     if os.path.exists(target) and not os.path.isdir(target):
         raise ValueError(f"`save_directory` {target!r} exists and is not a folder.")
-    for leftover in _leftovers(target):  # of an interrupted earlier save
+    for leftover in _leftovers(target):  # of an interrupted earlier save (another live writer's are kept)
         shutil.rmtree(leftover, ignore_errors=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    tag = f".{os.path.basename(target)}.%s-{os.getpid()}-"
+    tmp = tempfile.mkdtemp(prefix=tag % "tmp", dir=parent)
     try:
+        if keep is not None and os.path.isdir(target):
+            for entry in os.listdir(target):
+                source = os.path.join(target, entry)
+                if not keep(entry):
+                    continue
+                if os.path.isdir(source) and not os.path.islink(source):
+                    shutil.copytree(source, os.path.join(tmp, entry), symlinks=True, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(source, os.path.join(tmp, entry))
         yield tmp
         os.chmod(tmp, 0o755 & ~current_umask())
-        if not os.path.exists(target):
-            os.rename(tmp, target)
+        if not os.path.exists(target) and _rename_if_absent(tmp, target):
+            pass
         elif exchange(tmp, target):
             shutil.rmtree(tmp)  # now the old content
         else:
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=tag % "old", dir=parent)
             os.rmdir(old)
             os.rename(target, old)
             os.rename(tmp, target)
@@ -87,6 +118,17 @@ def atomic_directory(target: str | os.PathLike):
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rename_if_absent(tmp: str, target: str) -> bool:
+    """Renames ``tmp`` to ``target``; False if another writer created ``target`` in between (then swap instead)."""
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+        return False
+    return True
 
 
 def current_umask() -> int:
