@@ -29,6 +29,7 @@ from .families.unet_adapter_api import adapter_view, plain_unet
 from .image_processing import postprocess_image, preprocess_image
 from .loaders import DiffusionCLIPLoraLoaderMixin, lora_file, lora_state
 from .noise_mixing import MixComponent, build_mix
+from .pipeline_conveniences import DiffusionCLIPConveniencesMixin
 from .pipeline_output import (
     DiffusionCLIPInversionOutput,
     DiffusionCLIPPipelineOutput,
@@ -85,7 +86,7 @@ class NoAdapterWarning(UserWarning):
     """`edit` was called with no adapter active: the result is a reconstruction, not an edit."""
 
 
-class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin):
+class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin, DiffusionCLIPConveniencesMixin):
     r"""
     Pipeline for DiffusionCLIP: DDIM-invert real images to a middle timestep ``t0`` and regenerate them with a UNet
     fine-tuned (here with LoRA) by a directional CLIP loss (Kim, Kwon, Ye, CVPR 2022, arXiv 2110.02711).

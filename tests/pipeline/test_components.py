@@ -56,3 +56,24 @@ def test_the_clip_location_is_saved_with_the_pipeline(tmp_path):
     assert again.clip_model is None and again.vae is None  # saved as None, reloaded as None
     with pytest.raises(ValueError, match="`clip_model_name_or_path` must be a non-empty string"):
         again.clip_model_name_or_path = ""
+
+
+def test_the_stock_conveniences_delegate_to_the_components_or_refuse():
+    pipe = DiffusionCLIPPipeline(**make_sd_components())
+    pipe.set_progress_bar_config(disable=True)
+    x = random_images(1)
+    plain = pipe(x, **EDIT).images
+    pipe.enable_vae_slicing()
+    assert pipe.vae.use_slicing
+    torch.testing.assert_close(pipe(x, **EDIT).images, plain)  # slicing one image changes nothing
+    pipe.disable_vae_slicing()
+    pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    assert pipe.unet.up_blocks[0].b1 == 1.2
+    assert not torch.equal(pipe(x, **EDIT).images, plain)
+    pipe.disable_freeu()
+    torch.testing.assert_close(pipe(x, **EDIT).images, plain)
+    pixel = make_pipeline(with_clip=False)
+    with pytest.raises(ValueError, match="`enable_freeu` needs a `unet` that has it"):
+        pixel.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    with pytest.raises(ValueError, match="`enable_vae_slicing`|`enable_slicing` needs a `vae`"):
+        pixel.enable_vae_slicing()
