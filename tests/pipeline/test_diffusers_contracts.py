@@ -98,3 +98,22 @@ def test_diffusers_cfg_cutoff_callback_turns_guidance_off_after_its_step():
     ).images
     assert pipe.guidance_scale == 0.0
     assert not torch.equal(early, guided) and not torch.equal(early, plain)
+
+
+@pytest.mark.parametrize("offload", ["model", "group"])
+def test_cpu_offloading_gives_the_same_edit(offload):
+    """Model and group offload (accelerate / diffusers hooks; on CPU both devices are the CPU, which still runs the
+    hooks and the device handling). Sequential offload fails inside accelerate for transformers 5's CLIP text
+    encoder, for the stock StableDiffusionPipeline too (docs/design.md)."""
+    pipe = DiffusionCLIPPipeline(**make_sd_components())
+    pipe.set_progress_bar_config(disable=True)
+    add_random_adapter(pipe, "a")
+    x = random_images(1, size=16, seed=4)
+    settings = dict(prompt="red circle", t0=100, num_inversion_steps=2, num_inference_steps=2, output_type="pt")
+    reference = pipe(x, **settings).images
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device="cpu")
+    else:
+        cpu = torch.device("cpu")
+        pipe.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")
+    torch.testing.assert_close(pipe(x, **settings).images, reference, atol=0, rtol=0)
