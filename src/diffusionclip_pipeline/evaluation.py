@@ -335,7 +335,7 @@ def _values(value, name: str, check) -> tuple:
 
 @torch.no_grad()
 def sweep(
-    pipe, images, prompt_src: str, prompt_tar: str, edit_strengths=(0.5, 1.0, 1.5), t0s=(300, 400, 500),
+    pipe, images, prompt_src: str, prompt_tar: str, edit_strengths=(0.25, 0.5, 1.0), t0s=(300, 400, 500),
     clip_losses: list[CLIPDirectionalLoss] | None = None, batch_size: int | None = None, **edit_kwargs,
 ) -> SweepOutput:  # fmt: skip
     r"""
@@ -353,7 +353,9 @@ def sweep(
         pipe ([`DiffusionCLIPPipeline`]): The pipeline, with the adapter(s) to evaluate active.
         images: The held-out images (any form `DiffusionCLIPPipeline.invert` accepts).
         prompt_src / prompt_tar (`str`): The edit's prompts (for the scores).
-        edit_strengths (`float` or `Sequence[float]`, *optional*, defaults to ``(0.5, 1.0, 1.5)``): The strengths.
+        edit_strengths (`float` or `Sequence[float]`, *optional*, defaults to ``(0.25, 0.5, 1.0)``): The strengths
+            (the effect is far from linear: most of the change happens below 0.5, docs/design.md; values above 1
+            extrapolate, with a warning).
         t0s (`int` or `Sequence[int]`, *optional*, defaults to ``(300, 400, 500)``): The inversion depths, each in
             [1, T - 1].
         clip_losses (`list[CLIPDirectionalLoss]`, *optional*): What to score with; `scoring_losses(pipe)` if `None`.
