@@ -124,16 +124,22 @@ def test_full_disk_while_writing_edits(setup, capsys, monkeypatch):
 
 
 def test_full_disk_while_writing_the_adapter(setup, capsys, monkeypatch):
-    import safetensors.torch
+    from diffusionclip_pipeline.loaders import lora_file
+    from diffusionclip_pipeline.utils.io import atomic_write
 
-    def no_space(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def full_disk_write(path, write):  # the disk fills up half-way through the adapter's bytes
+        def partial(tmp):
+            with open(tmp, "wb") as handle:
+                handle.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+        atomic_write(path, partial)
+
+    monkeypatch.setattr(lora_file, "atomic_write", full_disk_write)
     assert main(finetune_argv(setup)) == 2
     line = one_error(capsys.readouterr().err, "finetune")
     assert f"cannot write the adapter to {setup / 'ada'}: No space left on device" in line
-    assert not (setup / "ada" / "pytorch_lora_weights.safetensors").exists() and no_temporary_files(setup / "ada")
+    assert not (setup / "ada").exists() and no_temporary_files(setup)  # the adapter folder is written as a whole
 
 
 def test_interrupted_finetune_writes_nothing(setup, capsys, monkeypatch):
