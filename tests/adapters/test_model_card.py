@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import huggingface_hub
 import PIL.Image
@@ -156,3 +157,19 @@ def test_hub_model_id():
 def test_adapter_card_without_provenance():
     text = adapter_card("imported", {}, {"rank": 4, "alpha": 4.0, "target_modules": ["to_q"]})
     assert "adapter `imported`" in text and "not recorded" in text and "t0=500" in text
+
+
+def test_provenance_from_a_file_goes_into_the_card_inert():
+    """An adapter file's provenance may hold anything: it must not become HTML, links, headings or code."""
+    provenance = {
+        "prompt_src": "face\n# Heading <script>alert(1)</script>",
+        "prompt_tar": "[click](http://evil) ![x](http://evil/x.png)",
+        "t0": '500).images[0]; __import__("os").system("rm -rf ~")#',
+        "learning_rate": "`code` | cell",
+    }
+    card = adapter_card("a", provenance, {"rank": 4})
+    assert "<script>" not in card and "&lt;script&gt;" in card
+    assert re.search(r"(?<!\\)\]\(http://evil", card) is None and "\\[click\\]" in card  # no live link
+    assert "\n# Heading" not in card  # one line
+    assert "t0=500, edit_strength" in card and "system" not in card.split("## Use")[1].split("## Fine")[0]
+    assert "\\`code\\` \\| cell" in card

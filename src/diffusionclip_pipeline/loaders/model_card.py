@@ -9,6 +9,7 @@ module only builds text; the loader writes the files (`DiffusionCLIPLoraLoaderMi
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -64,10 +65,27 @@ def is_adapter_card(text: str) -> bool:
     return CARD_MARKER in text
 
 
+_MARKDOWN_ACTIVE = re.compile(r"([\\`\[\]])")  # what could open a code span, a link or an image, or escape
+
+
+def _text(value, limit: int = 300) -> str:
+    """Text from an adapter file (its provenance may hold anything) as inert Markdown: one line, HTML escaped, and
+    no code span, link or image can be opened; at most ``limit`` characters."""
+    text = " ".join(str(value).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return _MARKDOWN_ACTIVE.sub(r"\\\1", html.escape(text, quote=False))
+
+
+def _code(value) -> str:
+    """Text for inside a code span: one line, no backticks (a code span cannot escape them)."""
+    return " ".join(str(value).replace("`", "'").split())[:100]
+
+
 def _cell(value) -> str:
-    """A value as one Markdown table cell (pipes escaped, one line)."""
-    text = f"`{value}`" if isinstance(value, (list, tuple)) else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
+    """A value as one Markdown table cell (escaped, one line, pipes escaped)."""
+    if isinstance(value, (list, tuple)):
+        return f"`{_code(list(value))}`".replace("|", "\\|")
+    return _text(value).replace("|", "\\|")
 
 
 def _table(rows: list[tuple[str, object]], header: str = "| setting | value |") -> str:
@@ -109,10 +127,16 @@ def _usage(base_model: str | None, repo_id: str | None, t0) -> str:
     return "## Use\n\n```python\n" + "\n".join(lines) + "\n```\n\n"
 
 
+def _usage_t0(grid_settings: Mapping | None, provenance: Mapping) -> int:
+    """The ``t0`` of the usage example: only an integer goes into the code (provenance may hold anything)."""
+    t0 = (grid_settings or {}).get("t0", provenance.get("t0", 500))
+    return t0 if type(t0) is int and 0 < t0 < 10_000 else 500
+
+
 def _grid_section(grid_file: str | None, grid_settings: Mapping | None) -> str:
     if not grid_file:
         return ""
-    settings = ", ".join(f"`{k}={v}`" for k, v in (grid_settings or {}).items())
+    settings = ", ".join(f"`{_code(k)}={_code(v)}`" for k, v in (grid_settings or {}).items())
     note = f" (`edit` with {settings})" if settings else ""
     return f"![Before (top) and after (bottom)]({grid_file})\n\n*Top: example images; bottom: edited{note}.*\n\n"
 
@@ -147,8 +171,8 @@ def adapter_card(
         tags=list(TAGS), base_model_relation="adapter" if base_model else None,
     )  # fmt: skip
     src, tar = provenance.get("prompt_src"), provenance.get("prompt_tar")
-    title = f"“{src}” → “{tar}”" if src and tar else f"adapter `{adapter_name}`"
-    version = provenance.get("package_version", __version__)
+    title = f"“{_text(src)}” → “{_text(tar)}”" if src and tar else f"adapter `{adapter_name}`"
+    version = _text(provenance.get("package_version", __version__), 40)
     of_base = f" of [{base_model}](https://huggingface.co/{base_model})" if base_model else ""
     intro = (
         f"A LoRA adapter of the UNet{of_base} "
@@ -161,7 +185,7 @@ def adapter_card(
     return (
         f"---\n{metadata.to_yaml()}\n---\n{CARD_MARKER}\n\n# DiffusionCLIP: {title}\n\n{intro}\n\n"
         + _grid_section(grid_file, grid_settings)
-        + _usage(base_model, repo_id, (grid_settings or {}).get("t0", provenance.get("t0", 500)))
+        + _usage(base_model, repo_id, _usage_t0(grid_settings, provenance))
         + f"## Fine-tuning\n\n{_table(settings)}\n\n"
         + _validation_section(provenance.get("validation"))
         + f"## LoRA\n\n{_table(lora_rows)}\n"
