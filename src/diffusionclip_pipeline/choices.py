@@ -20,7 +20,7 @@ __all__ = [
 ENCODINGS = ("ddim", "noise")
 # where the DDIM inversion starts: the clean image (ours), or as the official code (x at t = 0)
 INVERSION_STARTS = ("clean", "official")
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # "latent": the denoiser-space result, not decoded (the call only)
 # the fine-tuning schemes: the paper's GPU-efficient one, its original full chain, EffDiff's one step
 SCHEMES = ("efficient", "full_chain", "one_step")
 MIXED_PRECISION = ("no", "fp16", "bf16")

@@ -29,6 +29,7 @@ from .families.unet_adapter_api import adapter_view, plain_unet
 from .image_processing import postprocess_image, preprocess_image
 from .loaders import DiffusionCLIPLoraLoaderMixin, lora_file, lora_state
 from .noise_mixing import MixComponent, build_mix
+from .pipeline_clip import DEFAULT_CLIP, DiffusionCLIPClipMixin
 from .pipeline_conveniences import DiffusionCLIPConveniencesMixin
 from .pipeline_output import (
     DiffusionCLIPInversionOutput,
@@ -54,7 +55,6 @@ if TYPE_CHECKING:  # training is imported only when `finetune` runs: inference n
 
 logger = logging.get_logger(__name__)
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -86,7 +86,9 @@ class NoAdapterWarning(UserWarning):
     """`edit` was called with no adapter active: the result is a reconstruction, not an edit."""
 
 
-class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin, DiffusionCLIPConveniencesMixin):
+class DiffusionCLIPPipeline(
+    DiffusionPipeline, DiffusionCLIPLoraLoaderMixin, DiffusionCLIPClipMixin, DiffusionCLIPConveniencesMixin
+):
     r"""
     Pipeline for DiffusionCLIP: DDIM-invert real images to a middle timestep ``t0`` and regenerate them with a UNet
     fine-tuned (here with LoRA) by a directional CLIP loss (Kim, Kwon, Ye, CVPR 2022, arXiv 2110.02711).
@@ -182,17 +184,6 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin, Dif
         self._family = family(self)
 
     @property
-    def clip_model_name_or_path(self) -> str:
-        """Where `load_clip` loads CLIP from when fine-tuning needs it; saved with the pipeline (its config)."""
-        return self.config.clip_model_name_or_path
-
-    @clip_model_name_or_path.setter
-    def clip_model_name_or_path(self, value: str) -> None:
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"`clip_model_name_or_path` must be a non-empty string, got {value!r:.100}.")
-        self.register_to_config(clip_model_name_or_path=value)
-
-    @property
     def family(self) -> ModelFamily:
         """The model family (`families`): encode/decode, conditioning, the denoiser call and the step maths."""
         return self._family
@@ -268,46 +259,6 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin, Dif
             else:
                 self._progress_bar_config = previous
 
-    # ---- CLIP --------------------------------------------------------------------------------------------------
-
-    def load_clip(self, clip_model_name_or_path: str | None = None, second: bool = False, **kwargs) -> None:
-        """Loads CLIP and its tokenizer (``clip_model_name_or_path`` or the pipeline's default) into the pipeline.
-
-        With ``second=True`` they become the second CLIP (`clip_model_2`, averaged with the first in fine-tuning);
-        its name or path must then be given.
-        """
-        from transformers import CLIPModel, CLIPTokenizer
-
-        if second and not clip_model_name_or_path:
-            raise ValueError(f"`second=True` needs a `clip_model_name_or_path`, got {clip_model_name_or_path!r}.")
-        name = clip_model_name_or_path or self.clip_model_name_or_path
-        try:
-            clip_model = CLIPModel.from_pretrained(name, **kwargs)
-            clip_tokenizer = CLIPTokenizer.from_pretrained(name)
-        except OSError as error:
-            raise OSError(
-                f"Could not load CLIP from {name!r} ({error}). Without internet access, pass a local CLIP: "
-                "`DiffusionCLIPPipeline.from_pretrained(..., clip_model=CLIPModel.from_pretrained('/local/clip'), "
-                "clip_tokenizer=CLIPTokenizer.from_pretrained('/local/clip'))`, or `pipe.load_clip('/local/clip')`, "
-                "or `clip_model_name_or_path='/local/clip'`."
-            ) from error
-        slot = "_2" if second else ""
-        self.register_modules(
-            **{f"clip_model{slot}": clip_model.to(self._execution_device), f"clip_tokenizer{slot}": clip_tokenizer}
-        )
-
-    def require_clip(self) -> None:
-        """Loads the default CLIP (`load_clip`) unless the pipeline already has one."""
-        if self.clip_model is None or self.clip_tokenizer is None:
-            self.load_clip()
-
-    @property
-    def clip_models(self) -> list[tuple]:
-        """The ``(clip_model, clip_tokenizer)`` pairs the CLIP loss averages over: the first CLIP, then the optional
-        second one (`clip_model_2`); only those present (nothing is loaded here)."""
-        pairs = [(self.clip_model, self.clip_tokenizer), (self.clip_model_2, self.clip_tokenizer_2)]
-        return [(model, tokenizer) for model, tokenizer in pairs if model is not None and tokenizer is not None]
-
     # ---- the family seam (`families`): images <-> the denoiser's space, conditioning, the denoiser call -------
 
     def noise_to(self, x0: torch.Tensor, t0: int, generator=None) -> torch.Tensor:
@@ -355,6 +306,20 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin, Dif
             return self.family.predict(self.unet, sample, timestep, condition)
         with self._original_model():
             return self.family.predict(self.unet, sample, timestep, condition)
+
+    def _repeat_inputs(self, image, latents, num_images_per_prompt: int, encoding: str, eta: float):
+        """``image`` (prepared) or ``latents``, each item repeated ``num_images_per_prompt`` times."""
+        n = check_positive_int(num_images_per_prompt, "num_images_per_prompt")
+        if n == 1:
+            return image, latents
+        if eta == 0 and (latents is not None or encoding == "ddim"):
+            raise ValueError(
+                f"`num_images_per_prompt`={n} would give {n} identical edits: the inversion and the generation are "
+                "deterministic. Use `encoding='noise'` (with a `generator`) or `eta` > 0 for several edits per image."
+            )
+        if latents is not None:
+            return None, latents.repeat_interleave(n, dim=0)
+        return self.prepare_image(image).repeat_interleave(n, dim=0), None
 
     @property
     def guidance_scale(self) -> float:
@@ -639,6 +604,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin, Dif
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] | None = None,
         target_size: tuple[int, int] | None = None,
+        num_images_per_prompt: int = 1,
         **kwargs,
     ) -> DiffusionCLIPPipelineOutput | tuple:
         r"""
@@ -656,7 +622,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin, Dif
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): For ``eta > 0``; a list must
                 hold one generator per image.
             latents (`torch.Tensor`, *optional*): Precomputed ``x_t0`` (e.g. `invert(...).x_t0`, same ``t0``).
-            output_type (`str`, *optional*, defaults to `"pil"`): ``"pil"``, ``"np"`` or ``"pt"`` (both in [0, 1]).
+            output_type (`str`, *optional*, defaults to `"pil"`): ``"pil"``, ``"np"`` or ``"pt"`` (both in [0, 1]),
+                or ``"latent"``: the generated latents, not decoded (the images themselves for a pixel model).
             return_dict (`bool`, *optional*, defaults to `True`): Return a dataclass instead of a tuple.
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
                 ``fn(pipe, step, timestep, callback_kwargs)`` called after every generation step; it may return a dict
@@ -693,6 +660,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin, Dif
                 zero-call stochastic encoding, seeded by ``generator``.
             original_size, crops_coords_top_left, target_size (`tuple[int, int]`, *optional*): SDXL's size
                 conditioning (see `invert`).
+            num_images_per_prompt (`int`, *optional*, defaults to 1): Edits of every image; they differ only where
+                the edit is stochastic (``encoding="noise"``, or ``eta > 0``), so more than one is refused otherwise.
 
         Examples:
 
@@ -717,6 +686,7 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin, Dif
         )
         check_choice(encoding, "encoding", ENCODINGS)
         check_choice(inversion_start, "inversion_start", INVERSION_STARTS)
+        image, latents = self._repeat_inputs(image, latents, num_images_per_prompt, encoding, eta)
         batch_size = batch_size_of(image, latents)
         guidance_scale = check_number(guidance_scale, "guidance_scale", minimum=1)
         if guidance_scale > 1 and (self.text_encoder is None or not prompt):
@@ -769,9 +739,12 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin, Dif
                 )
         # 5. Post-process (a non-finite result is an error, never an image)
         _check_finite_result(latents, "The edit", self._likely_causes(edit_strength, eta, adapters))
-        decoded = self.decode_latents(latents)
-        _check_finite_result(decoded, "The decoded edit", "the autoencoder overflowed (an fp16 VAE: decode in fp32)")
-        images = postprocess_image(decoded, output_type)
+        if output_type == "latent":  # the denoiser's space, for a later decode or another pipeline
+            images = latents
+        else:
+            decoded = self.decode_latents(latents)
+            _check_finite_result(decoded, "The decoded edit", "the autoencoder overflowed (fp16 VAE: decode in fp32)")
+            images = postprocess_image(decoded, output_type)
         self.maybe_free_model_hooks()
         generation_grid = [int(t) for t in scheduler.timesteps]
         if not return_dict:
@@ -824,6 +797,8 @@ class DiffusionCLIPPipeline(DiffusionPipeline, DiffusionCLIPLoraLoaderMixin, Dif
         # 1. Check inputs
         edit_t0 = t0 if edit_t0 is None else edit_t0
         self.check_inputs(image, t0, num_inversion_steps, num_inference_steps, 0.0, generator, None, output_type)
+        if output_type == "latent":
+            raise ValueError("`output_type`='latent' is for the edit's call; `translate` returns images.")
         self.check_inputs(
             image, edit_t0, num_inversion_steps, num_inference_steps,
             num_fixed_point_iterations=num_fixed_point_iterations,

@@ -117,3 +117,38 @@ def test_cpu_offloading_gives_the_same_edit(offload):
         cpu = torch.device("cpu")
         pipe.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")
     torch.testing.assert_close(pipe(x, **settings).images, reference, atol=0, rtol=0)
+
+
+def test_output_type_latent_returns_the_undecoded_result():
+    pipe = DiffusionCLIPPipeline(**make_sd_components())
+    pipe.set_progress_bar_config(disable=True)
+    x = random_images(1, size=16, seed=5)
+    last = {}
+
+    def grab(p, i, t, kwargs):
+        last["latents"] = kwargs["latents"]
+        return kwargs
+
+    latents = pipe(x, callback_on_step_end=grab, **{**EDIT, "output_type": "latent"}).images
+    assert latents.shape == (1, 4, 8, 8)
+    torch.testing.assert_close(latents, last["latents"], atol=0, rtol=0)
+    decoded = pipe(x, **EDIT).images
+    torch.testing.assert_close(decoded, (pipe.decode_latents(latents) / 2 + 0.5).clamp(0, 1), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="`output_type`='latent' is for the edit's call"):
+        pipe.translate(x, t0=100, n_iter=1, num_denoise_steps=1, output_type="latent")
+
+
+def test_several_edits_per_image_where_the_edit_is_stochastic():
+    pipe = make_pipeline(with_clip=False)
+    add_random_adapter(pipe, "a")
+    x = random_images(2, seed=6)
+    settings = {**EDIT, "encoding": "noise", "num_images_per_prompt": 3}
+    out = pipe(x, generator=torch.Generator().manual_seed(0), **settings).images
+    assert out.shape == (6, 3, 16, 16)
+    assert not torch.equal(out[0], out[1])  # other noise, another edit
+    again = pipe(x, generator=torch.Generator().manual_seed(0), **settings).images
+    torch.testing.assert_close(out, again, atol=0, rtol=0)  # reproducible under a seed
+    with pytest.raises(ValueError, match="`num_images_per_prompt`=2 would give 2 identical edits"):
+        pipe(x, num_images_per_prompt=2, **EDIT)
+    with pytest.raises(ValueError, match="`num_images_per_prompt` must be a positive integer"):
+        pipe(x, num_images_per_prompt=0, **EDIT)
