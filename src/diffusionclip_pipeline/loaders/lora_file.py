@@ -165,8 +165,27 @@ class AdapterFile:
     format_version: int
 
 
-def _settings_from_metadata(path: str, metadata: dict[str, str]) -> tuple[LoraSettings, dict]:
-    """(settings, our metadata) from a v2 or v1 file's metadata; `ValueError` for anything else."""
+def _settings_from_tensors(path: str, tensors: dict) -> LoraSettings:
+    """The settings of a diffusers-layout file without ``lora_adapter_metadata`` (as older diffusers scripts and
+    other tools write them), as diffusers reads such a file: the rank from the weights, ``alpha = rank`` (a scale of
+    1), the wrapped modules as targets. One rank for every module (a per-module rank pattern is refused)."""
+    ranks, modules = set(), []
+    for key, value in tensors.items():
+        match = _KEY.fullmatch(key.removeprefix(f"{PREFIX}."))
+        if key.startswith(f"{PREFIX}.") and match and match["part"] == "A" and value.ndim in (2, 4):
+            ranks.add(int(value.shape[0]))
+            modules.append(match["module"])
+    if not modules:
+        raise ValueError(f"{path!r} has no LoRA config in its metadata and no '{PREFIX}.*.lora_A.weight' tensors.")
+    if len(ranks) != 1:
+        raise ValueError(f"{path!r} has no LoRA config and its modules have different ranks {sorted(ranks)}.")
+    rank = ranks.pop()
+    return LoraSettings(rank=rank, alpha=float(rank), target_modules=tuple(sorted(modules)))
+
+
+def _settings_from_metadata(path: str, metadata: dict[str, str], tensors: dict) -> tuple[LoraSettings, dict]:
+    """(settings, our metadata) from a v2 or v1 file's metadata (or, without any, from its tensors as diffusers
+    does); `ValueError` for anything else."""
     if metadata.get("format") == LEGACY_FORMAT_NAME:  # version 1
         raw = json.loads(metadata["lora_config"])
         settings = LoraSettings(rank=raw["rank"], alpha=raw["alpha"], target_modules=tuple(raw["target_modules"]))
@@ -177,10 +196,7 @@ def _settings_from_metadata(path: str, metadata: dict[str, str]) -> tuple[LoraSe
         }
         return settings, ours
     if DIFFUSERS_METADATA_KEY not in metadata:
-        raise ValueError(
-            f"{path!r} has no LoRA config in its metadata (neither '{DIFFUSERS_METADATA_KEY}' nor a DiffusionCLIP "
-            "v1 'lora_config'): without it, alpha cannot be restored."
-        )
+        return _settings_from_tensors(path, tensors), {}
     packed = json.loads(metadata[DIFFUSERS_METADATA_KEY])
     config = {k.removeprefix(f"{PREFIX}."): v for k, v in packed.items() if k.startswith(f"{PREFIX}.")}
     for key, default in _REQUIRED_DEFAULTS.items():
@@ -210,7 +226,7 @@ def read_adapter_file(path: str) -> AdapterFile:
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt headers and data
         raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt?): {error}") from error
     try:
-        settings, ours = _settings_from_metadata(path, metadata)
+        settings, ours = _settings_from_metadata(path, metadata, tensors)
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError, RecursionError) as error:
         raise ValueError(f"The adapter at {path!r} has unreadable LoRA metadata: {short_repr(error)}") from None
     if len(settings.target_modules) > MAX_TARGET_MODULES:
