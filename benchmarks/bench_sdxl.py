@@ -69,7 +69,8 @@ SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast
 TEXT_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")  # fmt: skip
 TEXT_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)  # fmt: skip
+                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                 projection_dim=1280)  # fmt: skip
 # the loss's CLIP at openai/clip-vit-base-patch16's size (its text tower's vocabulary is the stand-in tokenizer's)
 CLIP_B16_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        image_size=224, patch_size=16)  # fmt: skip
@@ -227,7 +228,7 @@ def count_edit_calls() -> dict:
         pipe.finetune("red circle", "blue circle", images=image[:1], t0=500, num_inversion_steps=2,
                       num_train_steps=1, num_epochs=1, batch_size=1, clip_num_augmentations=0)  # fmt: skip
         calls = []
-        pipe.unet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+        pipe.unet.register_forward_hook(lambda module, args, out, calls=calls: calls.append(args[0].shape[0]))
         for edit, settings in (("recommended", RECOMMENDED_EDIT), ("fast", FAST_EDIT)):
             calls.clear()
             extra = {"generator": torch.Generator().manual_seed(0)} if settings.get("encoding") == "noise" else {}
@@ -263,11 +264,11 @@ def count_flops(tiny: bool) -> dict:
             unet = UNet2DConditionModel(**_shrunk(config, tiny))
             width, s = unet.config.cross_attention_dim, side // 8
 
-            def unet_inputs():
+            def unet_inputs(s=s, width=width, config=unet.config, xl=family == "SDXL"):
                 x = torch.randn(1, 4, s, s, requires_grad=True)
                 kwargs = dict(encoder_hidden_states=torch.randn(1, 77, width))
-                if family == "SDXL":
-                    embeds = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+                if xl:
+                    embeds = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
                     kwargs["added_cond_kwargs"] = dict(text_embeds=torch.randn(1, embeds), time_ids=torch.randn(1, 6))
                 return (x, torch.tensor(500)), kwargs
 
@@ -352,8 +353,9 @@ def _print_tables(rows, calls, flops, text_params, args) -> None:
     base = {fam: next((r for r in rows if r["name"] == f"{fam}, full VAE decoder" and "step_s" in r), None)
             for fam in ("SD 1.5", "SDXL")}  # fmt: skip
     threads = os.environ.get("BENCH_THREADS", "1")
-    print(f"\nFine-tuning step (scheme efficient, batch 1, rank-4 LoRA) at {args.resolution} px "
-          f"({'toy size' if args.tiny else 'real configs, random weights'}, fp32, CPU, {threads} thread(s))\n")  # fmt: skip
+    size = "toy size" if args.tiny else "real configs, random weights"
+    print(f"\nFine-tuning step (scheme efficient, batch 1, rank-4 LoRA) at {args.resolution} px ({size}, fp32, CPU, "
+          f"{threads} thread(s))\n")  # fmt: skip
     print("| configuration | UNet params | LoRA params | s / step | vs full decoder | peak RSS MB | models MB | "
           "training MB | no-grad UNet call s |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
@@ -364,8 +366,9 @@ def _print_tables(rows, calls, flops, text_params, args) -> None:
         ref = base[r["name"].split(",")[0]]
         ratio = f"{r['step_s'] / ref['step_s']:.2f}x" if ref else "-"
         call = f"{r['unet_call_s']:.2f}" if r["unet_call_s"] is not None else ""
+        training = r["peak_mb"] - r["models_mb"]
         print(f"| {r['name']} | {r['unet_params']:,} | {r['lora_params']:,} | {r['step_s']:.2f} | {ratio} | "
-              f"{r['peak_mb']:.0f} | {r['models_mb']:.0f} | {r['peak_mb'] - r['models_mb']:.0f} | {call} |")  # fmt: skip
+              f"{r['peak_mb']:.0f} | {r['models_mb']:.0f} | {training:.0f} | {call} |")  # fmt: skip
     print("\nUNet calls per edited image (hook-counted on toy-size models; the count does not depend on the size)\n")
     print("| model | recommended edit (t0 500, 40 + 40) | fast edit (noise encoding + 6 steps) |")
     print("|---|---|---|")
