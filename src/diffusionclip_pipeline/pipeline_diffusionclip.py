@@ -190,7 +190,7 @@ class DiffusionCLIPPipeline(
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, clip_model_name_or_path: str | None = None, **kwargs):
-        r"""Loads a pipeline folder written by `save_pretrained`, or a diffusers repository of one of three layouts.
+        r"""Loads a pipeline folder written by `save_pretrained`, or a diffusers repository of one of four layouts.
 
         - a DDPM (`DDPMPipeline`: ``unet`` + ``scheduler``, e.g. ``google/ddpm-celebahq-256``): pixel space;
         - an unconditional latent diffusion model (`LDMPipeline`: ``vqvae`` + ``unet`` + ``scheduler``, e.g.
@@ -199,7 +199,11 @@ class DiffusionCLIPPipeline(
           ``scheduler``; the safety checker and feature extractor are not loaded), e.g.
           ``stable-diffusion-v1-5/stable-diffusion-v1-5`` or ``stabilityai/stable-diffusion-2-1-base``.
 
-        SDXL (two text encoders, size conditioning) is not supported and raises `ValueError` before anything loads.
+        - SDXL (`StableDiffusionXLPipeline`: also ``text_encoder_2`` and ``tokenizer_2``; the refiner is refused),
+          e.g. ``stabilityai/stable-diffusion-xl-base-1.0``; SDXL-Turbo-style checkpoints with trailing timestep
+          spacing get the trailing grid (`families.base.DDIMFamily.timesteps`).
+
+        SD3, Flux and other pipelines raise `ValueError` before anything loads.
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): Hub id or local folder.

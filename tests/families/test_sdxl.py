@@ -219,3 +219,20 @@ def test_size_conditioning_is_checked_and_refused_where_it_does_not_apply():
     sd = DiffusionCLIPPipeline(**make_sd_components())
     with pytest.raises(ValueError, match="`target_size`: SDXL's size conditioning; this is a sd model"):
         sd.edit(images(1), target_size=(16, 16), **EDIT)
+
+
+def test_a_turbo_style_checkpoint_gets_the_trailing_grid(tmp_path):
+    """SDXL-Turbo ships an EulerAncestralDiscreteScheduler with timestep_spacing="trailing": its config is honoured
+    (converted to deterministic DDIM) and the grid ends at t0 without visiting t = 0, as Turbo's own grid does."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    components = make_sdxl_components()
+    components["scheduler"] = EulerAncestralDiscreteScheduler.from_config(
+        components["scheduler"].config, timestep_spacing="trailing"
+    )
+    pipe = load(stock_sdxl(tmp_path, scheduler=components["scheduler"]))
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.family.timesteps(999, 4) == [249, 499, 749, 999]  # diffusers' own trailing 4-step grid
+    assert pipe.family.timesteps(500, 1) == [500]
+    out = pipe(images(1), t0=999, num_inversion_steps=4, num_inference_steps=4, output_type="pt")
+    assert out.timesteps == [999, 749, 499, 249] and torch.isfinite(out.images).all()

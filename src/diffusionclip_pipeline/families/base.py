@@ -156,7 +156,15 @@ class DDIMFamily(ModelFamily):
     DiffusionCLIP's grid ``int(linspace(0, t0, S))`` (`scheduling_ddim_grid`)."""
 
     def timesteps(self, t0: int, num_steps: int) -> list[int]:
-        return ddim_timesteps(t0, num_steps, self.num_train_timesteps)
+        """DiffusionCLIP's grid ``int(linspace(0, t0, S))``; for a scheduler with ``timestep_spacing="trailing"``
+        (SDXL-Turbo / Lightning-style few-step checkpoints, distilled on grids that end at ``t0`` and skip the low
+        timesteps) diffusers' trailing rule on ``[0, t0]``: ``round(k (t0 + 1) / S) - 1``, k = 1..S (for ``t0`` 999
+        and 4 steps: 249, 499, 749, 999, the stock grid), the lowest step going straight to the clean image."""
+        if self.pipe.scheduler.config.get("timestep_spacing") != "trailing" or num_steps == 1:
+            return ddim_timesteps(t0, num_steps, self.num_train_timesteps)
+        ddim_timesteps(t0, 1, self.num_train_timesteps)  # the same checks of t0
+        n = int(num_steps)
+        return sorted({max(round((int(t0) + 1) * k / n) - 1, 0) for k in range(1, n + 1)})
 
     def generation_scheduler(self, timesteps: list[int]) -> GridDDIMScheduler:
         scheduler = GridDDIMScheduler.from_config(self.pipe.scheduler.config)
