@@ -55,3 +55,19 @@ def test_existing_outputs_are_refused_unless_overwrite(setup, capsys):
     assert (out / "grid.png").read_bytes() == b"kept"
     assert main(argv("edit", setup, out, "--overwrite")) == 0
     assert snapshot(out) == first  # the same run again, replaced
+
+
+@pytest.mark.parametrize("command", ["edit", "sweep"])
+def test_t0_beyond_a_folders_schedule_is_refused_before_the_model_loads(setup, capsys, monkeypatch, command):
+    from diffusionclip_pipeline.commands import loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_pipeline", no_loading)
+    argv = [command, "--model", str(setup / "pipe"), "--images", str(setup / "imgs"), "--output", str(setup / "out"),
+            "--t0", "1000"]  # fmt: skip
+    if command == "sweep":
+        argv += ["--src", "a", "--tar", "b"]
+    assert main(argv) == 2
+    assert "--t0 must be an integer in [1, 999]" in capsys.readouterr().err

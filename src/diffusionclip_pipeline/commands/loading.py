@@ -5,6 +5,7 @@ offline or unreachable), the CPU threads, then the pipeline, its adapters and it
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import sys
@@ -222,9 +223,30 @@ def check_before_editing(args, lora_weights: list[float] | None = None, clip_2: 
     check_adapters(args.lora, lora_weights)
     check_output(args.output)
     registered = check_model(args.model, args.clip)
+    check_timesteps_of_folder(args)
     check_source("--clip-2", clip_2)
     check_device(args.device)
     return images, files, registered
+
+
+def check_timesteps_of_folder(args) -> None:
+    """``--t0`` (and ``--edit-t0``) against a local ``--model`` folder's ``num_train_timesteps``, read from its
+    scheduler config before the model loads (for a registered model or a hub id the pipeline checks it on load)."""
+    config = os.path.join(args.model, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(config):
+        return
+    try:
+        with open(config, encoding="utf-8") as handle:
+            num_train_timesteps = int(json.load(handle).get("num_train_timesteps", 1000))
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):
+        return  # the load reports an unreadable config in its own words
+    for option in ("t0", "edit_t0"):
+        values = getattr(args, option, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and not 1 <= value < num_train_timesteps:
+                name = "--" + option.replace("_", "-")
+                raise CLIError(f"{name} must be an integer in [1, {num_train_timesteps - 1}] for --model "
+                               f"{args.model}, got {value}")  # fmt: skip
 
 
 def set_threads_for(args, registered: RegisteredModel | None) -> int:
