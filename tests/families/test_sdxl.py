@@ -236,3 +236,21 @@ def test_a_turbo_style_checkpoint_gets_the_trailing_grid(tmp_path):
     assert pipe.family.timesteps(500, 1) == [500]
     out = pipe(images(1), t0=999, num_inversion_steps=4, num_inference_steps=4, output_type="pt")
     assert out.timesteps == [999, 749, 499, 249] and torch.isfinite(out.images).all()
+
+
+def test_an_fp16_vae_with_force_upcast_encodes_and_decodes_in_fp32():
+    components = make_sdxl_components()
+    reference = DiffusionCLIPPipeline(**components)
+    vae16 = make_sdxl_components()["vae"].to(torch.float16)
+    assert vae16.config.force_upcast
+    pipe = DiffusionCLIPPipeline(**{**make_sdxl_components(), "vae": vae16})
+    x = images(1, seed=7)
+    with torch.no_grad():
+        z = pipe.encode_image(x)
+        decoded = pipe.decode_latents(z)
+    assert z.dtype == torch.float32 and decoded.dtype == torch.float32 and vae16.dtype == torch.float16
+    with torch.no_grad():  # the same as an fp32 VAE holding the fp16-rounded weights
+        fp32 = make_sdxl_components()["vae"].to(torch.float16).to(torch.float32)
+        expected = fp32.encode(x).latent_dist.mean * fp32.config.scaling_factor
+    torch.testing.assert_close(z, expected, atol=0, rtol=0)
+    assert reference.family.encode(x).dtype == torch.float32
