@@ -80,7 +80,7 @@ def test_translate_writes_three_row_grid(setup):
     [
         (["edit", "--images", "nowhere.png", "--output", "o"], "no such image file or folder: nowhere.png"),
         # the model's own range (here [1, 999]) is checked by the pipeline, after loading
-        (["edit", "--images", "{imgs}", "--output", "{tmp}/o", "--t0", "1000"], "`t0` must be an integer in [1, 999]"),
+        (["edit", "--images", "{imgs}", "--output", "{tmp}/o", "--t0", "1000"], "--t0 must be an integer in [1, 999]"),
         (["edit", "--images", "{imgs}", "--output", "{tmp}/o", "--lora", "{tmp}/none"], "no such adapter file"),
         (
             [

@@ -255,7 +255,7 @@ def test_load_clip_from_local_folder(tmp_path, clip_model, tokenizer):
         (dict(num_fixed_point_iterations=-1), ValueError, "`num_fixed_point_iterations`"),
         (dict(num_fixed_point_iterations=1.0), TypeError, "`num_fixed_point_iterations`"),
         (dict(num_fixed_point_iterations=True), TypeError, "`num_fixed_point_iterations`"),
-        (dict(output_type="latent"), ValueError, "`output_type`"),
+        (dict(output_type="latents"), ValueError, "`output_type`"),  # "latent" is one of diffusers' types
         (dict(image=None), ValueError, "`image`"),
         (dict(image=[]), ValueError, "empty list"),
         (dict(image="cat.png"), TypeError, "`image` must be"),

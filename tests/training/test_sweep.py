@@ -172,7 +172,7 @@ def test_cli_sweep_bad_option_values_stop_while_parsing(tmp_path, capsys, argv, 
         (["--images", "{tmp}/nowhere.png"], "no such image file or folder"),
         (["--lora", "{tmp}/none"], "--lora {tmp}/none: no such adapter file or folder"),
         (["--fast"], "--fast uses the fast edit preset of a registered --model; {tmp}/pipe is a folder or hub id"),
-        (["--t0", "1000"], "`t0s[0]` must be an integer in [1, 999], got 1000."),  # the model's range: after loading
+        (["--t0", "1000"], "--t0 must be an integer in [1, 999] for --model"),  # the folder's range, before loading
     ],
 )
 def test_cli_sweep_errors_are_one_line(setup, capsys, argv, message):
