@@ -120,6 +120,13 @@ class DiffusionCLIPPipeline(
             (`UNet2DConditionModel`, Stable Diffusion) is conditioned on while inverting and regenerating; not the
             CLIP of the loss, which must also see images (``clip_model``).
         tokenizer ([`~transformers.CLIPTokenizer`], *optional*): The text encoder's tokenizer.
+        text_encoder_2 ([`~transformers.CLIPTextModelWithProjection`], *optional*), tokenizer_2
+            ([`~transformers.CLIPTokenizer`], *optional*): SDXL's second text encoder and its tokenizer.
+        image_encoder, feature_extractor (*optional*): SDXL's optional IP-Adapter components: kept, not used.
+        force_zeros_for_empty_prompt (`bool`, *optional*, defaults to `True`): SDXL: the unconditional input of
+            classifier-free guidance is zeros (as `StableDiffusionXLPipeline` does) rather than the empty prompt.
+        clip_model_name_or_path (`str`, *optional*): Where `load_clip` loads CLIP from when fine-tuning needs it
+            (default ``"openai/clip-vit-base-patch16"``); saved with the pipeline.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
