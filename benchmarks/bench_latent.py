@@ -86,15 +86,12 @@ def build(name: str, resolution: int, tiny: bool):
     return pipe, loss_vae
 
 
-def worker(name: str, resolution: int, tiny: bool, steps: int) -> dict:
-    import torch
-
+def time_finetune_steps(pipe, loss_vae, name: str, image, steps: int) -> tuple[float, float, int]:
+    """``steps + 1`` optimizer steps of the efficient scheme on ``image`` (the first one warms up), timed at every
+    `Trainer.backward_and_step`; returns the median seconds per step, the whole fine-tuning's seconds and the number
+    of steps timed. ``name`` containing "checkpointed" checkpoints the loss's decoder."""
     from diffusionclip_pipeline.training.trainer import Trainer
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    pipe, loss_vae = build(name, resolution, tiny)
-    pipe.set_progress_bar_config(disable=True)
-    models_mb = rss_mb()
     stamps = []
     original = Trainer.backward_and_step
 
@@ -103,15 +100,28 @@ def worker(name: str, resolution: int, tiny: bool, steps: int) -> dict:
         stamps.append(time.perf_counter())
 
     Trainer.backward_and_step = timed
-    image = torch.rand(1, 3, resolution, resolution) * 2 - 1
     settings = dict(t0=500, num_inversion_steps=2, num_train_steps=steps + 1, num_epochs=1, batch_size=1,
                     clip_num_augmentations=0, lora_rank=4)  # fmt: skip
     if "checkpointed" in name:
         settings["decoder_gradient_checkpointing"] = True
     start = time.perf_counter()
-    pipe.finetune("red circle", "blue circle", images=image, loss_vae=loss_vae, **settings)
+    try:
+        pipe.finetune("red circle", "blue circle", images=image, loss_vae=loss_vae, **settings)
+    finally:
+        Trainer.backward_and_step = original
     total = time.perf_counter() - start
-    per_step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))  # the first step warms up
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:])), total, len(stamps) - 1
+
+
+def worker(name: str, resolution: int, tiny: bool, steps: int) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    pipe, loss_vae = build(name, resolution, tiny)
+    pipe.set_progress_bar_config(disable=True)
+    models_mb = rss_mb()
+    image = torch.rand(1, 3, resolution, resolution) * 2 - 1
+    per_step, total, _ = time_finetune_steps(pipe, loss_vae, name, image, steps)
     start = time.perf_counter()
     pipe.edit(image, t0=500, num_inversion_steps=4, num_inference_steps=4, output_type="pt")
     edit_s = (time.perf_counter() - start) / 8 * 80

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -174,32 +173,13 @@ def worker(name: str, resolution: int, tiny: bool, steps: int) -> dict:
     """One configuration: ``steps + 1`` optimizer steps of the efficient scheme (the first one warms up), and one
     no-grad UNet call with the adapter on (the unit of an edit's cost)."""
     import torch
-
-    from diffusionclip_pipeline.training.trainer import Trainer
+    from bench_latent import time_finetune_steps
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     pipe, loss_vae = build(name, resolution, tiny)
     models_mb = rss_mb()
-    stamps = []
-    original = Trainer.backward_and_step
-
-    def timed(self, loss, where):
-        original(self, loss, where)
-        stamps.append(time.perf_counter())
-
-    Trainer.backward_and_step = timed
     image = torch.rand(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    settings = dict(t0=500, num_inversion_steps=2, num_train_steps=steps + 1, num_epochs=1, batch_size=1,
-                    clip_num_augmentations=0, lora_rank=4)  # fmt: skip
-    if "checkpointed" in name:
-        settings["decoder_gradient_checkpointing"] = True
-    start = time.perf_counter()
-    try:
-        pipe.finetune("red circle", "blue circle", images=image, loss_vae=loss_vae, **settings)
-    finally:
-        Trainer.backward_and_step = original
-    finetune_s = time.perf_counter() - start
-    step_s = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))  # the first step warms up
+    step_s, finetune_s, steps_timed = time_finetune_steps(pipe, loss_vae, name, image, steps)
     call_s = None
     if "full" in name:  # the edit does not depend on the loss's decoder: time one UNet call in one row per model
         condition = pipe.family.encode_prompt(None, 1)
@@ -209,7 +189,7 @@ def worker(name: str, resolution: int, tiny: bool, steps: int) -> dict:
             pipe.family.predict(pipe.unet, latents, 500, condition)
             call_s = time.perf_counter() - start
     lora = sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora_" in n)
-    return {"name": name, "resolution": resolution, "step_s": step_s, "steps_timed": len(stamps) - 1,
+    return {"name": name, "resolution": resolution, "step_s": step_s, "steps_timed": steps_timed,
             "finetune_s": finetune_s, "peak_mb": rss_mb(), "models_mb": models_mb,
             "unet_params": _num_params(pipe.unet) - lora, "lora_params": lora, "vae_params": _num_params(pipe.vae),
             "loss_vae_params": _num_params(loss_vae) if loss_vae is not None else 0,
