@@ -276,3 +276,20 @@ def test_what_an_image_loses_is_reported(state):
     rgba[..., 0], rgba[:16, :, 3] = 255, 255
     result = app.edit_images(state, [PIL.Image.fromarray(rgba)], None)
     assert any("transparent" in note for note in result.notes)
+
+
+def test_an_adapter_loaded_by_one_client_is_usable_by_another(client, state, tmp_path, cleanup):
+    """The adapters are the server's, not a session's: a fresh API client edits with one another client loaded."""
+    from gradio_client import Client
+
+    loaded = load(client, "blue")  # through the first client's session
+    assert not isinstance(loaded, Exception), loaded
+    name = next(n for n in state.adapters if n.startswith("blue"))
+    paths = []
+    for i, image in enumerate(app.example_images(state, "red circle", 1, seed=3)):
+        image.save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    other = Client(client.src, verbose=False)
+    result = other.predict(gallery(paths), name, 1.0, TINY_EDIT.get("t0", 400), app.NO_ADAPTER, 0.5, 0.5,
+                           api_name="/edit")  # fmt: skip
+    assert isinstance(result, (list, tuple)) and len(result) >= 3  # the views, the strips, the result
