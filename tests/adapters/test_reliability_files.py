@@ -224,3 +224,44 @@ def test_a_live_writers_temporary_files_are_kept_a_dead_ones_removed(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+RACE_SCRIPT = """
+import os, sys
+from diffusionclip_pipeline.utils.io import atomic_directory, atomic_write_text
+target, me, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for i in range(runs):
+    with atomic_directory(os.path.join(target, "folder")) as tmp:
+        for part in range(3):
+            with open(os.path.join(tmp, f"part{part}"), "w") as f:
+                f.write(f"{me} {i}")
+    atomic_write_text(os.path.join(target, "file.txt"), f"{me} {i}" * 1000)
+print("done")
+"""
+
+
+@pytest.mark.slow
+def test_two_writers_sharing_a_folder_never_break_each_other(tmp_path):
+    """Issue 28, item 8: two processes writing the same folder (as two runs sharing a checkpoint_dir or cache_dir
+    do), 2 x 40 writes at once: neither crashes (a writer's temporary files are never removed by the other's
+    cleanup), and every read sees one writer's complete folder and file."""
+    for attempt in range(20):
+        target = tmp_path / f"shared{attempt}"
+        target.mkdir()
+        writers = [
+            subprocess.Popen(
+                [sys.executable, "-c", RACE_SCRIPT, str(target), name, "40"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for name in ("a", "b")
+        ]
+        for writer in writers:
+            out, err = writer.communicate(timeout=300)
+            assert writer.returncode == 0 and out.strip() == "done", err[-2000:]
+        parts = {(target / "folder" / f"part{i}").read_text() for i in range(3)}
+        assert len(parts) == 1  # one writer's complete folder, not a mix
+        text = (target / "file.txt").read_text()
+        assert text in {f"{me} 39" * 1000 for me in ("a", "b")}
+        assert not [f for f in os.listdir(target) if f.startswith(".")]  # no leftovers once both are done
