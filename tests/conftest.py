@@ -288,3 +288,28 @@ def make_sdxl_components(seed: int = 0) -> dict:
         unet=unet,
         scheduler=scheduler,
     )
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the app's tests serve only there)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def served_client(state):
+    """Yields a `gradio_client.Client` of the web app over ``state``, served on a free port of 127.0.0.1; closes the
+    server after (for a module-scoped fixture: ``yield from served_client(state)``)."""
+    pytest.importorskip("gradio")
+    from gradio_client import Client
+
+    from diffusionclip_pipeline.commands import app
+
+    demo = app.build_app(state)
+    _, url, _ = app.launch(demo, port=free_port(), block=False)
+    try:
+        yield Client(url, verbose=False)
+    finally:
+        demo.close()

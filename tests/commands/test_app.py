@@ -9,7 +9,6 @@ Tests that need gradio skip without it (``pip install -e ".[app]"``).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import zipfile
 import numpy as np
 import PIL.Image
 import pytest
+from conftest import free_port, served_client
 
 from diffusionclip_pipeline import lora
 from diffusionclip_pipeline.commands import app
@@ -35,12 +35,6 @@ TINY_FINETUNE = dict(num_train_steps=2, num_inversion_steps=8, num_fixed_point_i
 def pixels(image) -> np.ndarray:
     image = PIL.Image.open(image) if isinstance(image, (str, os.PathLike)) else image
     return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +63,7 @@ def inputs(state, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(state):
     """The app served on a free port of this machine, and a gradio_client for it."""
-    pytest.importorskip("gradio")
-    from gradio_client import Client
-
-    demo = app.build_app(state)
-    _, url, _ = app.launch(demo, port=free_port(), block=False)
-    try:
-        yield Client(url, verbose=False)
-    finally:
-        demo.close()
+    yield from served_client(state)
 
 
 # ---- the plain functions -------------------------------------------------------------------------------------------

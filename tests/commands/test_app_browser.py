@@ -10,10 +10,10 @@ shows a real edit (a few minutes on 2 CPU cores instead of seconds).
 from __future__ import annotations
 
 import os
-import socket
 
 import PIL.Image
 import pytest
+from conftest import free_port
 
 from diffusionclip_pipeline.commands import app
 from diffusionclip_pipeline.testbed import render_dataset
@@ -25,12 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCREENSHOT = os.path.join(ROOT, "docs", "images", "app.png")
 UPDATE = os.environ.get("UPDATE_SCREENSHOT") == "1"
 TIMEOUT_MS = 300_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

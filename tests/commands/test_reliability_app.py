@@ -6,7 +6,6 @@ against the app served on 127.0.0.1, on the test-bed with tiny settings."""
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import zipfile
@@ -14,6 +13,7 @@ import zipfile
 import numpy as np
 import PIL.Image
 import pytest
+from conftest import served_client
 
 from diffusionclip_pipeline.commands import app
 from diffusionclip_pipeline.commands.app_limits import NOT_ALLOWED, AppLimits
@@ -28,12 +28,6 @@ TINY_EDIT = dict(t0=400, num_inversion_steps=4, num_inference_steps=4)
 TINY_FINETUNE = dict(num_train_steps=2, num_inversion_steps=4, num_fixed_point_iterations=0, clip_num_augmentations=1)
 LIMITS = AppLimits(max_epochs=500, max_lora_rank=8, max_images=3, max_image_pixels=256 * 256, max_file_bytes=2**20,
                    max_adapters=6)  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +53,7 @@ def state(roots):
 
 @pytest.fixture(scope="module")
 def client(state):
-    pytest.importorskip("gradio")
-    from gradio_client import Client
-
-    demo = app.build_app(state)
-    _, url, _ = app.launch(demo, port=free_port(), block=False)
-    try:
-        yield Client(url, verbose=False)
-    finally:
-        demo.close()
+    yield from served_client(state)
 
 
 @pytest.fixture
