@@ -116,15 +116,26 @@ def _ddim_update(
     return prev_sample, pred_original_sample
 
 
-def _grid_from(timesteps, num_train_timesteps: int) -> list[int]:
+def explicit_grid(timesteps, num_train_timesteps: int, lowest: int = 0) -> list[int]:
+    """``timesteps`` checked as a strictly increasing integer grid in ``[lowest, num_train_timesteps - 1]`` (the
+    DDIM and flow-matching grid schedulers share it; a flow grid starts at 1, t = 0 being the clean image)."""
     grid = [check_int(t, "timesteps") for t in timesteps]
     if not grid:
         raise ValueError("`timesteps` must not be empty.")
     if any(b <= a for a, b in zip(grid, grid[1:])):
         raise ValueError(f"`timesteps` must be strictly increasing, got {grid}.")
-    if grid[0] < 0 or grid[-1] > num_train_timesteps - 1:
-        raise ValueError(f"`timesteps` must lie in [0, {num_train_timesteps - 1}], got {grid}.")
+    if grid[0] < lowest or grid[-1] > num_train_timesteps - 1:
+        raise ValueError(f"`timesteps` must lie in [{lowest}, {num_train_timesteps - 1}], got {grid}.")
     return grid
+
+
+def grid_point_below(grid: list[int], timestep) -> int:
+    """The point of the ascending ``grid`` below ``timestep`` (-1, the clean image, below the lowest)."""
+    t = int(timestep)
+    if t not in grid:
+        raise ValueError(f"`timestep` {t} is not on the grid {grid}.")
+    k = grid.index(t)
+    return grid[k - 1] if k > 0 else -1
 
 
 class _ExplicitGrid:
@@ -136,20 +147,16 @@ class _ExplicitGrid:
         if timesteps is None:
             self._grid = None
             return super().set_timesteps(num_inference_steps, device=device)
-        self._grid = _grid_from(timesteps, self.config.num_train_timesteps)
+        self._grid = explicit_grid(timesteps, self.config.num_train_timesteps)
         self.num_inference_steps = len(self._grid)
         order = self._grid[::-1] if descending else self._grid
         self.timesteps = torch.tensor(order, dtype=torch.long, device=device)
 
     def _grid_below(self, timestep) -> int:
         """The grid point below ``timestep`` (-1, the clean image, below the lowest); the stock stride without grid."""
-        t = int(timestep)
         if self._grid is None:
-            return t - self.config.num_train_timesteps // self.num_inference_steps
-        if t not in self._grid:
-            raise ValueError(f"`timestep` {t} is not on the grid {self._grid}.")
-        k = self._grid.index(t)
-        return self._grid[k - 1] if k > 0 else -1
+            return int(timestep) - self.config.num_train_timesteps // self.num_inference_steps
+        return grid_point_below(self._grid, timestep)
 
 
 class GridDDIMScheduler(_ExplicitGrid, DDIMScheduler):

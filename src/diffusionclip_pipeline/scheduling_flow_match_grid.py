@@ -44,6 +44,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
+from .scheduling_ddim_grid import explicit_grid, grid_point_below
 from .utils.checks import check_int, check_number, check_positive_int, check_timestep
 
 __all__ = [
@@ -197,13 +198,7 @@ class _FlowMatchGrid(FlowMatchEulerDiscreteScheduler):
             raise ValueError("`sigmas` is not supported: pass the integer grid `timesteps` (see `flow_timesteps`).")
         if timesteps is None:
             raise ValueError("`timesteps` (the integer grid, see `flow_timesteps`) must be given.")
-        grid = [check_int(t, "timesteps") for t in timesteps]
-        if not grid:
-            raise ValueError("`timesteps` must not be empty.")
-        if any(b <= a for a, b in zip(grid, grid[1:])):
-            raise ValueError(f"`timesteps` must be strictly increasing, got {grid}.")
-        if grid[0] < 1 or grid[-1] > self.config.num_train_timesteps - 1:
-            raise ValueError(f"`timesteps` must lie in [1, {self.config.num_train_timesteps - 1}], got {grid}.")
+        grid = explicit_grid(timesteps, self.config.num_train_timesteps, lowest=1)
         if num_inference_steps is not None and num_inference_steps != len(grid):
             raise ValueError(
                 f"`num_inference_steps` ({num_inference_steps}) must equal the length of `timesteps` ({len(grid)})."
@@ -233,11 +228,7 @@ class _FlowMatchGrid(FlowMatchEulerDiscreteScheduler):
     def _grid_below(self, timestep) -> int:
         if self._grid is None:
             raise ValueError("Call `set_timesteps(timesteps=...)` before stepping.")
-        t = int(timestep)
-        if t not in self._grid:
-            raise ValueError(f"`timestep` {t} is not on the grid {self._grid}.")
-        k = self._grid.index(t)
-        return self._grid[k - 1] if k > 0 else -1
+        return grid_point_below(self._grid, timestep)
 
     def noise_to(self, x0: torch.Tensor, t0: int, noise: torch.Tensor) -> torch.Tensor:
         """The closed-form forward encoding ``(1 - sigma) x0 + sigma * noise`` at integer ``t0`` (EffDiff's
