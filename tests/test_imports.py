@@ -133,7 +133,10 @@ LAYERS = [
     ("inference", ("pipeline_output", "noise_mixing", "mixing", "image_processing", "image_io")),
     ("adapters", ("loaders", "lora", "model_card")),
     ("pipeline", ("pipeline_diffusionclip", "pipeline_utils", "pipeline_conveniences", "pipeline_clip")),
-    ("training and evaluation", ("training", "finetune", "clip_loss", "checkpointing", "templates", "evaluation")),
+    (
+        "training and evaluation",
+        ("training", "finetune", "clip_loss", "checkpointing", "templates", "evaluation", "batch"),
+    ),
     ("commands", ("commands", "cli", "app")),
     ("test-bed", ("testbed",)),
 ]
