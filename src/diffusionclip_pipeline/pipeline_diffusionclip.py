@@ -191,6 +191,13 @@ class DiffusionCLIPPipeline(
         self._family = family(self)
 
     @property
+    def denoiser(self):
+        """The denoiser: the ``unet`` of the noise-prediction families (or, once registered, a flow model's
+        ``transformer``)."""
+        unet = getattr(self, "unet", None)
+        return unet if unet is not None else getattr(self, "transformer", None)
+
+    @property
     def family(self) -> ModelFamily:
         """The model family (`families`): encode/decode, conditioning, the denoiser call and the step maths."""
         return self._family
@@ -221,7 +228,7 @@ class DiffusionCLIPPipeline(
         check_layout(pretrained_model_name_or_path, kwargs)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         check_loaded(pipe)  # every weight present and finite, a valid noise schedule
-        for component in (pipe.unet, pipe.vae, pipe.vqvae):
+        for component in (pipe.denoiser, pipe.vae, pipe.vqvae):
             if component is not None:
                 _align_tensors(component)
         if clip_model_name_or_path is not None:
@@ -230,7 +237,7 @@ class DiffusionCLIPPipeline(
         if os.path.isfile(
             os.path.join(adapters, lora_file.INDEX_NAME)
         ):  # written next to the base UNet by save_pretrained
-            lora_file.load_adapters_folder(pipe.unet, adapters)
+            lora_file.load_adapters_folder(pipe.denoiser, adapters)
         return pipe
 
     @holds_unet_lock
@@ -242,7 +249,7 @@ class DiffusionCLIPPipeline(
         active set, weights and enabled flag, which `from_pretrained` of that folder restores. (diffusers alone would
         write peft's wrapped layers, which `UNet2DModel.from_pretrained` silently re-initialises.)
         """
-        adapted = self.unet
+        adapted = self.denoiser
         with atomic_directory(save_directory) as tmp:
             self.register_modules(unet=plain_unet(adapted))  # shares the tensors, no copy
             try:
@@ -314,9 +321,9 @@ class DiffusionCLIPPipeline(
         """The UNet's prediction at integer ``timestep`` (``condition`` from `encode_prompt`); ``adapted=False`` asks
         for the original model."""
         if adapted:
-            return self.family.predict(self.unet, sample, timestep, condition)
+            return self.family.predict(self.denoiser, sample, timestep, condition)
         with self._original_model():
-            return self.family.predict(self.unet, sample, timestep, condition)
+            return self.family.predict(self.denoiser, sample, timestep, condition)
 
     def _repeat_inputs(self, image, latents, num_images_per_prompt: int, encoding: str, eta: float):
         """``image`` (prepared) or ``latents``, each item repeated ``num_images_per_prompt`` times."""
@@ -365,7 +372,7 @@ class DiffusionCLIPPipeline(
 
     def _likely_causes(self, edit_strength: float, eta: float, adapters) -> str:
         """What can make an edit non-finite, with this call's values (for `NonFiniteResultError`)."""
-        weights = adapters if adapters is not None else lora_state.adapter_weights(self.unet)
+        weights = adapters if adapters is not None else lora_state.adapter_weights(self.denoiser)
         return (
             f"`edit_strength`={edit_strength:g}, `eta`={eta:g}, the adapters' weights {dict(weights)!r:.200}, the "
             "given `latents`, or an adapter's own weights (far too large after a diverged fine-tuning)"
@@ -379,7 +386,7 @@ class DiffusionCLIPPipeline(
                 f"The adapters {sorted(self.fused_loras)} are fused into the UNet, so the original model (for the "
                 "inversion, or an edit strength below 1) is not available: call `unfuse_lora()` first."
             )
-        return lora_state.adapters_disabled(self.unet)
+        return lora_state.adapters_disabled(self.denoiser)
 
     def _mixed_noise(self, sample, timestep, mix: list[MixComponent] | None, condition=None) -> torch.Tensor:
         """``sum_i m_i w_i(t) eps_i + (1 - sum_i m_i w_i(t)) eps_original`` (see `mixing`); skips zero weights."""
@@ -392,7 +399,7 @@ class DiffusionCLIPPipeline(
             if weight == 0:
                 continue
             names = component.adapter_names
-            context = contextlib.nullcontext() if names is None else lora_state.using_adapters(self.unet, names)
+            context = contextlib.nullcontext() if names is None else lora_state.using_adapters(self.denoiser, names)
             with context:
                 eps = self._predict_noise(sample, t, adapted=True, condition=condition)
             m = weight if component.mask is None else weight * component.mask.to(sample)
@@ -706,11 +713,11 @@ class DiffusionCLIPPipeline(
                 f"prompt={prompt!r}."
             )
         mix = build_mix(
-            edit_strength, adapters, adapter_masks, self.lora_adapters, batch_size, self.unet.config.sample_size
+            edit_strength, adapters, adapter_masks, self.lora_adapters, batch_size, self.family.sample_size
         )
         if not 0.0 <= edit_strength <= 1.0:
             warnings.warn(f"`edit_strength`={edit_strength} is outside [0, 1]: extrapolating the edit.", stacklevel=4)
-        if adapters is None and edit_strength != 0 and not lora_state.adapters_enabled(self.unet):
+        if adapters is None and edit_strength != 0 and not lora_state.adapters_enabled(self.denoiser):
             warnings.warn(
                 "No adapter is active: `edit` only reconstructs its input. Fine-tune one (`finetune`) or load one "
                 "(`load_lora_weights`) first.",
@@ -728,7 +735,7 @@ class DiffusionCLIPPipeline(
         if latents is None:
             inversion = (num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start)
             latents, _, _ = self._invert(image, t0, *inversion, generator, condition=condition)
-        latents = latents.to(device=self._execution_device, dtype=self.unet.dtype)
+        latents = latents.to(device=self._execution_device, dtype=self.denoiser.dtype)
         x_t0 = latents
         # 3. Generation grid [t0, ..., 0] on the family's scheduler
         scheduler = self.family.generation_scheduler(self.family.timesteps(t0, num_inference_steps))
@@ -828,7 +835,7 @@ class DiffusionCLIPPipeline(
             x0 = x
         domain = self.decode_latents(x0).clamp(-1, 1)  # a generated image, edited in the valid range
         # 4. Edit with the active adapters, if any
-        if lora_state.adapters_enabled(self.unet):
+        if lora_state.adapters_enabled(self.denoiser):
             images = self.edit(
                 domain, t0=edit_t0, num_inversion_steps=num_inversion_steps,
                 num_inference_steps=num_inference_steps, output_type=output_type,

@@ -227,7 +227,7 @@ def edit_images(
     if second_adapter is not None and (adapter is None or second_adapter == adapter):
         raise ValueError(f"Choose two different adapters to combine, got {adapter!r} and {second_adapter!r}.")
     pipe, settings = state.pipe, state.edit_settings(t0)
-    with unet_lock(pipe.unet):  # the adapters chosen here stay as they are until both edits are done
+    with unet_lock(pipe.denoiser):  # the adapters chosen here stay as they are until both edits are done
         for name in (adapter, second_adapter):
             if name is not None and name not in state.adapters:
                 raise ValueError(f"No adapter named {name!r} is loaded; loaded: {state.adapters}.")
@@ -240,7 +240,7 @@ def edit_images(
         if adapter is None:
             edited = reconstruction
         elif second_adapter is None:
-            with using_adapters(pipe.unet, [adapter]):
+            with using_adapters(pipe.denoiser, [adapter]):
                 edited = pipe.edit(edit_strength=edit_strength, **common).images
         else:
             mix = {adapter: edit_strength * weight, second_adapter: edit_strength * second_weight}
@@ -304,7 +304,7 @@ def _progress_to(pipe, report: Callable | None):
     if report is None:
         yield
         return
-    with unet_lock(pipe.unet):
+    with unet_lock(pipe.denoiser):
         pipe.progress_bar = functools.partial(_reporting_bar, report)
         try:
             yield
@@ -367,7 +367,7 @@ def finetune_adapter(
     if lora_rank is not None:
         config.update(rank_settings(given["lora_rank"]))
     guard = _guard(report, stop, limits.max_finetune_seconds)
-    with unet_lock(state.pipe.unet):  # the name is free until the adapter exists
+    with unet_lock(state.pipe.denoiser):  # the name is free until the adapter exists
         _check_room(state)
         name = _new_name(state, adapter_name, prompt_tar or "adapter")
         with _progress_to(state.pipe, guard):
@@ -441,7 +441,7 @@ def load_adapter(state: AppState, path: str, adapter_name: str | None = None, up
             source = weights_from_zip(source, target, state.limits, LORA_WEIGHT_NAME)
         named = os.path.dirname(source) if source.endswith(LORA_WEIGHT_NAME) else source
         fallback = read_adapter_file(source).provenance.get("prompt_tar") or os.path.basename(named)
-        with unet_lock(state.pipe.unet):
+        with unet_lock(state.pipe.denoiser):
             _check_room(state)
             name = _new_name(state, adapter_name, os.path.splitext(str(fallback))[0])
             return state.pipe.load_lora_weights(source, adapter_name=name, keep_active=True)
@@ -456,7 +456,7 @@ def delete_adapter(state: AppState, adapter_name: str) -> None:
     from ..utils.locking import unet_lock
     from .app_limits import remove_tree
 
-    with unet_lock(state.pipe.unet):
+    with unet_lock(state.pipe.denoiser):
         if adapter_name not in state.adapters:
             raise ValueError(f"No adapter named {adapter_name!r} is loaded; loaded: {state.adapters}.")
         if adapter_name in state.protected:
@@ -552,7 +552,7 @@ def _edit_outputs(result: EditResult, index: int, slider: bool) -> list:
 def _layout(state: AppState, gr) -> SimpleNamespace:
     """The app's components (inside an open `gr.Blocks`), by name."""
     ui, testbed = SimpleNamespace(), state.model == TESTBED
-    pixelated = ["pixelated"] if state.pipe.unet.config.sample_size <= 128 else []
+    pixelated = ["pixelated"] if state.pipe.denoiser.config.sample_size <= 128 else []
     image = dict(type="pil", format="png", elem_classes=pixelated)  # png: lossless, unlike gradio's default webp
     gr.Markdown(f"# DiffusionCLIP · `{state.model}`\nText-guided editing with LoRA adapters (arXiv 2110.02711).")
     with gr.Row():

@@ -34,7 +34,7 @@ def note(args: argparse.Namespace, message: str) -> None:
 
 def say_resolution(args: argparse.Namespace, pipe, images: list, files: list[str]) -> None:
     """Says the output size up front when some input differs from it."""
-    size = int(getattr(pipe, "resolution", None) or pipe.unet.config.sample_size)
+    size = int(getattr(pipe, "resolution", None) or pipe.denoiser.config.sample_size)
     other = [(f, im.size) for f, im in zip(files, images) if im.size != (size, size)]
     if other:
         (f, (w, h)), n = other[0], len(other)

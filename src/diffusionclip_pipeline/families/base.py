@@ -75,11 +75,11 @@ class ModelFamily:
     @property
     def sample_size(self) -> int:
         """The side of the denoiser's (square) input."""
-        return int(self.pipe.unet.config.sample_size)
+        return int(self.pipe.denoiser.config.sample_size)
 
     @property
     def latent_channels(self) -> int:
-        return int(self.pipe.unet.config.in_channels)
+        return int(self.pipe.denoiser.config.in_channels)
 
     @property
     def image_channels(self) -> int:
@@ -89,7 +89,7 @@ class ModelFamily:
     @property
     def image_dtype(self) -> torch.dtype:
         """The dtype images are given to `encode` in."""
-        return self.pipe.unet.dtype
+        return self.pipe.denoiser.dtype
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """The denoiser-space latents of ``images`` (NCHW in [-1, 1]); deterministic."""

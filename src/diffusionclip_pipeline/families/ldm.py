@@ -44,7 +44,7 @@ class LatentFamily(DDIMFamily):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         ae = self.autoencoder
-        return autoencoders.encode(ae, images.to(ae.dtype)).to(self.pipe.unet.dtype)
+        return autoencoders.encode(ae, images.to(ae.dtype)).to(self.pipe.denoiser.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         ae = self.autoencoder

@@ -80,7 +80,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         if dtype == vae.dtype:
             return super().encode(images)
         with _upcast(vae):
-            return autoencoders.encode(vae, images.to(dtype)).to(self.pipe.unet.dtype)
+            return autoencoders.encode(vae, images.to(dtype)).to(self.pipe.denoiser.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae, dtype = self.autoencoder, self._vae_dtype()
@@ -131,7 +131,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
             if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(type(v) is int for v in value)):
                 raise ValueError(f"`{name}` must be a pair of integers (height, width), got {value!r:.80}.")
         time_ids = [v for name in SIZE_CONDITIONING for v in sizes[name]]
-        dtype = self.pipe.unet.dtype
+        dtype = self.pipe.denoiser.dtype
         return {
             "encoder_hidden_states": hidden.to(dtype).expand(batch_size, -1, -1),
             "text_embeds": pooled.to(dtype).expand(batch_size, -1),

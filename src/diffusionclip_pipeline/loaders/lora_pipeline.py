@@ -27,7 +27,7 @@ from . import lora_file, lora_state, model_card
 
 
 class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
-    """Load, save, combine, fuse and remove LoRA adapters of ``self.unet`` (diffusers' pipeline adapter API)."""
+    """Load, save, combine, fuse and remove LoRA adapters of ``self.denoiser`` (diffusers' pipeline adapter API)."""
 
     _lora_loadable_modules = ["unet"]
 
@@ -48,18 +48,18 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
     @property
     def lora_adapters(self) -> list[str]:
         """Names of the adapters loaded into the UNet."""
-        return lora_state.adapter_names(self.unet)
+        return lora_state.adapter_names(self.denoiser)
 
     def get_list_adapters(self) -> dict[str, list[str]]:
         """The loaded adapters by component, as diffusers' pipelines return them: ``{"unet": [...]}``."""
-        return {"unet": lora_state.adapter_names(self.unet)}
+        return {"unet": lora_state.adapter_names(self.denoiser)}
 
     def get_active_adapters(self) -> list[str]:
         """The adapters the UNet currently applies (empty when none is loaded or all are disabled)."""
-        return lora_state.active_adapters(self.unet) if lora_state.adapters_enabled(self.unet) else []
+        return lora_state.active_adapters(self.denoiser) if lora_state.adapters_enabled(self.denoiser) else []
 
     def _adapter_to_save(self, adapter_name: str | None) -> str:
-        names = lora_state.adapter_names(self.unet)
+        names = lora_state.adapter_names(self.denoiser)
         if adapter_name is None:
             if not names:
                 raise ValueError("There is no adapter to save: fine-tune one (`finetune`) or load one first.")
@@ -67,7 +67,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
                 raise ValueError(f"Pass `adapter_name`: the UNet has several adapters {names}.")
             adapter_name = names[0]
         check_adapter_name(adapter_name)
-        lora_state.require_adapter(self.unet, adapter_name)
+        lora_state.require_adapter(self.denoiser, adapter_name)
         return adapter_name
 
     @holds_unet_lock
@@ -109,13 +109,13 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         if path.endswith(".safetensors") and not os.path.isdir(path):
             if example_images is not None:
                 raise ValueError(f"`example_images` needs a folder for `save_directory`, got the file {path!r}.")
-            return lora_file.save_adapter(self.unet, path, adapter_name, dtype=dtype)
+            return lora_file.save_adapter(self.denoiser, path, adapter_name, dtype=dtype)
         grid, grid_settings = None, None
         if example_images is not None:
             grid, grid_settings = self._example_grid(adapter_name, example_images, example_edit_kwargs)
-        settings = lora_state.adapter_settings(self.unet, adapter_name)
+        settings = lora_state.adapter_settings(self.denoiser, adapter_name)
         card = model_card.adapter_card(
-            adapter_name, lora_state.get_provenance(self.unet, adapter_name),
+            adapter_name, lora_state.get_provenance(self.denoiser, adapter_name),
             {"rank": settings.rank, "alpha": settings.alpha, "target_modules": list(settings.target_modules)},
             base_model=self._base_model_id(), repo_id=repo_id, grid_file=model_card.GRID_NAME if grid else None,
             grid_settings=grid_settings, license=license,
@@ -126,7 +126,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         # the whole folder at once: a reader never sees one adapter's weights beside another's card or grid; what
         # else the folder holds (logs, a README of someone else's) is kept, leftovers of killed writes are not
         with atomic_directory(path, keep=lambda entry: entry not in written and not _is_leftover(entry)) as tmp:
-            lora_file.save_adapter(self.unet, tmp, adapter_name, dtype=dtype)
+            lora_file.save_adapter(self.denoiser, tmp, adapter_name, dtype=dtype)
             if grid is not None:
                 grid.save(os.path.join(tmp, model_card.GRID_NAME))
             if ours:
@@ -136,7 +136,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
 
     def _base_model_id(self) -> str | None:
         """The base model's hub id: the UNet's ``_name_or_path``, else the pipeline's, when either names the hub."""
-        for name in (self.unet.config.get("_name_or_path"), getattr(self, "name_or_path", None)):
+        for name in (self.denoiser.config.get("_name_or_path"), getattr(self, "name_or_path", None)):
             if model_card.hub_model_id(name):
                 return model_card.hub_model_id(name)
         return None
@@ -145,9 +145,9 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         """``images`` edited with ``adapter_name`` alone, as a before/after grid, and the `edit` settings used."""
         if edit_kwargs is not None and not isinstance(edit_kwargs, dict):
             raise TypeError(f"`example_edit_kwargs` must be a dict of `edit` arguments, got {type(edit_kwargs)}.")
-        settings = {"t0": lora_state.get_provenance(self.unet, adapter_name).get("t0", 500), **(edit_kwargs or {})}
+        settings = {"t0": lora_state.get_provenance(self.denoiser, adapter_name).get("t0", 500), **(edit_kwargs or {})}
         x0 = self.prepare_image(images, name="example_images")
-        with lora_state.using_adapters(self.unet, [adapter_name]):
+        with lora_state.using_adapters(self.denoiser, [adapter_name]):
             edited = self.edit(x0, **{**settings, "output_type": "pil"}).images
         before = postprocess_image(x0, "pil")
         return image_grid([before, edited]), settings
@@ -202,7 +202,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         file, non-finite weights, or an adapter for a UNet of another config raises `ValueError` and leaves the
         pipeline unchanged. Returns the adapter's name (default: ``"default"``, or ``"default_<k>"`` if taken).
         """
-        names = lora_state.adapter_names(self.unet)
+        names = lora_state.adapter_names(self.denoiser)
         if adapter_name is None:
             adapter_name, k = "default", 1
             while adapter_name in names:
@@ -210,10 +210,10 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         check_adapter_name(adapter_name)
         check_bool(keep_active, "keep_active")
         previous = self.get_active_adapters()
-        weights = lora_state.adapter_weights(self.unet)
-        lora_file.load_adapter(self.unet, os.fspath(path), adapter_name)
+        weights = lora_state.adapter_weights(self.denoiser)
+        lora_file.load_adapter(self.denoiser, os.fspath(path), adapter_name)
         if keep_active and previous:
-            lora_state.set_adapters(self.unet, previous + [adapter_name], [weights[n] for n in previous] + [1.0])
+            lora_state.set_adapters(self.denoiser, previous + [adapter_name], [weights[n] for n in previous] + [1.0])
             return adapter_name
         if previous:
             warnings.warn(
@@ -221,7 +221,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
                 "Pass `keep_active=True` or call `set_adapters` to combine them.",
                 stacklevel=3,
             )
-        lora_state.set_adapters(self.unet, [adapter_name], [1.0])
+        lora_state.set_adapters(self.denoiser, [adapter_name], [1.0])
         return adapter_name
 
     @holds_unet_lock
@@ -235,17 +235,17 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
             weights = [check_number(w, f"adapter_weights[{i}]") for i, w in enumerate(adapter_weights)]
         else:
             weights = [check_number(adapter_weights, "adapter_weights")] * len(names)
-        lora_state.set_adapters(self.unet, names, weights)
+        lora_state.set_adapters(self.denoiser, names, weights)
 
     @holds_unet_lock
     def disable_lora(self) -> None:
         """Bypasses every adapter (the original UNet) until `enable_lora`."""
-        lora_state.set_adapters_enabled(self.unet, False)
+        lora_state.set_adapters_enabled(self.denoiser, False)
 
     @holds_unet_lock
     def enable_lora(self) -> None:
         """Re-enables the active adapters after `disable_lora`."""
-        lora_state.set_adapters_enabled(self.unet, True)
+        lora_state.set_adapters_enabled(self.denoiser, True)
 
     def delete_adapters(self, adapter_names: str | list[str]) -> None:
         """Removes the named adapters from the UNet (diffusers' name for `unload_lora_weights(name)`)."""
@@ -257,15 +257,15 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         """Removes one adapter (or all, when ``adapter_name`` is None) from the UNet; the other active adapters keep
         their weights."""
         if adapter_name is None:
-            lora_state.remove_all_adapters(self.unet)
+            lora_state.remove_all_adapters(self.denoiser)
             return
-        weights = lora_state.adapter_weights(self.unet)
-        active = [n for n in lora_state.active_adapters(self.unet) if n != adapter_name and n in weights]
-        enabled = lora_state.adapters_enabled(self.unet)
-        lora_state.remove_adapter(self.unet, adapter_name)
+        weights = lora_state.adapter_weights(self.denoiser)
+        active = [n for n in lora_state.active_adapters(self.denoiser) if n != adapter_name and n in weights]
+        enabled = lora_state.adapters_enabled(self.denoiser)
+        lora_state.remove_adapter(self.denoiser, adapter_name)
         if active:
-            lora_state.set_adapters(self.unet, active, [weights[n] for n in active])
-            lora_state.set_adapters_enabled(self.unet, enabled)
+            lora_state.set_adapters(self.denoiser, active, [weights[n] for n in active])
+            lora_state.set_adapters_enabled(self.denoiser, enabled)
 
 
 def _card_is_ours(path: str) -> bool:

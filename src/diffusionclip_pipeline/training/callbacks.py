@@ -254,7 +254,7 @@ class Validation:
 
     def __call__(self, epoch: int, trainer) -> dict:
         """Validates the adapter as it is after (1-based) ``epoch``; returns the entry added to `history`."""
-        pipe, unet = self.pipe, self.pipe.unet
+        pipe, unet = self.pipe, self.pipe.denoiser
         training = unet.training
         devices = [trainer.device] if trainer.device.type == "cuda" else []
         unet.eval()

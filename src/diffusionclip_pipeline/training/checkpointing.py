@@ -160,7 +160,7 @@ def _model_settings(pipe) -> dict:
         {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}, sort_keys=True, default=str
     )
     settings = {
-        "base_unet": weights_fingerprint(pipe.unet),
+        "base_unet": weights_fingerprint(pipe.denoiser),
         "scheduler": hashlib.sha256(scheduler.encode()).hexdigest(),
     }
     if pipe.autoencoder is not None:  # a latent model: its autoencoder too (pixel models' checkpoints unchanged)

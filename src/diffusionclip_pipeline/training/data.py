@@ -26,7 +26,7 @@ def training_images(
     returns them), or, if `None`, ``config.num_sampled_images`` images sampled from the original model (every
     adapter bypassed) by DDIM from pure noise drawn from ``generator``."""
     if images is None:
-        unet = pipe.unet
+        unet = pipe.denoiser
         shape = (config.num_sampled_images, unet.config.in_channels) + (unet.config.sample_size,) * 2
         noise = torch.randn(shape, generator=generator).to(device, unet.dtype)
         with adapters_disabled(unet), warnings.catch_warnings():
@@ -36,7 +36,7 @@ def training_images(
                 latents=noise, t0=pipe.num_train_timesteps - 1, num_inference_steps=config.num_sampling_steps,
                 output_type="pt",
             ).images * 2 - 1  # fmt: skip
-    return images.to(device=device, dtype=pipe.unet.dtype)
+    return images.to(device=device, dtype=pipe.denoiser.dtype)
 
 
 def tensor_bytes(x: torch.Tensor) -> bytes:
@@ -77,7 +77,7 @@ def inverted_batches(
     for start in range(0, x0.shape[0], batch_size):
         part = slice(start, min(start + batch_size, x0.shape[0]))
         batch_generator = generator[part] if isinstance(generator, list) else generator
-        with unet_lock(pipe.unet), torch.no_grad():  # as `pipe.invert` holds them
+        with unet_lock(pipe.denoiser), torch.no_grad():  # as `pipe.invert` holds them
             x_t0 = pipe._invert(
                 x0[part], t0, num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start,
                 batch_generator,
@@ -105,7 +105,7 @@ def precompute_latents(
     latents = [None] * x0.shape[0]
     paths = [None] * x0.shape[0]
     if cache_dir is not None:
-        fingerprint = weights_fingerprint(pipe.unet)
+        fingerprint = weights_fingerprint(pipe.denoiser)
         if prompt:  # a conditional UNet's inversion depends on its prompt (keys of the empty prompt stay as they were)
             fingerprint += f"|prompt={prompt}"
         for i in range(x0.shape[0]):

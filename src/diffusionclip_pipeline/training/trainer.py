@@ -87,7 +87,7 @@ class Trainer:
         self.max_grad_norm = config.max_grad_norm
         optimizer = torch.optim.Adam(params, lr=config.learning_rate)
         # DDP over processes; undone by `close`
-        self.model, self.optimizer = accelerator.prepare(pipe.unet, optimizer)
+        self.model, self.optimizer = accelerator.prepare(pipe.denoiser, optimizer)
         # Mixed precision is applied here rather than by `Accelerator(mixed_precision=...)`: accelerate's state is a
         # process-wide singleton that refuses a second, different precision within one process.
         self.amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
@@ -309,7 +309,7 @@ def _adapter_training(run: TrainingRun, adapter_name: str, unet_state: UNetState
     `diffusers.training_utils.cast_training_params` does), the checkpoint's weights when resuming, the UNet in train
     mode and the decoders frozen. Afterwards the adapter is frozen and the UNet's modes are as before."""
     pipe, config = run.pipe, run.config
-    unet, trainer = pipe.unet, None
+    unet, trainer = pipe.denoiser, None
     params = lora_state.adapter_parameters(unet, adapter_name)
     for p in params:
         if p.dtype != torch.float32:
@@ -341,7 +341,7 @@ def _check_inputs(pipe, prompt_src, prompt_tar, config, adapter_name, identity_l
     if (source_images is None) != (target_images is None):
         raise ValueError("Pass both `source_images` and `target_images` for an image-guided direction, or neither.")
     check_adapter_name(adapter_name)
-    if adapter_name in lora_state.adapter_names(pipe.unet):
+    if adapter_name in lora_state.adapter_names(pipe.denoiser):
         raise ValueError(f"The UNet already has an adapter named {adapter_name!r}; pick another `adapter_name`.")
     if identity_loss is not None:
         check_callable(identity_loss, "identity_loss")
@@ -361,7 +361,7 @@ def _accelerator(pipe, config: FinetuneConfig, accelerator, report_to, logging_d
     from accelerate import Accelerator
 
     if accelerator is None:
-        on_cpu = pipe.unet.device.type == "cpu"
+        on_cpu = pipe.denoiser.device.type == "cpu"
         trackers = {} if report_to is None else {"log_with": report_to, "project_dir": logging_dir}
         accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=on_cpu, **trackers
@@ -448,7 +448,7 @@ def finetune(
     logging_dir: str | os.PathLike | None = None,
 ) -> FinetuneOutput:
     r"""
-    Trains a new LoRA adapter ``adapter_name`` on ``pipe.unet`` so that editing moves images from ``prompt_src`` to
+    Trains a new LoRA adapter ``adapter_name`` on ``pipe.denoiser`` so that editing moves images from ``prompt_src`` to
     ``prompt_tar`` (DiffusionCLIP, arXiv 2110.02711, Sec. 3.2: directional CLIP loss plus an L1 identity term on
     latents precomputed by DDIM inversion). `DiffusionCLIPPipeline.finetune` calls this.
 
@@ -587,7 +587,7 @@ def finetune(
     if checkpoint_dir is not None:
         last = settings.resume.num_updates if settings.resume is not None else 0
         run.checkpoints = Checkpointer(
-            os.fspath(checkpoint_dir), checkpoint_every, pipe.unet, adapter_name, settings.values, last
+            os.fspath(checkpoint_dir), checkpoint_every, pipe.denoiser, adapter_name, settings.values, last
         )
     if x_val is not None:  # the held-out images' latents, by the original model, once
         run.validation = Validation.build(
@@ -597,13 +597,13 @@ def finetune(
     # 4. The new adapter (identical init on every process: same seed); from here on, any error removes it again and
     #    restores the previous adapters. Training draws from torch's global generator (if at all) inside the same
     #    seeded fork: reproducible from the seed, restorable from a checkpoint, and the caller's state is untouched.
-    unet_state = UNetState(pipe.unet)
+    unet_state = UNetState(pipe.denoiser)
     extra = dict(validation_epochs=validation_epochs, keep_best=keep_best, keep_best_min_ssim=keep_best_min_ssim)
     try:
         with tracking(accelerator, report_to, config, prompt_src, prompt_tar, **extra):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(config.seed)
-                lora_state.add_adapter(pipe.unet, config.lora, adapter_name)
+                lora_state.add_adapter(pipe.denoiser, config.lora, adapter_name)
                 # 5. Train it (from the checkpoint's weights, optimizer and random states when resuming), validating
                 with _adapter_training(run, adapter_name, unet_state) as trainer:
                     loss_history = fit(trainer, run)
@@ -611,9 +611,9 @@ def finetune(
             provenance = _provenance(
                 prompt_src, prompt_tar, direction_images, loss_fn, config, run.validation, keep_best
             )
-            lora_state.set_provenance(pipe.unet, adapter_name, provenance)
+            lora_state.set_provenance(pipe.denoiser, adapter_name, provenance)
     except BaseException:
-        unet_state.discard(pipe.unet, adapter_name)
+        unet_state.discard(pipe.denoiser, adapter_name)
         raise
     validation = run.validation
     return FinetuneOutput(

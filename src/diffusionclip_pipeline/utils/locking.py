@@ -27,11 +27,11 @@ def unet_lock(model) -> threading.RLock:
 
 
 def holds_unet_lock(method):
-    """Decorates a pipeline method to hold ``self.unet``'s lock (`unet_lock`) for the whole call."""
+    """Decorates a pipeline method to hold ``self.denoiser``'s lock (`unet_lock`) for the whole call."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with unet_lock(self.unet):
+        with unet_lock(self.denoiser):
             return method(self, *args, **kwargs)
 
     return wrapper
