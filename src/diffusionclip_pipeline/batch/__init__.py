@@ -5,7 +5,7 @@ Built on the pipeline's public call only (`DiffusionCLIPPipeline.edit`); the ``d
 ``--input-dir`` / ``--input-list`` / ``--video`` modes are thin wrappers around `edit_images` and `edit_video`.
 """
 
-from .editing import RESERVED_EDIT_ARGUMENTS, BatchEditOutput, edit_images
+from .editing import RESERVED_EDIT_ARGUMENTS, BatchEditOutput, edit_images, process_state
 from .inputs import BatchItem, find_inputs, item_seed
 from .manifest import adapter_fingerprint, read_manifest
 from .video import VideoEditOutput, edit_video, flicker, read_video, write_video
@@ -21,6 +21,7 @@ __all__ = [
     "find_inputs",
     "flicker",
     "item_seed",
+    "process_state",
     "read_manifest",
     "read_video",
     "write_video",

@@ -26,7 +26,7 @@ from .manifest import (
     read_manifest,
 )
 
-__all__ = ["RESERVED_EDIT_ARGUMENTS", "BatchEditOutput", "edit_images"]
+__all__ = ["RESERVED_EDIT_ARGUMENTS", "BatchEditOutput", "edit_images", "process_state"]
 
 # set by `edit_images` itself, per batch
 RESERVED_EDIT_ARGUMENTS = ("image", "latents", "generator", "output_type", "return_dict", "num_images_per_prompt")
@@ -59,6 +59,20 @@ class BatchEditOutput:
     def images_per_second(self) -> float:
         """This process's throughput (edited images per second of the editing loop)."""
         return self.num_done / self.seconds if self.seconds > 0 else 0.0
+
+
+def process_state(cpu: bool | None = None):
+    """accelerate's `PartialState` of this process (its index, the process count, its device), made once.
+
+    ``cpu``: processes without an accelerator (accelerate joins ``torchrun``'s processes on the CPU, with gloo, only
+    when told so); `None`: when no CUDA device is usable. Under ``accelerate launch --cpu`` it is set already.
+    """
+    import torch
+    from accelerate import PartialState
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
 
 
 def _items(inputs, pattern: str | None, output_dir: str) -> list[BatchItem]:
@@ -231,8 +245,6 @@ def edit_images(
     >>> result.num_done, result.failures, f"{result.images_per_second:.1f} images/s"
     ```
     """
-    from accelerate import PartialState
-
     # 1. Check inputs, before any work
     output_dir = os.fspath(output_dir)
     items = _items(inputs, pattern, output_dir)
@@ -243,7 +255,7 @@ def edit_images(
     if reserved := sorted(set(edit_kwargs) & set(RESERVED_EDIT_ARGUMENTS)):
         raise ValueError(f"`edit_images` sets {reserved} itself; got them in `edit_kwargs`.")
     _refuse_overwriting_inputs(items, output_dir)
-    state = PartialState()
+    state = process_state(cpu=pipe.device.type == "cpu")
     settings = canonical({**edit_kwargs, **(run_info or {}), "seed": seed, "shared_noise": shared_noise})
     run = {"settings": settings, "adapter": adapter_fingerprint(pipe), "rank": state.process_index}
     # 2. What earlier runs did; the batches left, split between the processes

@@ -6,14 +6,14 @@ Nothing here decodes an image: the editing loop reads each one only when its bat
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 
 from ..image_io import IMAGE_SUFFIXES
 
-__all__ = ["BatchItem", "find_inputs", "item_seed", "list_folder", "read_list_file"]
+__all__ = ["BatchItem", "find_inputs", "glob_regex", "item_seed", "list_folder", "read_list_file"]
 
 
 @dataclass(frozen=True)
@@ -32,16 +32,45 @@ class BatchItem:
     output: str
 
 
+def glob_regex(pattern: str) -> re.Pattern:
+    """A glob as a regular expression over ``/``-separated relative paths: ``*`` and ``?`` stay within one folder
+    level, ``**/`` spans any number of levels (none included), ``[...]`` is a character class (``[!...]`` negated)."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        char = pattern[i]
+        end = pattern.find("]", i + 2) if char == "[" else -1
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif end > 0:
+            body = pattern[i + 1 : end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
 def _matches(relative: str, pattern: str) -> bool:
-    """``pattern`` against the relative path, and against the file name for a pattern without ``/``."""
-    name = relative.rsplit("/", 1)[-1]
-    return fnmatch.fnmatchcase(relative, pattern) or ("/" not in pattern and fnmatch.fnmatchcase(name, pattern))
+    """``pattern`` against the relative path, or against the file name for a pattern without ``/``."""
+    return bool(glob_regex(pattern).match(relative if "/" in pattern else relative.rsplit("/", 1)[-1]))
 
 
 def list_folder(folder: str, pattern: str | None = None, exclude: str | None = None) -> list[tuple[str, str]]:
     """``(path, relative)`` of every image file under ``folder`` (recursive, sorted by relative path).
 
-    ``pattern`` (a glob, e.g. ``"*.jpg"`` or ``"cats/*.png"``) keeps the files whose relative path or name matches;
+    ``pattern`` (a glob, `glob_regex`: e.g. ``"*.jpg"`` matches the names, ``"cats/*.png"`` and ``"**/cats/*"`` the
+    relative paths) keeps the files that match;
     without it, the files ending in `IMAGE_SUFFIXES`. Hidden files and folders (``.name``, e.g. the atomic writer's
     temporary files) and the folder ``exclude`` (the output folder, when it lies inside the input folder) are skipped.
     """

@@ -178,11 +178,11 @@ def edit_video(
     Returns:
         [`VideoEditOutput`]
     """
-    from accelerate import PartialState
+    from .editing import process_state
 
     # 1. Read the frames; the main process writes them once as the inputs of the frame edits
     frames, fps = read_video(os.fspath(video), fps)
-    state = PartialState()
+    state = process_state(cpu=pipe.device.type == "cpu")
     source_dir, frames_dir = os.path.join(output_dir, "source"), os.path.join(output_dir, "frames")
     info = {"video": {"name": os.path.basename(os.path.normpath(video)), "sha256": _file_digest(video),
                       "frames": len(frames)}}  # fmt: skip

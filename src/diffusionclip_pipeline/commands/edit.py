@@ -235,17 +235,17 @@ def _batch_inputs(args: argparse.Namespace):
     option, path = ("--input-dir", args.input_dir) if args.input_dir is not None else ("--input-list", args.input_list)
     try:
         return find_inputs(args.input_dir, args.input_list, args.glob, exclude=args.output)
-    except (OSError, ValueError) as error:
-        raise CLIError(f"{option} {path}: {error}") from None
+    except (OSError, ValueError) as error:  # the library's message, with the option's name for the argument's
+        message = str(error).replace("`input_dir` ", "--input-dir ").replace("`input_list` ", "--input-list ")
+        raise CLIError(message if option in message else f"{option} {path}: {message}") from None
 
 
 def _run_batch_editor(args: argparse.Namespace) -> None:
     """``edit --input-dir / --input-list / --video``: `batch.edit_images` / `batch.edit_video`, in this process's
     share under ``accelerate launch`` / ``torchrun`` (each process on its own device: ``--device`` unset or ``cuda``
     becomes accelerate's ``cuda:<local rank>``)."""
-    from accelerate import PartialState
-
     from ..batch import edit_images, edit_video
+    from ..batch.editing import process_state
 
     # 1. Check everything before any work (the same on every process)
     items = _batch_inputs(args)
@@ -253,7 +253,7 @@ def _run_batch_editor(args: argparse.Namespace) -> None:
     settings = _settings(args)
     loading.set_threads_for(args, registered)
     # 2. Load the model and the adapters on this process's device
-    state = PartialState()
+    state = process_state(cpu=args.device == "cpu" or None)
     device = str(state.device) if state.num_processes > 1 and args.device in (None, "cuda") else args.device
     pipe, _ = _load(args, device, say=state.is_main_process)
     pipe.set_progress_bar_config(disable=True)  # the batch editor's bar (images/s, time left) replaces the steps'
