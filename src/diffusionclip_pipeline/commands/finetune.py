@@ -88,6 +88,15 @@ def _validation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-to", default=None, metavar="NAME",
                         help="an accelerate tracker (tensorboard, wandb, ...; its package installed) for the loss, "
                              "the validation scores and grids, logging to --output/logs")  # fmt: skip
+    parser.add_argument("--early-stopping-patience", type=int, action=POSITIVE, default=None, metavar="N",
+                        help="stop once the validated score has not improved for N validations and keep the best "
+                             "epoch; the held-out images' scores, or without --validation-images the training "
+                             "images' (a proxy)")  # fmt: skip
+    parser.add_argument("--early-stopping-threshold", type=float, default=None, metavar="X",
+                        action=checked("check_number", minimum=0.0),
+                        help="the least improvement that counts (default 0)")  # fmt: skip
+    parser.add_argument("--early-stopping-metric", choices=KEEP_BEST, default=None, metavar="METRIC",
+                        help="the score early stopping watches (default: --keep-best, else s_dir)")  # fmt: skip
 
 
 def describe_defaults(parser: argparse.ArgumentParser) -> None:
@@ -153,6 +162,9 @@ def _validation_options(args: argparse.Namespace) -> dict:
         images, _ = loading.read_inputs(args.validation_images, "--validation-images")
     if args.keep_best_min_ssim is not None and args.keep_best is None:
         raise CLIError("--keep-best-min-ssim is a floor for --keep-best: pass --keep-best METRIC too")
+    for option in ("threshold", "metric"):
+        if getattr(args, f"early_stopping_{option}") is not None and args.early_stopping_patience is None:
+            raise CLIError(f"--early-stopping-{option} is a setting of early stopping: pass --early-stopping-patience")
     logging_dir = None
     if args.report_to is not None:
         from ..training.callbacks import check_report_to
@@ -165,6 +177,8 @@ def _validation_options(args: argparse.Namespace) -> dict:
     validation = dict(
         validation_images=images, validation_epochs=args.validation_epochs, keep_best=args.keep_best,
         keep_best_min_ssim=args.keep_best_min_ssim, report_to=args.report_to, logging_dir=logging_dir,
+        early_stopping_patience=args.early_stopping_patience, early_stopping_threshold=args.early_stopping_threshold,
+        early_stopping_metric=args.early_stopping_metric,
     )  # fmt: skip
     return {k: v for k, v in validation.items() if v is not None}
 
@@ -230,11 +244,15 @@ def _report(args: argparse.Namespace, pipe, config, result, elapsed: float, num_
         print(f"\nvalidation on {output.count(num_held_out, 'held-out image')}:\n"
               f"{output.markdown_table(result.validation)}")  # fmt: skip
         kept = result.best_epoch or result.validation[-1]["epoch"]
-        why = f"the best by --keep-best {args.keep_best}" if result.best_epoch else "the last"
+        why = f"the best by --keep-best {args.keep_best}" if args.keep_best else "the last"
+        if result.best_epoch and not args.keep_best:
+            why = f"the best by early stopping's {args.early_stopping_metric or 's_dir'}"
         print(
             f"kept the adapter of epoch {kept} ({why}); wrote validation.csv and validation.png (rows: held-out "
             f"images as the model sees them, then their edit after each validated epoch) to {args.output}"
         )
+    if result.stopped_early:
+        print(f"stopped before the last epoch: {result.stop_reason}; kept the adapter of epoch {result.best_epoch}")
     if args.report_to is not None:
         print(f"{args.report_to} logs in {os.path.join(args.output, 'logs')}")
 

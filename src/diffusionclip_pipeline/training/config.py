@@ -162,6 +162,17 @@ class FinetuneOutput(BaseOutput):
         best_epoch (`int`, *optional*): With ``keep_best``: the (1-based) epoch whose adapter weights were kept.
         validation_grid (`PIL.Image.Image`, *optional*): With ``validation_images``: the held-out images as the
             model sees them (first row), then their edit at each validated epoch (one row each, in order).
+        training_scores (`list[dict]`): With early stopping on the training images (``early_stopping_on=
+            "training"``, the default without ``validation_images``): the same scores as ``validation``, of the
+            training images edited from their own latents (the proxy); empty otherwise.
+        stopped_early (`bool`): Whether the run stopped before ``config.num_epochs`` (early stopping or
+            ``callback_on_epoch_end``).
+        stop_reason (`str`): Why the run ended, e.g. ``"trained the `num_epochs`=15 epochs"`` or ``"early stopping
+            after epoch 6: `s_dir` has not improved by more than 0 for 2 validation(s) (best 0.4102 at epoch 4)"``.
+        baseline (`dict`, *optional*): With scores (validation or the proxy): the scores of the adapter at zero,
+            before the first epoch (``"epoch"`` 0), the reference of ``flat_warning``.
+        flat_warning (`str`, *optional*): The warning given when the direction score stayed flat over the first
+            epochs (training is doing nothing), else `None`.
     """
 
     adapter_name: str
@@ -172,6 +183,11 @@ class FinetuneOutput(BaseOutput):
     validation: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
     validation_grid: PIL.Image.Image | None = None
+    training_scores: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    stop_reason: str | None = None
+    baseline: dict | None = None
+    flat_warning: str | None = None
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -33,7 +33,16 @@ from .._version import __version__
 from ..choices import SCHEMES
 from ..loaders import lora_state
 from ..utils.checks import check_adapter_name, check_callable, check_prompt, check_timestep
-from .callbacks import ProgressLog, Validation, check_validation, tracking
+from .callbacks import (
+    EarlyStopping,
+    ProgressLog,
+    Validation,
+    check_early_stopping,
+    check_validation,
+    end_of_epoch,
+    start_of_training,
+    tracking,
+)
 from .checkpointing import (
     Checkpoint,
     Checkpointer,
@@ -252,6 +261,13 @@ class TrainingRun:
     checkpoints: Checkpointer | None = None
     resume: Checkpoint | None = None
     validation: Validation | None = None
+    proxy: Validation | None = None  # the training images' scores (early stopping without held-out images)
+    early_stopping: EarlyStopping | None = None
+    early_stopping_on: str | None = None  # "validation" or "training": whose scores early stopping reads
+    callback: Callable | None = None  # the user's `callback_on_epoch_end`
+    stop_reason: str | None = None  # set by `fit`: why the run ended
+    stopped_early: bool = False
+    epochs_trained: int = 0  # set by `fit`
 
 
 def fit(trainer: Trainer, run: TrainingRun) -> list[float]:
@@ -274,8 +290,11 @@ def fit(trainer: Trainer, run: TrainingRun) -> list[float]:
         run.resume.restore(trainer, generator, loss_fn)
     done = first_epoch * num_batches + first_batch
     progress = ProgressLog(run.pipe, run.accelerator, config.num_epochs * num_batches, done)
+    run.stop_reason = f"trained the `num_epochs`={config.num_epochs} epochs"
     try:
+        start_of_training(run, trainer)
         for epoch in range(first_epoch, config.num_epochs):
+            epoch_first_loss = len(loss_history)
             epoch_start = generator.get_state()  # what a checkpoint within this epoch stores to redraw its order
             order = torch.randperm(n, generator=generator).tolist()
             order = (order * world)[: per_process * world][rank::world]
@@ -293,13 +312,17 @@ def fit(trainer: Trainer, run: TrainingRun) -> list[float]:
                         checkpoints.write(trainer, loss_fn, epoch, b + 1, epoch_start, loss_history)
                     else:
                         checkpoints.write(trainer, loss_fn, epoch + 1, 0, generator.get_state(), loss_history)
-            if run.validation is not None and run.validation.due(epoch + 1, config.num_epochs):
-                progress.validated(run.validation(epoch + 1, trainer))
+            run.epochs_trained = epoch + 1
+            reason = end_of_epoch(run, trainer, epoch + 1, progress, loss_history[epoch_first_loss:])
+            if reason is not None and epoch + 1 < config.num_epochs:
+                run.stop_reason, run.stopped_early = reason, True
+                break
     finally:
         progress.close()
     trainer.check_result(run.x_t0[:1], int(scheduler.timesteps[0]))
-    if run.validation is not None:
-        run.validation.keep_best_weights(trainer.params)
+    for validation in (run.validation, run.proxy):
+        if validation is not None:
+            validation.keep_best_weights(trainer.params)
     return loss_history
 
 
@@ -390,7 +413,30 @@ def _training_data(pipe, x0, config: FinetuneConfig, accelerator, loss_fn, cache
     return TrainingRun(pipe, config, accelerator, loss_fn, x0, x_t0, generator, hits, resume=settings.resume)
 
 
-def _provenance(prompt_src, prompt_tar, direction_images, loss_fn: FinetuneLoss, config, validation, keep_best):
+def _kept(run: TrainingRun) -> Validation | None:
+    """The validation whose scores picked the adapter's epoch (``keep_best`` or early stopping), else the held-out
+    images' (or `None`)."""
+    for validation in (run.validation, run.proxy):
+        if validation is not None and validation.keep_best is not None:
+            return validation
+    return run.validation
+
+
+def _output(run: TrainingRun, adapter_name: str, loss_history: list[float], num_clip_models: int) -> FinetuneOutput:
+    validation, proxy, kept = run.validation, run.proxy, _kept(run)
+    scored = [v for v in (validation, proxy) if v is not None]
+    return FinetuneOutput(
+        adapter_name=adapter_name, loss_history=loss_history, config=run.config,
+        num_cached_latents=run.num_cached_latents, num_clip_models=num_clip_models,
+        validation=list(validation.history) if validation else [], best_epoch=kept.best_epoch if kept else None,
+        validation_grid=validation.grid if validation else None, training_scores=list(proxy.history) if proxy else [],
+        stopped_early=run.stopped_early, stop_reason=run.stop_reason,
+        baseline=scored[0].baseline if scored else None,
+        flat_warning=next((v.flat_warning for v in scored if v.flat_warning), None),
+    )  # fmt: skip
+
+
+def _provenance(prompt_src, prompt_tar, direction_images, loss_fn: FinetuneLoss, config, run: TrainingRun):
     """What the adapter's file records about its training (the latent, EffDiff and validation settings only where
     they apply)."""
     extra = {}
@@ -417,10 +463,15 @@ def _provenance(prompt_src, prompt_tar, direction_images, loss_fn: FinetuneLoss,
             "package_version": __version__,
         },
     }
+    validation = _kept(run)
     if validation is not None:
         provenance["validation"] = validation.kept_scores
-        if keep_best is not None:
-            provenance.update(keep_best=keep_best, best_epoch=validation.best_epoch)
+        if validation.keep_best is not None:
+            provenance.update(keep_best=validation.keep_best, best_epoch=validation.best_epoch)
+        if validation is run.proxy:
+            provenance["validation_on"] = "training images"
+    if run.stopped_early:
+        provenance.update(stop_reason=run.stop_reason, epochs_trained=run.epochs_trained)
     return provenance
 
 
@@ -446,6 +497,11 @@ def finetune(
     keep_best_min_ssim: float | None = None,
     report_to: str | None = None,
     logging_dir: str | os.PathLike | None = None,
+    early_stopping_patience: int | None = None,
+    early_stopping_threshold: float | None = None,
+    early_stopping_metric: str | None = None,
+    early_stopping_on: str | None = None,
+    callback_on_epoch_end: Callable | None = None,
 ) -> FinetuneOutput:
     r"""
     Trains a new LoRA adapter ``adapter_name`` on ``pipe.denoiser`` so that editing moves images from ``prompt_src`` to
@@ -529,6 +585,33 @@ def finetune(
             logs).
         logging_dir (`str` or `os.PathLike`, *optional*): The trackers' folder (needed by ``"tensorboard"``: the
             events go to ``logging_dir/diffusionclip-finetune/``).
+        early_stopping_patience (`int`, *optional*): Early stopping, as transformers' ``EarlyStoppingCallback``: stop
+            once the validated score ``early_stopping_metric`` has not improved on its best by more than
+            ``early_stopping_threshold`` for this many validations in a row (validations come every
+            ``validation_epochs`` epochs), and end on the best validated epoch's weights (``keep_best``, which
+            defaults to the metric). The scores are the held-out images' (``validation_images``) or, without them,
+            a training-set proxy: the same edit and scores on the training images, from their own latents, after
+            each due epoch (it costs ``num_train_steps`` no-grad UNet calls per training image and validation).
+            `FinetuneOutput.stop_reason` says why the run ended and ``stopped_early`` whether it ended before
+            ``num_epochs``; the reason is also logged.
+        early_stopping_threshold (`float`, *optional*, defaults to 0.0): The least improvement that counts.
+        early_stopping_metric (`str`, *optional*): ``"s_dir"``, ``"s_dir_2"``, ``"clip_score"``, ``"ssim"`` or
+            ``"mae"``; defaults to ``keep_best``, else ``"s_dir"``.
+        early_stopping_on (`str`, *optional*): Whose scores early stopping reads: ``"validation"`` (the held-out
+            images; the default with ``validation_images``) or ``"training"`` (the proxy; the default without). With
+            both ``validation_images`` and ``"training"``, both are scored (`FinetuneOutput.training_scores`): the
+            proxy decides and keeps the best epoch, the held-out scores are reported.
+        callback_on_epoch_end (`Callable`, *optional*): ``fn(pipe, epoch, logs)`` after each epoch (1-based), after
+            its validation; ``logs`` holds ``"epoch"``, ``"num_updates"``, ``"loss"`` (the epoch's mean),
+            ``"validation"`` and ``"training_scores"`` (this epoch's entries, or `None` when not validated),
+            ``"validation_images"`` (the held-out edits, NCHW in [0, 1], when validated) and
+            ``"validation_seconds"`` (time spent validating so far, for benchmarks). A truthy return stops the run
+            after this epoch (the ``stop_when`` of the run). It must not touch the adapter or torch's random state.
+
+    Whenever scores are computed (``validation_images`` or the proxy), the run also scores the adapter at zero
+    before the first epoch (`FinetuneOutput.baseline`), and if by the first validated epoch >= 2 the best ``s_dir``
+    has gained less than 0.02 over it, warns (`UserWarning` and the log; `FinetuneOutput.flat_warning`) that training
+    is doing nothing, naming the likely causes (learning rate, ``t0``, prompts).
 
     Latent models (LDM, Stable Diffusion): training runs on the latents; the predicted ``x0`` is decoded with
     gradients (``config.decoder_gradient_checkpointing`` trades time for memory) for the CLIP loss and, with
@@ -564,6 +647,10 @@ def finetune(
         pipe, validation_images, validation_epochs, keep_best, keep_best_min_ssim, report_to, logging_dir, accelerator,
         resume_from,
     )  # fmt: skip
+    stopping = (early_stopping_patience, early_stopping_threshold, early_stopping_metric, early_stopping_on)
+    threshold, metric, stopping_on = check_early_stopping(
+        pipe, *stopping, validation_images is not None, keep_best, resume_from, callback_on_epoch_end
+    )
     warn_if_same_prompts(prompt_src, prompt_tar, config, text_direction=source_images is None)
     settings = RunSettings(checkpoint_dir is not None, read_checkpoint(resume_from) if resume_from else None)
     settings.add(lambda: _config_settings(config, prompt_src, prompt_tar))
@@ -590,9 +677,19 @@ def finetune(
             os.fspath(checkpoint_dir), checkpoint_every, pipe.denoiser, adapter_name, settings.values, last
         )
     if x_val is not None:  # the held-out images' latents, by the original model, once
+        best = keep_best if keep_best is not None or stopping_on != "validation" else metric
         run.validation = Validation.build(
-            pipe, x_val, prompt_src, prompt_tar, config, device, validation_epochs, keep_best, keep_best_min_ssim
+            pipe, x_val, prompt_src, prompt_tar, config, device, validation_epochs, best, keep_best_min_ssim
         )
+    if early_stopping_patience is not None:
+        run.early_stopping = EarlyStopping(early_stopping_patience, threshold, metric)
+        run.early_stopping_on = stopping_on
+        if stopping_on == "training":  # the proxy: the training images, from their own latents
+            run.proxy = Validation.build(
+                pipe, run.x0, prompt_src, prompt_tar, config, device, validation_epochs, metric, None, run.x_t0
+            )
+            run.proxy.prefix = "training"
+    run.callback = callback_on_epoch_end
 
     # 4. The new adapter (identical init on every process: same seed); from here on, any error removes it again and
     #    restores the previous adapters. Training draws from torch's global generator (if at all) inside the same
@@ -608,17 +705,9 @@ def finetune(
                 with _adapter_training(run, adapter_name, unet_state) as trainer:
                     loss_history = fit(trainer, run)
             # 6. Record where it came from (and how it scored)
-            provenance = _provenance(
-                prompt_src, prompt_tar, direction_images, loss_fn, config, run.validation, keep_best
-            )
+            provenance = _provenance(prompt_src, prompt_tar, direction_images, loss_fn, config, run)
             lora_state.set_provenance(pipe.denoiser, adapter_name, provenance)
     except BaseException:
         unet_state.discard(pipe.denoiser, adapter_name)
         raise
-    validation = run.validation
-    return FinetuneOutput(
-        adapter_name=adapter_name, loss_history=loss_history, config=config, num_cached_latents=run.num_cached_latents,
-        num_clip_models=len(loss_fn.clip_losses), validation=list(validation.history) if validation else [],
-        best_epoch=validation.best_epoch if validation else None,
-        validation_grid=validation.grid if validation else None,
-    )  # fmt: skip
+    return _output(run, adapter_name, loss_history, len(loss_fn.clip_losses))
