@@ -67,8 +67,10 @@ def test_a_folder_is_edited_into_mirrored_paths_batch_by_batch(tmp_path, pipe):
             assert pixels(tmp_path / "out" / out) == image.tobytes()
     assert done_counts(tmp_path / "out") == {r: 1 for r in relatives}
     entry = next(e for e in read_manifest(str(tmp_path / "out")) if e.get("input") == "sub/b.png")
-    assert entry["output"] == "sub/b.png" and entry["settings"]["t0"] == 50 and entry["seconds"] >= 0
-    assert entry["adapter"] != "none" and entry["rank"] == 0
+    assert entry["output"] == "sub/b.png" and entry["seconds"] >= 0 and entry["adapter"] != "none"
+    run = read_manifest(str(tmp_path / "out"))[0]  # the run's line: every edit setting, defaults included
+    assert run["run"] and run["settings_id"] == entry["settings_id"] and entry["rank"] == run["rank"] == 0
+    assert run["settings"]["t0"] == 50 and run["settings"]["encoding"] == "ddim" and run["settings"]["seed"] == 0
 
 
 def test_a_restart_skips_what_is_done_and_refuses_other_settings_or_adapters(tmp_path, pipe):
@@ -89,7 +91,17 @@ def test_a_restart_skips_what_is_done_and_refuses_other_settings_or_adapters(tmp
     # overwrite: everything redone with the new settings, and only their manifest lines are left
     redone = edit_images(pipe, source, out, overwrite=True, show_progress=False, **{**EDIT, "t0": 60})
     assert (redone.num_done, redone.num_skipped) == (5, 0)
-    assert {e["settings"]["t0"] for e in read_manifest(out)} == {60}
+    assert [e["settings"]["t0"] for e in read_manifest(out) if "run" in e] == [60]
+
+
+def test_a_default_passed_or_left_out_is_the_same_setting(tmp_path, pipe):
+    write_inputs(tmp_path / "in", ["a.png"])
+    edit_images(pipe, str(tmp_path / "in"), str(tmp_path / "out"), show_progress=False, **EDIT)
+    same = edit_images(pipe, str(tmp_path / "in"), str(tmp_path / "out"), show_progress=False, encoding="ddim",
+                       edit_strength=1.0, eta=0.0, **EDIT)  # fmt: skip
+    assert same.num_skipped == 1
+    with pytest.raises(ValueError, match="other settings .eta: 0.0 -> 0.5"):
+        edit_images(pipe, str(tmp_path / "in"), str(tmp_path / "out"), show_progress=False, eta=0.5, **EDIT)
 
 
 def test_an_unreadable_image_is_recorded_and_the_run_goes_on(tmp_path, pipe):

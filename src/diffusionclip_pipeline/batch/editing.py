@@ -24,6 +24,7 @@ from .manifest import (
     check_compatible,
     done_inputs,
     read_manifest,
+    settings_id,
 )
 
 __all__ = ["RESERVED_EDIT_ARGUMENTS", "BatchEditOutput", "edit_images", "process_state"]
@@ -97,6 +98,17 @@ def _refuse_overwriting_inputs(items: list[BatchItem], output_dir: str) -> None:
             )
 
 
+def _settings(pipe, edit_kwargs: dict, more: dict) -> dict:
+    """Every argument of the pipeline's call with its value here or its default (so that leaving out a default and
+    passing it compare equal), and ``more``; canonical (`canonical`)."""
+    import inspect
+
+    skipped = set(RESERVED_EDIT_ARGUMENTS) | {"self", "callback_on_step_end", "callback_on_step_end_tensor_inputs"}
+    parameters = inspect.signature(type(pipe).__call__).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.default is not p.empty and p.name not in skipped}
+    return canonical({**defaults, **edit_kwargs, **more})
+
+
 def _claim_output(state, items, output_dir: str, run: dict, overwrite: bool) -> set[str]:
     """Reads what earlier runs into ``output_dir`` did (every process reads the same), refuses mixing other settings
     or another adapter (unless ``overwrite``) and writes this process's ``run`` line. Returns the inputs done."""
@@ -163,7 +175,7 @@ def _edit_batch(pipe, batch: list[BatchItem], output_dir: str, run: dict, edit_k
     from ..image_io import save_atomic
 
     start = time.perf_counter()
-    base = {"settings": run["settings"], "adapter": run["adapter"], "rank": run["rank"]}
+    base = {"settings_id": run["settings_id"], "adapter": run["adapter"], "rank": run["rank"]}
     entries, readable, images, notes = {}, [], [], {}
     for item in batch:
         image, lost = _read(item)
@@ -256,8 +268,9 @@ def edit_images(
         raise ValueError(f"`edit_images` sets {reserved} itself; got them in `edit_kwargs`.")
     _refuse_overwriting_inputs(items, output_dir)
     state = process_state(cpu=pipe.device.type == "cpu")
-    settings = canonical({**edit_kwargs, **(run_info or {}), "seed": seed, "shared_noise": shared_noise})
-    run = {"settings": settings, "adapter": adapter_fingerprint(pipe), "rank": state.process_index}
+    settings = _settings(pipe, edit_kwargs, {**(run_info or {}), "seed": seed, "shared_noise": shared_noise})
+    run = {"settings": settings, "settings_id": settings_id(settings), "adapter": adapter_fingerprint(pipe),
+           "rank": state.process_index}  # fmt: skip
     # 2. What earlier runs did; the batches left, split between the processes
     done = _claim_output(state, items, output_dir, run, overwrite)
     batches = [

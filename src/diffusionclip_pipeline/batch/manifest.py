@@ -1,12 +1,14 @@
-"""The manifest of a batch edit: JSON lines in the output folder, one shard per process
-(``manifest.rank<k>.jsonl``), so that no two processes ever write one file.
+"""The manifest of a batch edit: JSON lines in the output folder, one shard per process (``manifest.rank<k>.jsonl``),
+so that no two processes ever write one file.
 
-Each shard starts with a ``run`` line (the edit's settings and the adapter fingerprint, written before any output),
-then one line per finished input: ``{"input", "output", "status": "done" | "failed", "seconds", "settings",
-"adapter", "rank"}`` (and ``"error"`` for a failure). A batch's lines are appended in one write and flushed to disk
-(``fsync``) only after every output of the batch is in place (each output file is itself written atomically), so a
-line names a complete file. A process killed during the append leaves at most a torn last line, which the reader
-skips: those inputs are done again (their complete outputs are rewritten with the same content), nothing is lost.
+Each shard starts with a ``run`` line (the edit's settings, every `DiffusionCLIPPipeline.edit` argument with its
+value or default, their hash ``settings_id`` and the adapter fingerprint, written before any output), then one line
+per finished input: ``{"input", "output", "status": "done" | "failed", "seconds", "settings_id", "adapter",
+"rank"}`` (and ``"error"`` for a failure, ``"warnings"`` for what reading the image dropped). A batch's lines are
+appended in one write and flushed to disk (``fsync``) only after every output of the batch is in place (each output
+file is itself written atomically), so a line names a complete file. A process killed during the append leaves at
+most a torn last line, which the reader skips: those inputs are done again (their complete outputs are rewritten
+with the same content), nothing is lost.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "check_compatible",
     "done_inputs",
     "read_manifest",
+    "settings_id",
     "shard_path",
 ]
 
@@ -38,6 +41,11 @@ def shard_path(output_dir: str, rank: int) -> str:
 def canonical(settings: dict) -> dict:
     """``settings`` as the manifest stores (and compares) them: JSON values, keys sorted, anything else as text."""
     return json.loads(json.dumps(settings, sort_keys=True, default=repr))
+
+
+def settings_id(settings: dict) -> str:
+    """A short hash of canonical ``settings`` (what each input's line records)."""
+    return hashlib.sha256(json.dumps(canonical(settings), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def adapter_fingerprint(pipe) -> str:
@@ -93,21 +101,21 @@ def _differences(old: dict, new: dict) -> str:
 def check_compatible(entries: list[dict], settings: dict, adapter: str, output_dir: str) -> None:
     """Raises `ValueError` if an earlier run into ``output_dir`` used other settings or another adapter: its
     outputs would be mixed with this run's."""
+    identity = settings_id(settings)
     for entry in entries:
-        old_settings, old_adapter = entry.get("settings"), entry.get("adapter")
-        if old_settings is None and old_adapter is None:
+        if "settings_id" not in entry and "adapter" not in entry:
             continue
-        if old_settings != settings:
-            changed = _differences(old_settings or {}, settings)
+        if entry.get("settings_id") != identity:
+            changed = _differences(entry.get("settings") or {}, settings) or "see the manifest"
             raise ValueError(
                 f"`output_dir` {output_dir} holds edits made with other settings ({changed}): pass `overwrite=True` "
                 "(--overwrite) to redo them all with these, or choose another folder."
             )
-        if old_adapter != adapter:
+        if entry.get("adapter") != adapter:
             raise ValueError(
-                f"`output_dir` {output_dir} holds edits made with another adapter (fingerprint {old_adapter}, now "
-                f"{adapter}): pass `overwrite=True` (--overwrite) to redo them all with this one, or choose another "
-                "folder."
+                f"`output_dir` {output_dir} holds edits made with another adapter (fingerprint "
+                f"{entry.get('adapter')}, now {adapter}): pass `overwrite=True` (--overwrite) to redo them all with "
+                "this one, or choose another folder."
             )
 
 
