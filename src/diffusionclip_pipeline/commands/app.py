@@ -36,6 +36,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from .app_limits import AppLimits, FinetuneStopped
+from .app_serve import Lifecycle, exit_on_sigterm, serve, tracked, uploads_into
 from .errors import CLIError
 from .loading import load_pipeline
 from .options import checked
@@ -80,7 +81,8 @@ class AppState:
     the model's renderer of example images (``render(prompt, n, seed)``, a plugin's, or `None`), the folders a
     web user may load adapters from by path (``adapter_roots``; the app's temporary folder is always one), the bounds
     on every request (`AppLimits`), the adapters no request may delete (``protected``: those the model came with),
-    and a temporary folder for the adapters offered as downloads (removed with the state)."""
+    a temporary work folder (exports, extracted zips; when served by `run`, also gradio's uploads), removed by
+    `close` or with the state, and the requests in flight (``lifecycle``: `app_serve.Lifecycle`)."""
 
     pipe: object
     model: str = TESTBED
@@ -93,6 +95,7 @@ class AppState:
     _workdir: tempfile.TemporaryDirectory = field(
         default_factory=lambda: tempfile.TemporaryDirectory(prefix="diffusionclip-app-"), repr=False
     )
+    lifecycle: Lifecycle = field(default_factory=Lifecycle, init=False, repr=False)
 
     @classmethod
     def load(
@@ -121,6 +124,11 @@ class AppState:
     @property
     def workdir(self) -> str:
         return self._workdir.name
+
+    def close(self) -> None:
+        """Refuses new requests (a running fine-tune stops at its next step) and removes the work folder."""
+        self.lifecycle.closing.set()
+        self._workdir.cleanup()
 
     @property
     def adapters(self) -> list[str]:
@@ -195,6 +203,7 @@ def _bounded(value, name: str, maximum: float, minimum: float | None = None) -> 
     return check_number(value, name, -maximum if minimum is None else minimum, maximum)
 
 
+@tracked
 def edit_images(
     state: AppState,
     images,
@@ -323,6 +332,7 @@ def _new_name(state: AppState, wanted: str | None, fallback: str) -> str:
     return name
 
 
+@tracked
 def finetune_adapter(
     state: AppState,
     images,
@@ -345,8 +355,8 @@ def finetune_adapter(
     ``num_epochs``, ``learning_rate``, ``lora_rank``, the images and the number of loaded adapters are bounded by
     ``state.limits``. ``report(done, total, postfix)`` is called after every step (``postfix["loss"]``: the latest
     loss). Setting ``stop`` (or running longer than ``state.limits.max_finetune_seconds``) stops the run at its next
-    step with `FinetuneStopped`; the run then discards its adapter and restores the previous ones.
-    """
+    step with `FinetuneStopped`, as does closing the app (`AppState.close`); the run then discards its adapter and
+    restores the previous ones."""
     from ..utils.checks import check_int
     from ..utils.locking import unet_lock
     from .defaults import rank_settings
@@ -366,7 +376,7 @@ def finetune_adapter(
     config = {**state.finetune_defaults, **{k: v for k, v in given.items() if v is not None}}
     if lora_rank is not None:
         config.update(rank_settings(given["lora_rank"]))
-    guard = _guard(report, stop, limits.max_finetune_seconds)
+    guard = _guard(report, stop, limits.max_finetune_seconds, state.lifecycle.closing)
     with unet_lock(state.pipe.denoiser):  # the name is free until the adapter exists
         _check_room(state)
         name = _new_name(state, adapter_name, prompt_tar or "adapter")
@@ -376,11 +386,13 @@ def finetune_adapter(
     return FinetuneResult(name, list(output.loss_history), zip_path, notes)
 
 
-def _guard(report: Callable | None, stop: threading.Event | None, seconds: float) -> Callable:
-    """``report``, which first raises `FinetuneStopped` once ``stop`` is set or ``seconds`` have passed."""
+def _guard(report: Callable | None, stop: threading.Event | None, seconds: float, closing=None) -> Callable:
+    """``report``, which first raises `FinetuneStopped` once ``stop`` or ``closing`` is set or ``seconds`` passed."""
     deadline = time.monotonic() + seconds
 
     def guarded(done, total, postfix):
+        if closing is not None and closing.is_set():
+            raise FinetuneStopped("The app is shutting down: fine-tuning stopped, its adapter discarded.")
         if stop is not None and stop.is_set():
             raise FinetuneStopped("Fine-tuning was cancelled: its adapter is discarded.")
         if time.monotonic() > deadline:
@@ -397,6 +409,7 @@ def _check_room(state: AppState) -> None:
         raise ValueError(f"{len(state.adapters)} adapters are loaded, the most this app holds: delete one first.")
 
 
+@tracked
 def export_adapter(state: AppState, adapter_name: str, example_images=None) -> str:
     """Saves ``adapter_name`` (weights, model card, before/after grid of ``example_images``) into the state's
     temporary folder and returns it zipped (``<adapter_name>.zip``); the adapter's previous export is replaced."""
@@ -415,6 +428,7 @@ def export_adapter(state: AppState, adapter_name: str, example_images=None) -> s
     return shutil.make_archive(folder, "zip", root_dir=export, base_dir=adapter_name)
 
 
+@tracked
 def load_adapter(state: AppState, path: str, adapter_name: str | None = None, uploaded: bool = False) -> str:
     """Loads an adapter from a folder, a ``pytorch_lora_weights.safetensors`` file, or a zip the app exported (only
     its weights file is extracted); returns its name (default: from its target prompt, else its file name).
@@ -450,6 +464,7 @@ def load_adapter(state: AppState, path: str, adapter_name: str | None = None, up
             remove_tree(extracted)
 
 
+@tracked
 def delete_adapter(state: AppState, adapter_name: str) -> None:
     """Removes ``adapter_name`` from the shared pipeline (and its export), unless it is one the model came with
     (``state.protected``)."""
@@ -465,6 +480,7 @@ def delete_adapter(state: AppState, adapter_name: str) -> None:
     remove_tree(os.path.join(state.workdir, f"export-{adapter_name}"))
 
 
+@tracked
 def example_images(state: AppState, prompt: str, n: int = 4, seed: int = 0) -> list[PIL.Image.Image]:
     """``n`` example images of ``prompt`` drawn by the model's renderer (the test-bed renders the colour and shape
     a prompt names, e.g. "red circle"); `ValueError` when the model has none or it cannot draw ``prompt``."""
@@ -695,8 +711,8 @@ def _wire(state: AppState, gr, ui: SimpleNamespace, demo) -> None:
 def build_app(state: AppState):
     """The Gradio `Blocks` app over ``state``, queued (not launched: see `launch`)."""
     gr = _gradio()
-    # delete_cache: gradio's copies of uploads and downloads older than an hour are removed hourly
-    with gr.Blocks(title="DiffusionCLIP", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+    age = max(1, int(state.limits.max_work_age_seconds))  # gradio's copies of uploads and downloads, removed by age
+    with gr.Blocks(title="DiffusionCLIP", analytics_enabled=False, delete_cache=(age, age)) as demo:
         _wire(state, gr, _layout(state, gr), demo)
     demo.queue(default_concurrency_limit=1)
     demo.app_state = state  # `launch` reads its limits
@@ -705,7 +721,8 @@ def build_app(state: AppState):
 
 def launch(demo, host: str = "127.0.0.1", port: int | None = DEFAULT_PORT, block: bool = True):
     """Starts the app's server offline (no share link, no server-side rendering); returns gradio's
-    ``(app, local_url, share_url)``. ``block=False`` returns at once (tests; stop it with ``demo.close()``).
+    ``(app, local_url, share_url)``. ``block=False`` returns at once (tests; stop it with ``demo.close()``); else it
+    serves until SIGINT or SIGTERM, then shuts down cleanly and exits with 130 or 143 (`app_serve.serve`).
 
     Gradio's own start-up lines are silenced: they advise ``share=True``, which this offline app never uses (see
     docs/app.md for exposing it); the URL is printed here instead."""
@@ -718,7 +735,7 @@ def launch(demo, host: str = "127.0.0.1", port: int | None = DEFAULT_PORT, block
     )  # fmt: skip
     if block:
         print(f"diffusionclip app: running on {result[1]} (Ctrl-C stops it)", flush=True)
-        demo.block_thread()
+        serve(demo, state) if state is not None else demo.block_thread()
     return result
 
 
@@ -751,10 +768,15 @@ def run(args: argparse.Namespace) -> None:
     for root in args.adapter_root:
         if not os.path.isdir(root):
             raise CLIError(f"--adapter-root {root}: not a folder")
-    state = AppState.load(args.model, args.clip, args.device, set_threads=getattr(args, "threads", None) is None,
-                          adapter_roots=args.adapter_root)  # fmt: skip
-    print(f"diffusionclip app: serving --model {args.model} at http://{args.host}:{args.port} (Ctrl-C stops)")
-    launch(build_app(state), host=args.host, port=args.port)
+    with exit_on_sigterm():  # until `launch` handles signals itself: the work folder is removed all the same
+        state = AppState.load(args.model, args.clip, args.device, set_threads=getattr(args, "threads", None) is None,
+                              adapter_roots=args.adapter_root)  # fmt: skip
+        try:
+            uploads_into(state.workdir)
+            print(f"diffusionclip app: serving --model {args.model} at http://{args.host}:{args.port} (Ctrl-C stops)")
+            launch(build_app(state), host=args.host, port=args.port)
+        finally:
+            state.close()
 
 
 def register() -> None:

@@ -1,6 +1,7 @@
 """What the web app accepts from a user, and how much: `AppLimits` (every numeric input, every upload and every file
-read on the server is bounded), the confinement of server paths to the app's adapter folders, and bounded reads of
-uploads and zips.
+read on the server is bounded), the confinement of server paths to the app's adapter folders, bounded reads of
+uploads and zips, and the pruning of the app's work folder (`prune_work_folder`: its uploads and exports, by age and
+total size).
 
 A web user may name a server path only inside the app's adapter folders (``--adapter-root``, and the app's own
 temporary folder, which holds its exports): the path is resolved (``..`` and symbolic links followed) before it is
@@ -12,15 +13,25 @@ imports the commands for every command).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
 import sys
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass, fields
 
-__all__ = ["NOT_ALLOWED", "AppLimits", "FinetuneStopped", "adapter_source", "checked_upload", "weights_from_zip"]
+__all__ = [
+    "NOT_ALLOWED",
+    "AppLimits",
+    "FinetuneStopped",
+    "adapter_source",
+    "checked_upload",
+    "prune_work_folder",
+    "weights_from_zip",
+]
 
 NOT_ALLOWED = (
     "No adapter this app may load at {path!r}: give a folder, a .safetensors file or an exported .zip inside the "
@@ -46,6 +57,11 @@ class AppLimits:
         max_learning_rate (`float`, defaults to 1.0): the learning rate of a fine-tuning request.
         max_edit_weight (`float`, defaults to 2.0): edit strength and combination weights lie in
             ``[-max_edit_weight, max_edit_weight]`` (the page offers 0..1 and -1..2).
+        max_work_bytes (`int`, defaults to 2 GiB): the app's work folder (uploads, exports, extracted zips) is pruned
+            to this total, oldest entries first (`prune_work_folder`; entries younger than `IN_USE_SECONDS` are
+            kept: a request may be using them).
+        max_work_age_seconds (`float`, defaults to 3600): entries of the work folder older than this are removed
+            (an upload or a download is then gone: upload it again, export it again).
     """
 
     max_epochs: int = 100
@@ -57,6 +73,8 @@ class AppLimits:
     max_finetune_seconds: float = 1800.0
     max_learning_rate: float = 1.0
     max_edit_weight: float = 2.0
+    max_work_bytes: int = 2048 * _MIB
+    max_work_age_seconds: float = 3600.0
 
     def __post_init__(self):
         for f in fields(self):
@@ -161,3 +179,59 @@ def _extract(path: str, target: str, limits: AppLimits, weights_name: str) -> No
 def remove_tree(path: str) -> None:
     """Removes a folder the app made (an export, an upload's extraction), ignoring what is already gone."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+IN_USE_SECONDS = 60.0  # `prune_work_folder` keeps entries changed more recently than this, whatever their size
+CACHE_FOLDERS = ("gradio",)  # children of the work folder whose own children are the entries (gradio's upload cache)
+
+
+def _entry(path: str) -> tuple[float, int]:
+    """The newest modification time and the total size of ``path`` and everything below it (links not followed)."""
+    info = os.lstat(path)
+    newest, size = info.st_mtime, info.st_size if not stat.S_ISDIR(info.st_mode) else 0
+    if stat.S_ISDIR(info.st_mode):
+        for folder, _, files in os.walk(path):
+            for name in files:
+                with contextlib.suppress(OSError):  # removed meanwhile
+                    info = os.lstat(os.path.join(folder, name))
+                    newest, size = max(newest, info.st_mtime), size + info.st_size
+    return newest, size
+
+
+def _entries(folder: str) -> list[str]:
+    """The prunable entries of a work folder: its children, and the children of its `CACHE_FOLDERS`."""
+    entries = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name in CACHE_FOLDERS and os.path.isdir(path) and not os.path.islink(path):
+            entries += [os.path.join(path, child) for child in sorted(os.listdir(path))]
+        else:
+            entries.append(path)
+    return entries
+
+
+def prune_work_folder(folder: str, limits: AppLimits, now: float | None = None) -> list[str]:
+    """Removes the entries of the app's work folder ``folder`` (an export, an extracted zip, one upload in gradio's
+    cache: each removed whole) last changed more than ``limits.max_work_age_seconds`` ago, then the oldest ones until
+    the folder holds at most ``limits.max_work_bytes``, never one changed in the last `IN_USE_SECONDS` (``now``:
+    `time.time()` by default). Returns the removed paths; a missing ``folder`` is nothing to prune."""
+    now = time.time() if now is None else now
+    if not os.path.isdir(folder):
+        return []
+    entries = []
+    for path in _entries(folder):
+        with contextlib.suppress(OSError):  # removed meanwhile
+            entries.append((*_entry(path), path))
+    entries.sort()  # oldest first
+    removed, total = [], sum(size for _, size, _ in entries)
+    for newest, size, path in entries:
+        age = now - newest
+        if age > limits.max_work_age_seconds or (total > limits.max_work_bytes and age > IN_USE_SECONDS):
+            if os.path.isdir(path) and not os.path.islink(path):
+                remove_tree(path)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            removed.append(path)
+            total -= size
+    return removed
