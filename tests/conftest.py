@@ -290,6 +290,56 @@ def make_sdxl_components(seed: int = 0) -> dict:
     )
 
 
+def make_sd3_components(seed: int = 0, with_t5: bool = False) -> dict:
+    """The components of a `StableDiffusion3Pipeline` at toy size (as diffusers' SD3 tests build them, offline): 16 px
+    images, 8 x 8 x 4 latents (a VAE with a ``shift_factor``), an MMDiT of one joint block on 2 x 2 patches (16
+    tokens), two CLIP text encoders with projection (16 + 16 wide hidden states, padded to the joint attention's 32;
+    16 + 16 pooled), a shifted flow-matching scheduler (shift 3, as SD3's), and optionally a one-layer T5 (32 wide)
+    that reads the CLIP tokenizer's ids."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer = make_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    def text_encoder(offset: int) -> CLIPTextModelWithProjection:
+        torch.manual_seed(seed + offset)
+        config = CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, bos_token_id=eos - 1,
+            eos_token_id=eos, pad_token_id=eos, projection_dim=16,
+        )  # fmt: skip
+        return CLIPTextModelWithProjection(config).eval()
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+    ).eval()  # fmt: skip
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+        norm_num_groups=4, shift_factor=0.0609, scaling_factor=1.5035,
+    )  # fmt: skip
+    components = dict(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder(1),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder(2),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    if with_t5:
+        torch.manual_seed(seed + 3)
+        t5 = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=37, num_layers=1, num_heads=2, d_kv=8)
+        components.update(text_encoder_3=T5EncoderModel(t5).eval(), tokenizer_3=tokenizer)
+    return components
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (the app's tests serve only there)."""
     import socket

@@ -9,7 +9,23 @@ class DiffusionCLIPConveniencesMixin:
     """`enable_freeu` / `disable_freeu`, `fuse_qkv_projections` / `unfuse_qkv_projections`, `enable_vae_slicing` /
     `disable_vae_slicing`, `enable_vae_tiling` / `disable_vae_tiling` and `set_attention_backend`, as the stock
     pipelines have them. FreeU and the attention backend change the UNet for the inversion too, so invert and edit
-    with the same setting."""
+    with the same setting. Also the running call's state that diffusers' step callbacks read: `guidance_scale`,
+    `num_timesteps`, `interrupt`."""
+
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance scale of the running call (a step callback may change it)."""
+        return getattr(self, "_guidance_scale", 1.0)
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of generation steps of the running (or last) call."""
+        return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a step callback to skip the remaining generation steps."""
+        return getattr(self, "_interrupt", False)
 
     def _component_method(self, component: str, method: str):
         module = getattr(self, component, None)
@@ -22,10 +38,10 @@ class DiffusionCLIPConveniencesMixin:
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         """FreeU (Si et al., arXiv 2309.11497) on a `UNet2DConditionModel`, as the stock pipelines' `enable_freeu`."""
-        self._component_method("unet", "enable_freeu")(s1=s1, s2=s2, b1=b1, b2=b2)
+        self._component_method(self.family.denoiser_name, "enable_freeu")(s1=s1, s2=s2, b1=b1, b2=b2)
 
     def disable_freeu(self) -> None:
-        self._component_method("unet", "disable_freeu")()
+        self._component_method(self.family.denoiser_name, "disable_freeu")()
 
     def fuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
         """Fuses the attention's query, key and value projections (diffusers' experimental speed-up). Refused while
@@ -36,13 +52,13 @@ class DiffusionCLIPConveniencesMixin:
                 "them first."
             )
         if unet:
-            self._component_method("unet", "fuse_qkv_projections")()
+            self._component_method(self.family.denoiser_name, "fuse_qkv_projections")()
         if vae and self.vae is not None:
             self._component_method("vae", "fuse_qkv_projections")()
 
     def unfuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
         if unet:
-            self._component_method("unet", "unfuse_qkv_projections")()
+            self._component_method(self.family.denoiser_name, "unfuse_qkv_projections")()
         if vae and self.vae is not None:
             self._component_method("vae", "unfuse_qkv_projections")()
 
@@ -63,4 +79,4 @@ class DiffusionCLIPConveniencesMixin:
     def set_attention_backend(self, backend: str) -> None:
         """diffusers' attention backend for the UNet (e.g. ``"native"``, ``"flash"``), see
         `ModelMixin.set_attention_backend`."""
-        self._component_method("unet", "set_attention_backend")(backend)
+        self._component_method(self.family.denoiser_name, "set_attention_backend")(backend)

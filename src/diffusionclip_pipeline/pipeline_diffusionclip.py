@@ -16,6 +16,8 @@ from diffusers import (
     DDIMInverseScheduler,
     DDIMScheduler,
     DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
     VQModel,
@@ -23,7 +25,7 @@ from diffusers import (
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import logging, replace_example_docstring
 
-from .choices import ENCODINGS, INVERSION_STARTS, OUTPUT_TYPES
+from .choices import ENCODINGS, OUTPUT_TYPES
 from .families import ModelFamily, check_components, check_layout, check_loaded
 from .families.unet_adapter_api import adapter_view, plain_unet
 from .image_processing import postprocess_image, preprocess_image
@@ -36,7 +38,15 @@ from .pipeline_output import (
     DiffusionCLIPPipelineOutput,
     DiffusionCLIPTranslationOutput,
 )
-from .pipeline_utils import _align_tensors, _as_deterministic, _renamed_kwargs, batch_size_of, check_image
+from .pipeline_utils import (  # noqa: F401  (NoAdapterWarning, NonFiniteResultError: re-exported)
+    NoAdapterWarning,
+    NonFiniteResultError,
+    _align_tensors,
+    _check_finite_result,
+    _renamed_kwargs,
+    batch_size_of,
+    check_image,
+)
 from .utils.checks import (
     check_choice,
     check_finite_tensor,
@@ -73,19 +83,6 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class NonFiniteResultError(ValueError):
-    """A call produced NaN or infinite values: raised instead of returning an image that would come out black."""
-
-
-def _check_finite_result(tensor: torch.Tensor, what: str, causes: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        raise NonFiniteResultError(f"{what} holds NaN or infinite values; likely cause: {causes}.")
-
-
-class NoAdapterWarning(UserWarning):
-    """`edit` was called with no adapter active: the result is a reconstruction, not an edit."""
-
-
 class DiffusionCLIPPipeline(
     DiffusionPipeline, DiffusionCLIPLoraLoaderMixin, DiffusionCLIPClipMixin, DiffusionCLIPConveniencesMixin
 ):
@@ -96,12 +93,14 @@ class DiffusionCLIPPipeline(
     With an unmodified UNet, `edit` reconstructs its input (the paper's "reconstruction" mode).
 
     Args:
-        unet ([`UNet2DModel`] or [`UNet2DConditionModel`]): The denoiser (e.g. `google/ddpm-celebahq-256`'s). The
-            pipeline holds a view of a plain `UNet2DModel` with diffusers' adapter API (the same weight tensors, the
-            same type; the object given is not changed); it is saved as a plain `UNet2DModel`. Adapters: see
-            [`DiffusionCLIPLoraLoaderMixin`].
-        scheduler ([`DDIMScheduler`]): Generation scheduler. Any scheduler is converted to a `DDIMScheduler` from
-            its config, with ``clip_sample=False``.
+        unet ([`UNet2DModel`] or [`UNet2DConditionModel`], *optional*): The denoiser of a noise-prediction model
+            (e.g. `google/ddpm-celebahq-256`'s). The pipeline holds a view of a plain `UNet2DModel` with diffusers'
+            adapter API (the same weight tensors, the same type; the object given is not changed); it is saved as a
+            plain `UNet2DModel`. Adapters: see [`DiffusionCLIPLoraLoaderMixin`]. Exactly one of ``unet`` and
+            ``transformer``.
+        scheduler ([`DDIMScheduler`] or [`FlowMatchEulerDiscreteScheduler`]): Generation scheduler. With a ``unet``,
+            any scheduler is converted to a `DDIMScheduler` from its config, with ``clip_sample=False``; with a
+            flow-matching ``transformer`` it must be a `FlowMatchEulerDiscreteScheduler` (docs/flow.md).
         inverse_scheduler ([`DDIMInverseScheduler`], *optional*): Inversion scheduler; built from the scheduler's
             config (``clip_sample=False``) when not given.
         clip_model ([`~transformers.CLIPModel`], *optional*): CLIP for the directional loss; loaded lazily from
@@ -127,19 +126,25 @@ class DiffusionCLIPPipeline(
             classifier-free guidance is zeros (as `StableDiffusionXLPipeline` does) rather than the empty prompt.
         clip_model_name_or_path (`str`, *optional*): Where `load_clip` loads CLIP from when fine-tuning needs it
             (default ``"openai/clip-vit-base-patch16"``); saved with the pipeline.
+        transformer ([`SD3Transformer2DModel`], *optional*): The denoiser of a flow-matching model (Stable Diffusion
+            3 / 3.5): inversion and editing are then Euler steps on its shifted sigma grid (docs/flow.md), with the
+            ``vae``, ``text_encoder`` + ``text_encoder_2`` (`CLIPTextModelWithProjection`) and their tokenizers.
+        text_encoder_3 ([`~transformers.T5EncoderModel`], *optional*), tokenizer_3 (*optional*): SD3's T5 and its
+            tokenizer; without them (as `StableDiffusion3Pipeline` allows) the T5 part of the conditioning is zeros.
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
     _callback_tensor_inputs = ["latents", "pred_original_sample", "prompt_embeds"]
     _optional_components = [
         "inverse_scheduler", "clip_model", "clip_tokenizer", "clip_model_2", "clip_tokenizer_2", "vae", "vqvae",
         "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor",
-    ]  # fmt: skip
+        "unet", "transformer", "scheduler", "text_encoder_3", "tokenizer_3",
+    ]  # components (a keyword with a default is a config value to diffusers' loader unless listed here)  # fmt: skip
 
     def __init__(
         self,
-        unet: UNet2DModel | UNet2DConditionModel,
-        scheduler: DDIMScheduler,
+        unet: UNet2DModel | UNet2DConditionModel | None = None,
+        scheduler: DDIMScheduler | FlowMatchEulerDiscreteScheduler | None = None,
         inverse_scheduler: DDIMInverseScheduler | None = None,
         clip_model=None,
         clip_tokenizer=None,
@@ -155,22 +160,28 @@ class DiffusionCLIPPipeline(
         feature_extractor=None,
         force_zeros_for_empty_prompt: bool = True,
         clip_model_name_or_path: str | None = None,
+        transformer: SD3Transformer2DModel | None = None,
+        text_encoder_3=None,
+        tokenizer_3=None,
     ):
         super().__init__()
         family = check_components(
             unet, vae=vae, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
+            tokenizer_2=tokenizer_2, transformer=transformer, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
         )  # fmt: skip
+        if scheduler is None:
+            raise ValueError("Pass the `scheduler` the denoiser was trained with.")
         if (clip_model_2 is None) != (clip_tokenizer_2 is None):
             raise ValueError(
                 "Pass both `clip_model_2` and `clip_tokenizer_2` for a second CLIP, or neither; got "
                 f"clip_model_2={type(clip_model_2).__name__}, clip_tokenizer_2={type(clip_tokenizer_2).__name__}."
             )
-        unet = adapter_view(unet)  # the caller's model keeps its type (a plain UNet2DModel gets a view)
-        scheduler = _as_deterministic(scheduler, DDIMScheduler)
-        inverse_scheduler = _as_deterministic(inverse_scheduler or scheduler, DDIMInverseScheduler)
+        if unet is not None:
+            unet = adapter_view(unet)  # the caller's model keeps its type (a plain UNet2DModel gets a view)
+        scheduler, inverse_scheduler = family.prepare_schedulers(scheduler, inverse_scheduler)
         self.register_modules(
             unet=unet,
+            transformer=transformer,
             scheduler=scheduler,
             inverse_scheduler=inverse_scheduler,
             clip_model=clip_model,
@@ -185,6 +196,8 @@ class DiffusionCLIPPipeline(
             tokenizer_2=tokenizer_2,
             image_encoder=image_encoder,  # SDXL's optional IP-Adapter encoder: kept, not used
             feature_extractor=feature_extractor,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
         )
         self.register_to_config(force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
         self.clip_model_name_or_path = clip_model_name_or_path or DEFAULT_CLIP
@@ -192,8 +205,8 @@ class DiffusionCLIPPipeline(
 
     @property
     def denoiser(self):
-        """The denoiser: the ``unet`` of the noise-prediction families (or, once registered, a flow model's
-        ``transformer``)."""
+        """The denoiser: the ``unet`` of the noise-prediction families, the ``transformer`` of the flow-matching
+        ones (`family.denoiser_name` names the component)."""
         unet = getattr(self, "unet", None)
         return unet if unet is not None else getattr(self, "transformer", None)
 
@@ -249,13 +262,13 @@ class DiffusionCLIPPipeline(
         active set, weights and enabled flag, which `from_pretrained` of that folder restores. (diffusers alone would
         write peft's wrapped layers, which `UNet2DModel.from_pretrained` silently re-initialises.)
         """
-        adapted = self.denoiser
+        adapted, name = self.denoiser, self.family.denoiser_name
         with atomic_directory(save_directory) as tmp:
-            self.register_modules(unet=plain_unet(adapted))  # shares the tensors, no copy
+            self.register_modules(**{name: plain_unet(adapted)})  # shares the tensors, no copy
             try:
                 super().save_pretrained(tmp, **kwargs)
             finally:
-                self.register_modules(unet=adapted)
+                self.register_modules(**{name: adapted})
             if lora_state.adapter_names(adapted):
                 lora_file.save_adapters_folder(adapted, os.path.join(tmp, lora_file.ADAPTERS_FOLDER))
 
@@ -339,21 +352,6 @@ class DiffusionCLIPPipeline(
             return None, latents.repeat_interleave(n, dim=0)
         return self.prepare_image(image).repeat_interleave(n, dim=0), None
 
-    @property
-    def guidance_scale(self) -> float:
-        """The classifier-free guidance scale of the running call (a step callback may change it)."""
-        return getattr(self, "_guidance_scale", 1.0)
-
-    @property
-    def num_timesteps(self) -> int:
-        """The number of generation steps of the running (or last) call."""
-        return getattr(self, "_num_timesteps", 0)
-
-    @property
-    def interrupt(self) -> bool:
-        """Set ``pipe._interrupt = True`` in a step callback to skip the remaining generation steps."""
-        return getattr(self, "_interrupt", False)
-
     def _step_callback(self, callback, names, i, t, tensors: dict) -> tuple[torch.Tensor, object]:
         """Runs ``callback(self, i, t, callback_kwargs)`` with the requested tensors (``prompt_embeds``: the
         conditional text embeddings); returns the latents and the conditioning, as the callback left them."""
@@ -434,6 +432,8 @@ class DiffusionCLIPPipeline(
         check_positive_int(num_inference_steps, "num_inference_steps")
         check_non_negative_int(num_fixed_point_iterations, "num_fixed_point_iterations")
         check_number(eta, "eta", minimum=0)
+        if eta != 0 and not self.family.supports_eta:
+            raise ValueError(f"`eta` must be 0 for a {self.family.name} model (deterministic Euler steps), got {eta}.")
         check_choice(output_type, "output_type", OUTPUT_TYPES)
         if image is None and latents is None:
             raise ValueError("Pass `image` (to invert) or `latents` (x_t0 from `invert`).")
@@ -538,7 +538,7 @@ class DiffusionCLIPPipeline(
             image, t0, num_inversion_steps, generator=generator, num_fixed_point_iterations=num_fixed_point_iterations
         )
         check_choice(encoding, "encoding", ENCODINGS)
-        check_choice(inversion_start, "inversion_start", INVERSION_STARTS)
+        check_choice(inversion_start, "inversion_start", self.family.inversion_starts)
         size = {
             "original_size": original_size,
             "crops_coords_top_left": crops_coords_top_left,
@@ -703,7 +703,7 @@ class DiffusionCLIPPipeline(
             num_fixed_point_iterations,
         )
         check_choice(encoding, "encoding", ENCODINGS)
-        check_choice(inversion_start, "inversion_start", INVERSION_STARTS)
+        check_choice(inversion_start, "inversion_start", self.family.inversion_starts)
         image, latents = self._repeat_inputs(image, latents, num_images_per_prompt, encoding, eta)
         batch_size = batch_size_of(image, latents)
         guidance_scale = check_number(guidance_scale, "guidance_scale", minimum=1)
@@ -882,5 +882,7 @@ class DiffusionCLIPPipeline(
 
         options = inspect.signature(finetune).parameters
         forwarded = {name: kwargs.pop(name) for name in list(kwargs) if name in options}
+        if config is None:  # the family's LoRA targets unless the caller names them (a transformer has no conv1)
+            kwargs.setdefault("lora_target_modules", self.family.default_lora_target_modules)
         config = FinetuneConfig.from_kwargs(config, **kwargs)
         return finetune(self, prompt_src, prompt_tar, images=images, config=config, **forwarded)

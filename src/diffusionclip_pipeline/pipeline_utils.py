@@ -3,13 +3,14 @@ schedulers."""
 
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers.utils import logging
+
+from .families.base import as_deterministic
 
 logger = logging.get_logger(__name__)
 
@@ -45,14 +46,8 @@ def _align_tensors(module: torch.nn.Module, alignment: int = 64) -> None:
 
 
 def _as_deterministic(scheduler, cls):
-    """``cls`` built from ``scheduler``'s config with ``clip_sample=False`` (clipping x0 breaks DDIM inversion)."""
-    if type(scheduler) is cls and not scheduler.config.clip_sample:
-        return scheduler
-    if scheduler.config.get("clip_sample", False):
-        logger.info(f"Building {cls.__name__} with clip_sample=False from the {type(scheduler).__name__} config.")
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    config = {k: v for k, v in scheduler.config.items() if k in accepted}  # e.g. DDPM's variance_type: not DDIM's
-    return cls.from_config(config, clip_sample=False)
+    """``cls`` built from ``scheduler``'s config with ``clip_sample=False`` (now `families.base.as_deterministic`)."""
+    return as_deterministic(scheduler, cls)
 
 
 def check_image(image, name: str = "image") -> None:
@@ -83,3 +78,16 @@ def batch_size_of(image, latents=None) -> int:
     if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
         return image.shape[0]
     return 1
+
+
+class NonFiniteResultError(ValueError):
+    """A call produced NaN or infinite values: raised instead of returning an image that would come out black."""
+
+
+def _check_finite_result(tensor: torch.Tensor, what: str, causes: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteResultError(f"{what} holds NaN or infinite values; likely cause: {causes}.")
+
+
+class NoAdapterWarning(UserWarning):
+    """`edit` was called with no adapter active: the result is a reconstruction, not an edit."""

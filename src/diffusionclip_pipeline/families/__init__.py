@@ -4,8 +4,9 @@ family of a component set before anything runs (or, for a repository, loads).
 Four families today: a pixel DDPM (`pixel`: ``unet`` = `UNet2DModel`), an unconditional latent diffusion model
 (`ldm`: ``vqvae`` = `VQModel` or ``vae`` = `AutoencoderKL`, + ``unet`` = `UNet2DModel`, as `LDMPipeline`) and Stable
 Diffusion 1.x / 2.x (`sd`: ``vae`` = `AutoencoderKL`, ``text_encoder`` + ``tokenizer``, ``unet`` =
-`UNet2DConditionModel`) and SDXL (`sdxl`: two text encoders and size conditioning). Adding a family is adding
-one module and listing it in `FAMILIES`
+`UNet2DConditionModel`), SDXL (`sdxl`: two text encoders and size conditioning), and the flow-matching
+Stable Diffusion 3 (`sd3`: ``transformer`` = `SD3Transformer2DModel`, two CLIPs and an optional T5, on the step maths
+of `flow`). Adding a family is adding one module and listing it in `FAMILIES`
 (see docs/design.md, "How to add a model family").
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from diffusers import UNet2DConditionModel, UNet2DModel, VQModel
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel, VQModel
 
 from . import autoencoders
 from .base import ModelFamily
@@ -22,6 +23,7 @@ from .flow import FlowMatchFamily
 from .ldm import LatentFamily
 from .pixel import PixelFamily
 from .sd import StableDiffusionFamily
+from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "LatentFamily",
     "ModelFamily",
     "PixelFamily",
+    "StableDiffusion3Family",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
     "check_components",
@@ -44,10 +47,15 @@ MAX_NUM_TRAIN_TIMESTEPS = 10_000
 MAX_SAMPLE_SIZE = 4096
 
 # the first whose `matches` accepts a component set is its family
-FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionXLFamily, StableDiffusionFamily, LatentFamily, PixelFamily)
+FAMILIES: tuple[type[ModelFamily], ...] = (
+    StableDiffusion3Family, StableDiffusionXLFamily, StableDiffusionFamily, LatentFamily, PixelFamily,
+)  # fmt: skip
+
+# the flow-matching transformers a family exists for
+TRANSFORMERS = (SD3Transformer2DModel,)
 
 UNSUPPORTED_PIPELINES = (
-    "StableDiffusion3",
+    "StableDiffusion3ControlNet",
     "Flux",
     "Kandinsky",
     "StableDiffusionXLInpaint",
@@ -56,11 +64,19 @@ UNSUPPORTED_PIPELINES = (
 
 
 def check_components(
-    unet, vae=None, vqvae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None
+    unet=None,
+    vae=None,
+    vqvae=None,
+    text_encoder=None,
+    tokenizer=None,
+    text_encoder_2=None,
+    tokenizer_2=None,
+    transformer=None,
+    text_encoder_3=None,
+    tokenizer_3=None,
 ) -> type[ModelFamily]:
     """The family of this component set; `ValueError` / `TypeError` naming the component when it cannot work."""
-    if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
-        raise TypeError(f"`unet` must be a `UNet2DModel` or a `UNet2DConditionModel`, got {type(unet).__name__}.")
+    denoiser = _check_denoiser(unet, transformer)
     if vae is not None and vqvae is not None:
         raise ValueError("Pass at most one autoencoder: `vae` (AutoencoderKL) or `vqvae` (VQModel), not both.")
     if vae is not None and not isinstance(vae, autoencoders.VAES):
@@ -69,19 +85,37 @@ def check_components(
     if vqvae is not None and not isinstance(vqvae, VQModel):
         raise TypeError(f"`vqvae` must be a `VQModel`, got {type(vqvae).__name__}.")
     autoencoder = vae if vae is not None else vqvae
-    if autoencoder is not None and autoencoder.config.latent_channels != unet.config.in_channels:
-        name = "vae" if vae is not None else "vqvae"
+    name = "unet" if unet is not None else "transformer"
+    if autoencoder is not None and autoencoder.config.latent_channels != denoiser.config.in_channels:
         raise ValueError(
-            f"`{name}` makes {autoencoder.config.latent_channels}-channel latents, but `unet` takes "
-            f"{unet.config.in_channels} input channels."
+            f"`{'vae' if vae is not None else 'vqvae'}` makes {autoencoder.config.latent_channels}-channel latents, "
+            f"but `{name}` takes {denoiser.config.in_channels} input channels."
         )
+    if unet is not None and (text_encoder_3 is not None or tokenizer_3 is not None):
+        raise ValueError("`text_encoder_3` / `tokenizer_3` (a T5) belong to an SD3 `transformer`, not to a `unet`.")
     components = {
-        "unet": unet, "vae": vae, "vqvae": vqvae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-        "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2,
+        "unet": unet, "transformer": transformer, "vae": vae, "vqvae": vqvae, "text_encoder": text_encoder,
+        "tokenizer": tokenizer, "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2,
+        "text_encoder_3": text_encoder_3, "tokenizer_3": tokenizer_3,
     }  # fmt: skip
     family = next(family for family in FAMILIES if family.matches(components))
     family.check_components(components)
     return family
+
+
+def _check_denoiser(unet, transformer):
+    """The one denoiser given: a ``unet`` (noise prediction) or a flow-matching ``transformer``."""
+    if (unet is None) == (transformer is None):
+        raise ValueError(
+            "Pass exactly one denoiser: `unet` (a `UNet2DModel` or `UNet2DConditionModel`) or `transformer` (an "
+            f"`SD3Transformer2DModel`); got unet={type(unet).__name__}, transformer={type(transformer).__name__}."
+        )
+    if unet is not None and not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
+        raise TypeError(f"`unet` must be a `UNet2DModel` or a `UNet2DConditionModel`, got {type(unet).__name__}.")
+    if transformer is not None and not isinstance(transformer, TRANSFORMERS):
+        names = ", ".join(f"`{c.__name__}`" for c in TRANSFORMERS)
+        raise TypeError(f"`transformer` must be one of {names}, got {type(transformer).__name__}.")
+    return unet if unet is not None else transformer
 
 
 def check_layout(pretrained_model_name_or_path, kwargs: dict) -> None:
@@ -99,8 +133,8 @@ def check_layout(pretrained_model_name_or_path, kwargs: dict) -> None:
     name = str(config.get("_class_name", ""))
     if any(name.startswith(prefix) for prefix in UNSUPPORTED_PIPELINES):
         raise ValueError(
-            f"{path!r} is a {name} repository: DiffusionCLIPPipeline supports DDPM, LDM, Stable Diffusion 1.x / 2.x "
-            "and SDXL layouts."
+            f"{path!r} is a {name} repository: DiffusionCLIPPipeline supports DDPM, LDM, Stable Diffusion 1.x / 2.x, "
+            "SDXL and Stable Diffusion 3 layouts."
         )
 
     def given(name: str) -> bool:  # a saved component is [library, class]; a saved None is [null, null]
@@ -119,6 +153,7 @@ def _check_folder_configs(path: str) -> None:
     bounds = {
         os.path.join("scheduler", "scheduler_config.json"): ("num_train_timesteps", MAX_NUM_TRAIN_TIMESTEPS),
         os.path.join("unet", "config.json"): ("sample_size", MAX_SAMPLE_SIZE),
+        os.path.join("transformer", "config.json"): ("sample_size", MAX_SAMPLE_SIZE),
     }
     for name, (key, limit) in bounds.items():
         file = os.path.join(path, name)

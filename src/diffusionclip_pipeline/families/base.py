@@ -14,7 +14,8 @@ swapping a component (``register_modules``) is seen at once. It provides:
    ``.pred_original_sample``, the x0 estimate of the family's prediction type) and `noise_to` (the closed-form
    forward encoding of ``encoding="noise"``);
 6. adapters: `default_lora_target_modules` and `stock_pipeline`, the diffusers pipeline class that loads its
-   adapters.
+   adapters; `denoiser_name`, the pipeline component that holds the denoiser (``unet`` or ``transformer``, also the
+   key prefix of its LoRA files).
 
 `DDIMFamily` implements 5. for the noise-prediction UNets (epsilon, v or sample prediction, as the scheduler's
 ``prediction_type`` says): DDIM on ``alphas_cumprod`` over DiffusionCLIP's grid. A flow-matching family implements
@@ -23,16 +24,22 @@ the same four methods with Euler steps on sigmas.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..choices import INVERSION_STARTS
 from ..scheduling_ddim_grid import GridDDIMInverseScheduler, GridDDIMScheduler, ddim_timesteps
 
 # Pixel DDPMs have attention only at low resolution (16x16 in the CelebA-HQ DDPM), so attention alone is a weak
 # handle: the ResNet convolutions and their time-embedding projections are targeted as well.
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
+
+logger = logging.get_logger(__name__)
 
 
 class ModelFamily:
@@ -41,6 +48,9 @@ class ModelFamily:
     name: ClassVar[str] = ""
     stock_pipeline: ClassVar[str] = ""  # the diffusers pipeline class that loads this family's adapters
     default_lora_target_modules: ClassVar[tuple[str, ...]] = DEFAULT_TARGET_MODULES
+    denoiser_name: ClassVar[str] = "unet"  # the pipeline component holding the denoiser
+    inversion_starts: ClassVar[tuple[str, ...]] = INVERSION_STARTS  # `invert`'s `inversion_start` choices
+    supports_eta: ClassVar[bool] = True  # stochastic generation steps (DDIM's eta > 0)
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -58,6 +68,12 @@ class ModelFamily:
     @classmethod
     def check_components(cls, components: dict[str, Any]) -> None:
         """`ValueError` / `TypeError` naming the component when the set cannot work together."""
+        raise NotImplementedError
+
+    @classmethod
+    def prepare_schedulers(cls, scheduler, inverse_scheduler):
+        """The ``(scheduler, inverse_scheduler)`` pair the pipeline registers, from the ones given (the pipeline's
+        `__init__` calls it once)."""
         raise NotImplementedError
 
     # 2. images <-> the denoiser's space ----------------------------------------------------------------------
@@ -155,6 +171,13 @@ class DDIMFamily(ModelFamily):
     """Noise-prediction UNets (`UNet2DModel`, `UNet2DConditionModel`): DDIM on ``alphas_cumprod``, over
     DiffusionCLIP's grid ``int(linspace(0, t0, S))`` (`scheduling_ddim_grid`)."""
 
+    @classmethod
+    def prepare_schedulers(cls, scheduler, inverse_scheduler):
+        """A `DDIMScheduler` and a `DDIMInverseScheduler` built from the configs given (any scheduler's, e.g. a
+        DDPM's), with ``clip_sample=False``."""
+        scheduler = as_deterministic(scheduler, DDIMScheduler)
+        return scheduler, as_deterministic(inverse_scheduler or scheduler, DDIMInverseScheduler)
+
     def timesteps(self, t0: int, num_steps: int) -> list[int]:
         """DiffusionCLIP's grid ``int(linspace(0, t0, S))``; for a scheduler with ``timestep_spacing="trailing"``
         (SDXL-Turbo / Lightning-style few-step checkpoints, distilled on grids that end at ``t0`` and skip the low
@@ -181,3 +204,14 @@ class DDIMFamily(ModelFamily):
         alpha = self.pipe.scheduler.alphas_cumprod[int(t0)].to(device=x0.device, dtype=x0.dtype)
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+
+
+def as_deterministic(scheduler, cls):
+    """``cls`` built from ``scheduler``'s config with ``clip_sample=False`` (clipping x0 breaks DDIM inversion)."""
+    if type(scheduler) is cls and not scheduler.config.clip_sample:
+        return scheduler
+    if scheduler.config.get("clip_sample", False):
+        logger.info(f"Building {cls.__name__} with clip_sample=False from the {type(scheduler).__name__} config.")
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    config = {k: v for k, v in scheduler.config.items() if k in accepted}  # e.g. DDPM's variance_type: not DDIM's
+    return cls.from_config(config, clip_sample=False)

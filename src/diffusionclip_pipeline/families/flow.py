@@ -16,11 +16,13 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..scheduling_flow_match_grid import (
     FlowMatchGridInverseScheduler,
     FlowMatchGridScheduler,
+    check_flow_config,
     flow_sigma,
     flow_timesteps,
 )
@@ -41,6 +43,28 @@ class FlowMatchFamily(ModelFamily):
     """
 
     default_lora_target_modules: ClassVar[tuple[str, ...]] = FLOW_TARGET_MODULES
+    # the clean image is sigma 0 exactly, so the official DDIM code's shortcut (the image taken as x at t = 0) has
+    # no flow analogue
+    inversion_starts: ClassVar[tuple[str, ...]] = ("clean",)
+    supports_eta: ClassVar[bool] = False  # deterministic Euler steps only
+
+    @classmethod
+    def prepare_schedulers(cls, scheduler, inverse_scheduler):
+        """The `FlowMatchEulerDiscreteScheduler` given (checked: the plain shifted Euler ODE) and no inverse
+        scheduler: both directions are built from its config on each call (`FlowMatchGridScheduler`,
+        `FlowMatchGridInverseScheduler`)."""
+        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            raise TypeError(
+                f"A flow-matching `{cls.denoiser_name}` needs a `FlowMatchEulerDiscreteScheduler` `scheduler`, got "
+                f"{type(scheduler).__name__}."
+            )
+        if inverse_scheduler is not None:
+            raise ValueError(
+                "`inverse_scheduler` must be None for a flow-matching model: the inversion steps up the scheduler's "
+                f"own grid (`FlowMatchGridInverseScheduler`), got {type(inverse_scheduler).__name__}."
+            )
+        check_flow_config(scheduler.config)
+        return scheduler, None
 
     @property
     def scheduler_config(self):

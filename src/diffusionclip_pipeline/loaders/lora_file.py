@@ -54,6 +54,8 @@ __all__ = [
     "LORA_WEIGHT_NAME",
     "METADATA_KEY",
     "PREFIX",
+    "PREFIXES",
+    "component_prefix",
     "atomic_save_file",
     "config_fingerprint",
     "load_adapter",
@@ -69,7 +71,8 @@ LEGACY_FORMAT_NAME = "diffusionclip-lora"  # version 1's marker
 FORMAT_VERSION = 2
 METADATA_KEY = "diffusionclip"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-PREFIX = "unet"
+PREFIX = "unet"  # the UNet's key prefix; a flow-matching transformer's is "transformer" (`component_prefix`)
+PREFIXES = ("unet", "transformer")
 
 # LoraConfig fields that change what a file's weights mean; a file that sets them otherwise is refused
 _REQUIRED_DEFAULTS = {
@@ -99,6 +102,21 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 # ---- files -------------------------------------------------------------------------------------------------------
+
+
+def component_prefix(model: nn.Module) -> str:
+    """The key prefix of ``model``'s LoRA weights in diffusers' pipeline files: ``unet`` for a UNet, ``transformer``
+    for a flow-matching transformer (SD3), as the stock pipelines' `save_lora_weights` write them."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    return PREFIX if isinstance(model, (UNet2DModel, UNet2DConditionModel)) else "transformer"
+
+
+def _file_prefix(tensors: dict) -> str:
+    """The component prefix a file's keys share (``unet`` or ``transformer``); ``unet`` when they share none, so that
+    the key check reports the stray keys."""
+    heads = {key.split(".", 1)[0] for key in tensors}
+    return heads.pop() if len(heads) == 1 and heads <= set(PREFIXES) else PREFIX
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
@@ -136,8 +154,9 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str, dtype: torch.dt
     if os.path.isdir(path) or not path.endswith(".safetensors"):
         path = os.path.join(path, LORA_WEIGHT_NAME)
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    tensors = {f"{PREFIX}.{k}": v.to(dtype) if dtype is not None else v for k, v in state_dict.items()}
-    peft_metadata = {f"{PREFIX}.{k}": v for k, v in _peft_metadata(adapter_settings(model, adapter_name)).items()}
+    prefix = component_prefix(model)
+    tensors = {f"{prefix}.{k}": v.to(dtype) if dtype is not None else v for k, v in state_dict.items()}
+    peft_metadata = {f"{prefix}.{k}": v for k, v in _peft_metadata(adapter_settings(model, adapter_name)).items()}
     ours = {
         "format_version": FORMAT_VERSION,
         "base_config_fingerprint": config_fingerprint(model),
@@ -163,27 +182,30 @@ class AdapterFile:
     base_config_fingerprint: str | None
     provenance: dict
     format_version: int
+    prefix: str = PREFIX  # the component the file's keys name: "unet" or "transformer"
 
 
-def _settings_from_tensors(path: str, tensors: dict) -> LoraSettings:
+def _settings_from_tensors(path: str, tensors: dict, prefix: str) -> LoraSettings:
     """The settings of a diffusers-layout file without ``lora_adapter_metadata`` (as older diffusers scripts and
     other tools write them), as diffusers reads such a file: the rank from the weights, ``alpha = rank`` (a scale of
     1), the wrapped modules as targets. One rank for every module (a per-module rank pattern is refused)."""
     ranks, modules = set(), []
     for key, value in tensors.items():
-        match = _KEY.fullmatch(key.removeprefix(f"{PREFIX}."))
-        if key.startswith(f"{PREFIX}.") and match and match["part"] == "A" and value.ndim in (2, 4):
+        match = _KEY.fullmatch(key.removeprefix(f"{prefix}."))
+        if key.startswith(f"{prefix}.") and match and match["part"] == "A" and value.ndim in (2, 4):
             ranks.add(int(value.shape[0]))
             modules.append(match["module"])
     if not modules:
-        raise ValueError(f"{path!r} has no LoRA config in its metadata and no '{PREFIX}.*.lora_A.weight' tensors.")
+        raise ValueError(f"{path!r} has no LoRA config in its metadata and no '{prefix}.*.lora_A.weight' tensors.")
     if len(ranks) != 1:
         raise ValueError(f"{path!r} has no LoRA config and its modules have different ranks {sorted(ranks)}.")
     rank = ranks.pop()
     return LoraSettings(rank=rank, alpha=float(rank), target_modules=tuple(sorted(modules)))
 
 
-def _settings_from_metadata(path: str, metadata: dict[str, str], tensors: dict) -> tuple[LoraSettings, dict]:
+def _settings_from_metadata(
+    path: str, metadata: dict[str, str], tensors: dict, prefix: str
+) -> tuple[LoraSettings, dict]:
     """(settings, our metadata) from a v2 or v1 file's metadata (or, without any, from its tensors as diffusers
     does); `ValueError` for anything else."""
     if metadata.get("format") == LEGACY_FORMAT_NAME:  # version 1
@@ -196,9 +218,9 @@ def _settings_from_metadata(path: str, metadata: dict[str, str], tensors: dict) 
         }
         return settings, ours
     if DIFFUSERS_METADATA_KEY not in metadata:
-        return _settings_from_tensors(path, tensors), {}
+        return _settings_from_tensors(path, tensors, prefix), {}
     packed = json.loads(metadata[DIFFUSERS_METADATA_KEY])
-    config = {k.removeprefix(f"{PREFIX}."): v for k, v in packed.items() if k.startswith(f"{PREFIX}.")}
+    config = {k.removeprefix(f"{prefix}."): v for k, v in packed.items() if k.startswith(f"{prefix}.")}
     for key, default in _REQUIRED_DEFAULTS.items():
         if config.get(key, default) not in (default, None):
             raise ValueError(f"{path!r} sets LoRA option {key}={config[key]!r}, which is not supported.")
@@ -225,17 +247,18 @@ def read_adapter_file(path: str) -> AdapterFile:
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt headers and data
         raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+    prefix = _file_prefix(tensors)
     try:
-        settings, ours = _settings_from_metadata(path, metadata, tensors)
+        settings, ours = _settings_from_metadata(path, metadata, tensors, prefix)
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError, RecursionError) as error:
         raise ValueError(f"The adapter at {path!r} has unreadable LoRA metadata: {short_repr(error)}") from None
     if len(settings.target_modules) > MAX_TARGET_MODULES:
         raise ValueError(f"The adapter at {path!r} lists {len(settings.target_modules)} target modules, more than "
                          f"{MAX_TARGET_MODULES}: not a file this package or diffusers writes.")  # fmt: skip
     version = ours.get("format_version", FORMAT_VERSION)
-    prefix = f"{PREFIX}." if version >= 2 else ""
-    state_dict = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-    _check_tensors(path, tensors, state_dict, settings)
+    key_prefix = f"{prefix}." if version >= 2 else ""
+    state_dict = {k.removeprefix(key_prefix): v for k, v in tensors.items() if k.startswith(key_prefix)}
+    _check_tensors(path, tensors, state_dict, settings, key_prefix)
     return AdapterFile(
         path=path,
         state_dict=state_dict,
@@ -243,11 +266,12 @@ def read_adapter_file(path: str) -> AdapterFile:
         base_config_fingerprint=ours.get("base_config_fingerprint"),
         provenance=ours.get("provenance", {}) or {},
         format_version=int(version),
+        prefix=prefix if version >= 2 else PREFIX,
     )
 
 
-def _check_tensors(path: str, tensors: dict, state_dict: dict, settings: LoraSettings) -> None:
-    stray = [k for k in tensors if k.removeprefix(f"{PREFIX}.") not in state_dict]  # e.g. a text encoder's keys
+def _check_tensors(path: str, tensors: dict, state_dict: dict, settings: LoraSettings, key_prefix: str) -> None:
+    stray = [k for k in tensors if k.removeprefix(key_prefix) not in state_dict]  # e.g. a text encoder's keys
     bad_keys = [k for k in state_dict if not _KEY.fullmatch(k)] + stray
     if bad_keys or not state_dict:
         raise ValueError(f"{path!r} holds no LoRA weights or unexpected keys: {bad_keys[:5]}.")
@@ -330,6 +354,11 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str) -> AdapterFile:
     """
     check_adapter_name(adapter_name)
     adapter = read_adapter_file(path)
+    if adapter.prefix != component_prefix(model):
+        raise ValueError(
+            f"The adapter at {adapter.path!r} is for a `{adapter.prefix}` (its keys start with '{adapter.prefix}.'), "
+            f"but this pipeline's denoiser is a `{component_prefix(model)}`."
+        )
     fingerprint = config_fingerprint(model)
     if adapter.base_config_fingerprint is not None and adapter.base_config_fingerprint != fingerprint:
         raise ValueError(

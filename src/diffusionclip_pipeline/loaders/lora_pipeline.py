@@ -1,12 +1,13 @@
 """`DiffusionCLIPLoraLoaderMixin`: the pipeline's adapter methods, on diffusers' `LoraBaseMixin`.
 
-It declares ``_lora_loadable_modules = ["unet"]`` and inherits from `LoraBaseMixin` what diffusers does the same
-way (`fuse_lora` / `unfuse_lora`, `fused_loras`, `set_lora_device`, `enable_lora_hotswap`, `lora_scale`). It
-overrides the methods where this package adds something on top: loading and saving (our file format with fit checks,
-fingerprints and provenance, atomic writes, the model card), and the adapter-state methods, which also take the
-denoiser's lock (`utils.locking`), check their arguments and roll back on failure. Each delegates to `lora_state` /
-`lora_file` (which delegate to diffusers' `PeftAdapterMixin` on the UNet); the pipeline keeps no adapter state of
-its own, so ``pipe.unet.set_adapters(...)`` and ``pipe.set_adapters(...)`` are interchangeable.
+It declares ``_lora_loadable_modules = ["unet", "transformer"]`` (the denoiser, whichever the family has) and
+inherits from `LoraBaseMixin` what diffusers does the same way (`fuse_lora` / `unfuse_lora`, `fused_loras`,
+`set_lora_device`, `enable_lora_hotswap`, `lora_scale`). It overrides the methods where this package adds something
+on top: loading and saving (our file format with fit checks, fingerprints and provenance, atomic writes, the model
+card), and the adapter-state methods, which also take the denoiser's lock (`utils.locking`), check their arguments
+and roll back on failure. Each delegates to `lora_state` / `lora_file` (which delegate to diffusers'
+`PeftAdapterMixin` on the denoiser); the pipeline keeps no adapter state of its own, so
+``pipe.denoiser.set_adapters(...)`` and ``pipe.set_adapters(...)`` are interchangeable.
 """
 
 from __future__ import annotations
@@ -29,21 +30,21 @@ from . import lora_file, lora_state, model_card
 class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
     """Load, save, combine, fuse and remove LoRA adapters of ``self.denoiser`` (diffusers' pipeline adapter API)."""
 
-    _lora_loadable_modules = ["unet"]
+    _lora_loadable_modules = ["unet", "transformer"]
 
     @holds_unet_lock
     def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, **kwargs) -> None:
-        """Merges the active adapters into the UNet's weights (diffusers' `LoraBaseMixin.fuse_lora`; ``components``
-        defaults to ``["unet"]``). While fused, `invert` and `edit`, which need the original model for the
-        inversion, raise `ValueError`: call `unfuse_lora` first (or edit from given ``latents`` with the full
-        strength, which needs only the adapted model)."""
+        """Merges the active adapters into the denoiser's weights (diffusers' `LoraBaseMixin.fuse_lora`;
+        ``components`` defaults to the denoiser, ``["unet"]`` or ``["transformer"]``). While fused, `invert` and
+        `edit`, which need the original model for the inversion, raise `ValueError`: call `unfuse_lora` first (or
+        edit from given ``latents`` with the full strength, which needs only the adapted model)."""
         check_number(lora_scale, "lora_scale")
-        super().fuse_lora(components=components or ["unet"], lora_scale=lora_scale, **kwargs)
+        super().fuse_lora(components=components or [self.family.denoiser_name], lora_scale=lora_scale, **kwargs)
 
     @holds_unet_lock
     def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
-        """Undoes `fuse_lora` (``components`` defaults to ``["unet"]``)."""
-        super().unfuse_lora(components=components or ["unet"], **kwargs)
+        """Undoes `fuse_lora` (``components`` defaults to the denoiser)."""
+        super().unfuse_lora(components=components or [self.family.denoiser_name], **kwargs)
 
     @property
     def lora_adapters(self) -> list[str]:
@@ -51,8 +52,9 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         return lora_state.adapter_names(self.denoiser)
 
     def get_list_adapters(self) -> dict[str, list[str]]:
-        """The loaded adapters by component, as diffusers' pipelines return them: ``{"unet": [...]}``."""
-        return {"unet": lora_state.adapter_names(self.denoiser)}
+        """The loaded adapters by component, as diffusers' pipelines return them: ``{"unet": [...]}`` (or
+        ``{"transformer": [...]}`` for a flow-matching model)."""
+        return {self.family.denoiser_name: lora_state.adapter_names(self.denoiser)}
 
     def get_active_adapters(self) -> list[str]:
         """The adapters the UNet currently applies (empty when none is loaded or all are disabled)."""
