@@ -1,0 +1,314 @@
+"""Time to quality (issue 34): held-out edit success after every epoch, against fine-tuning wall time and UNet
+forward + backward count, one line per recipe.
+
+For each (recipe, pair, data seed ``s``): fine-tune on 16 rendered source images of seed ``s`` and, after every
+epoch (`finetune`'s validation, through ``callback_on_epoch_end``), score the edits of 32 others of seed ``s + 1``
+with the shape-aware `testbed.world.edit_success`, as `testbed.demo.run_edit_experiment` does. The per-epoch edit
+is the validation's: the run's ``t0`` and ``num_train_steps`` DDIM steps from the held-out images' latents (the
+run's own inversion, or its forward noise). After the last epoch the adapter is also scored with the edit its
+recipe publishes (``final_edit``: the test-bed's 32 + 32-step edit, or the fast 6-step edit), the figure comparable
+with docs/testbed.md and docs/fast.md. The training images are scored too each epoch (the early-stopping proxy,
+``early_stopping_on="training"`` with a patience that never stops), for the proxy-agreement table.
+
+Time: the run's wall time minus the time spent validating (`logs["validation_seconds"]`) and in this script's
+callback: training alone, inversion of the training latents included. Counts per training image: UNet forwards with
+gradients (each with its backward), by a forward hook; and the inversion's no-grad forwards
+(``num_inversion_steps * (1 + num_fixed_point_iterations)``, 0 for the noise encoding).
+
+Resumable: one JSON-lines file per run, ``<out>/<recipe>-<pair>-seed<s>.jsonl`` (one line per epoch, then a final
+line), written atomically when the run ends; runs whose file exists are skipped. ``--report`` prints the tables and
+draws the figure (lines drawn with PIL: matplotlib is not a dependency) from whatever files exist.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_time_to_quality.py --recipes today one_step --seeds 5 0
+    python benchmarks/bench_time_to_quality.py --report --figure docs/time-to-quality.png
+    python benchmarks/bench_time_to_quality.py --list
+    python benchmarks/bench_time_to_quality.py --tiny --out /tmp/ttq         # smoke run (the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+# name: (finetune overrides over RECOMMENDED_FINETUNE, the final edit, second CLIP)
+RECIPES = {
+    "today": ({}, "recommended", True),
+    "one_step": ({"scheme": "one_step", "encoding": "noise", "learning_rate": 2e-3}, "fast", True),  # FAST_FINETUNE
+    "full_chain": ({"scheme": "full_chain"}, "recommended", True),
+    "today_noise": ({"encoding": "noise"}, "recommended", True),
+    "steps3_noise_1clip": ({"encoding": "noise", "num_train_steps": 3}, "recommended", False),
+    "one_step_lr1e-3_b2": (
+        {"scheme": "one_step", "encoding": "noise", "learning_rate": 1e-3, "batch_size": 2},
+        "fast",
+        True,
+    ),  # fmt: skip
+}
+NUM_TRAIN, NUM_TEST = 16, 32
+
+
+def _pair(spec: str) -> tuple[str, str, str]:
+    source, target, shape = spec.split(":")
+    return source, target, shape
+
+
+class UNetCounter:
+    """Images through the UNet with gradients (forward + backward in training), by a forward hook."""
+
+    def __init__(self, unet):
+        self.with_grad = 0
+        self.handle = unet.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if torch.is_grad_enabled():
+            self.with_grad += int(args[0].shape[0])
+
+
+def _arrays(images01: torch.Tensor) -> list[np.ndarray]:
+    return [np.asarray(a) for a in (images01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()]
+
+
+def _success(sources: list[np.ndarray], edited: list[np.ndarray], target: str) -> dict:
+    from diffusionclip_pipeline.testbed import world
+
+    reports = [world.edit_success(s, e, target_colour=target) for s, e in zip(sources, edited)]
+    keys = [k for k in reports[0] if k.endswith("_ok")]
+    return {
+        "success": float(np.mean([r["success"] for r in reports])),
+        "criteria": {k: float(np.mean([bool(r[k]) for r in reports])) for k in keys},
+        "mean_background": float(np.mean([r["background"] for r in reports])),
+    }
+
+
+def _final_edit(pipe, test, target, kind: str, seed: int) -> dict:
+    """The published edit of the recipe on the held-out images, with the adapter as it is after the last epoch."""
+    from diffusionclip_pipeline.testbed.settings import FAST_EDIT, RECOMMENDED_EDIT
+    from diffusionclip_pipeline.training.state import frozen
+
+    settings = dict(RECOMMENDED_EDIT) if kind == "recommended" else dict(FAST_EDIT)
+    if settings.get("encoding") == "noise":
+        settings["generator"] = torch.Generator().manual_seed(seed)
+    unet = pipe.denoiser
+    training = unet.training
+    unet.eval()
+    try:
+        with frozen(unet.parameters()), torch.random.fork_rng():
+            edited = pipe.edit(test, output_type="pt", **settings).images
+    finally:
+        unet.train(training)
+    scores = _success([np.asarray(im) for im in test], _arrays(edited), target)
+    return {"final_edit": kind, **{f"{k}_final": v for k, v in scores.items()}}
+
+
+def run_one(recipe: str, pair: str, seed: int, out_dir: str, tiny: bool = False) -> str:
+    """One run; returns its file (already there: skipped)."""
+    from diffusionclip_pipeline.testbed import load_pipeline, world
+    from diffusionclip_pipeline.testbed.settings import RECOMMENDED_FINETUNE
+    from diffusionclip_pipeline.utils.io import atomic_write_text
+
+    path = os.path.join(out_dir, f"{recipe}-{pair.replace(':', '-')}-seed{seed}.jsonl")
+    if os.path.exists(path):
+        return path
+    overrides, final_kind, second_clip = RECIPES[recipe]
+    settings = {**RECOMMENDED_FINETUNE, **overrides}
+    num_train, num_test = (4, 4) if tiny else (NUM_TRAIN, NUM_TEST)
+    if tiny:
+        settings.update(num_epochs=2, num_inversion_steps=4, num_train_steps=2)
+    source, target, shape = _pair(pair)
+    pipe = load_pipeline(second_clip=second_clip)
+    train, _ = world.render_dataset(num_train, seed=seed, size=pipe.resolution, shape=shape, colour=source)
+    test, _ = world.render_dataset(num_test, seed=seed + 1, size=pipe.resolution, shape=shape, colour=source)
+    test_arrays = [np.asarray(im) for im in test]
+    counter = UNetCounter(pipe.denoiser)
+    records, spent = [], {"callback": 0.0}
+    num_epochs = settings["num_epochs"]
+    inversion = 0 if settings.get("encoding") == "noise" else settings.get("num_inversion_steps", 40) * (
+        1 + settings.get("num_fixed_point_iterations", 0)
+    )  # fmt: skip
+    load = os.getloadavg()[0]
+
+    def callback(pipe, epoch, logs):
+        start = time.perf_counter()
+        train_s = start - begin - logs["validation_seconds"] - spent["callback"]
+        record = {
+            "recipe": recipe, "pair": pair, "seed": seed, "epoch": epoch, "train_s": round(train_s, 3),
+            "fwd_bwd_per_image": counter.with_grad / num_train, "inversion_fwd_per_image": inversion,
+            "loss": logs["loss"], **_success(test_arrays, _arrays(logs["validation_images"]), target),
+            "held_out": logs["validation"], "training": logs["training_scores"],
+        }  # fmt: skip
+        if epoch == num_epochs:
+            record.update(_final_edit(pipe, test, target, final_kind, seed))
+        records.append(record)
+        print(f"  {recipe} {pair} seed {seed} epoch {epoch}: {record['success']:.0%} at {train_s:.1f} s", flush=True)
+        spent["callback"] += time.perf_counter() - start
+
+    begin = time.perf_counter()
+    out = pipe.finetune(
+        f"{source} {shape}", f"{target} {shape}", images=train, validation_images=test, **settings,
+        early_stopping_patience=10**6, early_stopping_on="training", callback_on_epoch_end=callback,
+    )  # fmt: skip
+    meta = {"final": True, "recipe": recipe, "pair": pair, "seed": seed, "settings": _jsonable(settings),
+            "second_clip": second_clip, "load_at_start": load, "baseline": out.baseline,
+            "flat_warning": out.flat_warning, "num_train": num_train, "num_test": num_test}  # fmt: skip
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in [*records, meta]))
+    return path
+
+
+def _jsonable(settings: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+
+
+def read_runs(out_dir: str) -> list[dict]:
+    """Every finished run: ``{"meta": final line, "epochs": [epoch lines]}``."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "*.jsonl"))):
+        with open(path) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        runs.append({"meta": lines[-1], "epochs": lines[:-1]})
+    return runs
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _pearson(a: list[float], b: list[float]) -> float:
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def report(runs: list[dict]) -> str:
+    """The markdown tables: each run's curve, its time to reach success levels, and the proxy's agreement."""
+    lines = ["| recipe | pair | seed | epoch | train s | fwd+bwd / image | success | bg ok | held-out s_dir | "
+             "training s_dir |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    summary = ["| recipe | pair | seed | epochs | train s | fwd+bwd / img | inversion fwd / img | best success "
+               "(epoch, s) | first >= 90 % (epoch, s) | last | final edit | final success |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    agreement = ["| recipe | pair | seed | epochs | r(training s_dir, held-out s_dir) | r(training s_dir, success) | "
+                 "r(held-out s_dir, success) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in runs:
+        m, epochs = run["meta"], run["epochs"]
+        for e in epochs:
+            lines.append(
+                f"| {m['recipe']} | {m['pair']} | {m['seed']} | {e['epoch']} | {e['train_s']:.1f} | "
+                f"{e['fwd_bwd_per_image']:.0f} | {e['success']:.0%} | {e['criteria'].get('background_ok', 0):.0%} | "
+                f"{e['held_out']['s_dir']:.3f} | {e['training']['s_dir']:.3f} |"
+            )
+        best = max(epochs, key=lambda e: (e["success"], -e["epoch"]))
+        first = next((e for e in epochs if e["success"] >= 0.9), None)
+        last = epochs[-1]
+        summary.append(
+            f"| {m['recipe']} | {m['pair']} | {m['seed']} | {last['epoch']} | {last['train_s']:.1f} | "
+            f"{last['fwd_bwd_per_image']:.0f} | {last['inversion_fwd_per_image']:.0f} | {best['success']:.0%} ("
+            f"{best['epoch']}, {best['train_s']:.0f} s) | "
+            + (f"{first['success']:.0%} ({first['epoch']}, {first['train_s']:.0f} s)" if first else "never")
+            + f" | {last['success']:.0%} | {last.get('final_edit', '-')} | {_pct(last.get('success_final'))} |"
+        )
+        train_dir = [e["training"]["s_dir"] for e in epochs]
+        held_dir = [e["held_out"]["s_dir"] for e in epochs]
+        success = [e["success"] for e in epochs]
+        agreement.append(
+            f"| {m['recipe']} | {m['pair']} | {m['seed']} | {len(epochs)} | {_pearson(train_dir, held_dir):.2f} | "
+            f"{_pearson(train_dir, success):.2f} | {_pearson(held_dir, success):.2f} |"
+        )
+    return "\n".join(["### Summary", "", *summary, "", "### Proxy agreement (Pearson r over epochs)", "", *agreement,
+                      "", "### Every epoch", "", *lines]) + "\n"  # fmt: skip
+
+
+COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
+
+
+def _panel(draw, box, curves, x_key: str, x_label: str, title: str, font) -> None:
+    """One chart in ``box`` = (left, top, right, bottom): success (0-100 %) against ``x_key``, a line per curve."""
+    left, top, right, bottom = box
+    x_max = max((e[x_key] for _, _, epochs in curves for e in epochs), default=1.0) * 1.05 or 1.0
+    draw.rectangle(box, outline=(0, 0, 0))
+    for frac in (0.25, 0.5, 0.75, 1.0):
+        y = bottom - frac * (bottom - top)
+        draw.line((left, y, right, y), fill=(225, 225, 225))
+        draw.text((left - 34, y - 6), f"{frac:.0%}", fill=(0, 0, 0), font=font)
+    for i in range(5):
+        x = left + i / 4 * (right - left)
+        value = i / 4 * x_max
+        draw.text((x - 8, bottom + 4), f"{value:.0f}" if x_max >= 20 else f"{value:.1f}", fill=(0, 0, 0), font=font)
+    draw.text(((left + right) / 2 - 40, bottom + 18), x_label, fill=(0, 0, 0), font=font)
+    draw.text((left, top - 16), title, fill=(0, 0, 0), font=font)
+    for _, colour, epochs in curves:
+        points = [(left + e[x_key] / x_max * (right - left), bottom - e["success"] * (bottom - top)) for e in epochs]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+
+
+def figure(runs: list[dict], path: str) -> None:
+    """Success against training seconds and against forward + backward passes per image, one panel pair per
+    (pair, seed), one line per recipe, drawn with PIL."""
+    import PIL.Image
+    import PIL.ImageDraw
+    import PIL.ImageFont
+
+    from diffusionclip_pipeline.image_io import save_atomic
+
+    recipes = sorted({r["meta"]["recipe"] for r in runs})
+    colour_of = {name: COLOURS[i % len(COLOURS)] for i, name in enumerate(recipes)}
+    groups = sorted({(r["meta"]["pair"], r["meta"]["seed"]) for r in runs})
+    width, height = 1000, 300 * len(groups) + 60
+    image = PIL.Image.new("RGB", (width, height), (255, 255, 255))
+    draw, font = PIL.ImageDraw.Draw(image), PIL.ImageFont.load_default()
+    for g, (pair, seed) in enumerate(groups):
+        curves = [(r["meta"]["recipe"], colour_of[r["meta"]["recipe"]], r["epochs"]) for r in runs
+                  if (r["meta"]["pair"], r["meta"]["seed"]) == (pair, seed)]  # fmt: skip
+        top = 40 + g * 300
+        source, target, shape = _pair(pair)
+        title = f"{source} -> {target} {shape}, data seed {seed}: held-out success (validation edit)"
+        _panel(draw, (60, top + 20, 480, top + 240), curves, "train_s", "fine-tuning seconds", title, font)
+        _panel(draw, (560, top + 20, 980, top + 240), curves, "fwd_bwd_per_image",
+               "UNet forward+backward per training image", "", font)  # fmt: skip
+    for i, name in enumerate(recipes):
+        x = 60 + i * 150
+        draw.line((x, 15, x + 20, 15), fill=colour_of[name], width=3)
+        draw.text((x + 25, 9), name, fill=(0, 0, 0), font=font)
+    save_atomic(image, path)
+
+
+def main(argv=None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=["today", "one_step", "full_chain"], choices=list(RECIPES))
+    parser.add_argument("--pairs", nargs="+", default=["red:blue:circle"], help="source:target:shape")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[5], help="data seeds (held-out: seed + 1)")
+    parser.add_argument("--out", default=os.path.join("build", "ttq"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report", action="store_true", help="print the tables of the finished runs")
+    parser.add_argument("--figure", help="with --report: draw the PNG here")
+    parser.add_argument("--list", action="store_true", help="print the recipes")
+    parser.add_argument("--tiny", action="store_true", help="smoke run: 4 + 4 images, 2 epochs")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, (overrides, final, second_clip) in RECIPES.items():
+            print(f"{name}: {overrides}; final edit {final}; {'two CLIPs' if second_clip else 'one CLIP'}")
+        return []
+    if args.report:
+        runs = read_runs(args.out)
+        print(report(runs))
+        if args.figure:
+            figure(runs, args.figure)
+        return []
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    paths = []
+    for seed in args.seeds:  # seed outer: every recipe at the choosing seed first
+        for pair in args.pairs:
+            for recipe in args.recipes:
+                paths.append(run_one(recipe, pair, seed, args.out, tiny=args.tiny))
+    return paths
+
+
+if __name__ == "__main__":
+    main()
