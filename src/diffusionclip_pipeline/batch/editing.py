@@ -286,8 +286,7 @@ def edit_images(
     _run_batches(
         pipe, mine, output_dir, run, edit_kwargs, shard, output, show_progress and state.is_local_main_process
     )
-    state.wait_for_everyone()
-    return output
+    return output  # no barrier here: a process that is done need not wait (hours, on uneven machines) for the rest
 
 
 def _run_batches(pipe, batches, output_dir, run, edit_kwargs, shard, output: BatchEditOutput, show: bool) -> None:

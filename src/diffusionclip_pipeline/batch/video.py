@@ -194,7 +194,8 @@ def edit_video(
         pipe, source_dir, frames_dir, batch_size=batch_size, seed=seed, overwrite=overwrite, shared_noise=True,
         show_progress=show_progress, run_info=info, **edit_kwargs,
     )  # fmt: skip
-    # 3. The main process puts the video together and measures the flicker
+    # 3. Once every process is done, the main process puts the video together and measures the flicker
+    state.wait_for_everyone()
     return _assemble(pipe, frames, fps, video, output_dir, result, state)
 
 
