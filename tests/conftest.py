@@ -340,6 +340,54 @@ def make_sd3_components(seed: int = 0, with_t5: bool = False) -> dict:
     return components
 
 
+
+def make_flux_components(seed: int = 0, guidance_embeds: bool = True, in_channels: int = 16) -> dict:
+    """The components of a `FluxPipeline` at toy size (as diffusers' Flux tests build them, offline): 16 px images,
+    8 x 8 x 4 latents (a VAE with a ``shift_factor``) packed 2x2 into 16 tokens of 16 channels, one double-stream and
+    one single-stream block (2 heads of 8, rotary axes 2 + 2 + 4) with the guidance embedding (FLUX.1-dev's), a CLIP
+    text encoder for the pooled embedding (16 wide), a one-layer T5 (32 wide) that reads the CLIP tokenizer's ids (the
+    stock pipeline only calls its ``tokenizer_2``), and Flux's dynamically shifted flow-matching scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = make_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    torch.manual_seed(seed + 1)
+    clip = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos,
+    )  # fmt: skip
+    text_encoder = CLIPTextModel(clip).eval()
+    torch.manual_seed(seed + 2)
+    t5 = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=37, num_layers=1, num_heads=2, d_kv=8)
+    text_encoder_2 = T5EncoderModel(t5).eval()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=in_channels, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()  # fmt: skip
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+        norm_num_groups=4, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    return dict(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+    )
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (the app's tests serve only there)."""
     import socket

@@ -225,12 +225,12 @@ def test_components_that_cannot_work_together_are_refused(tmp_path):
 
 
 def test_a_repository_of_an_unsupported_pipeline_is_refused_before_loading(tmp_path):
-    """Flux is not a family yet (SDXL and SD3 are: tests/families/test_sdxl.py, test_sd3.py)."""
+    """Kandinsky is not a family (SDXL, SD3 and Flux are: tests/families/test_sdxl.py, test_sd3.py, test_flux.py)."""
     folder = stock_sd(tmp_path)
     index = json.loads((folder / "model_index.json").read_text())
-    index["_class_name"] = "FluxPipeline"
+    index["_class_name"] = "KandinskyPipeline"
     (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="is a FluxPipeline repository"):
+    with pytest.raises(ValueError, match="is a KandinskyPipeline repository"):
         DiffusionCLIPPipeline.from_pretrained(folder, **clip_kwargs())
 
 

@@ -1,13 +1,13 @@
 """Model families: one module per family behind one protocol (`base.ModelFamily`), and the check that picks the
 family of a component set before anything runs (or, for a repository, loads).
 
-Four families today: a pixel DDPM (`pixel`: ``unet`` = `UNet2DModel`), an unconditional latent diffusion model
-(`ldm`: ``vqvae`` = `VQModel` or ``vae`` = `AutoencoderKL`, + ``unet`` = `UNet2DModel`, as `LDMPipeline`) and Stable
+Six families today: a pixel DDPM (`pixel`: ``unet`` = `UNet2DModel`), an unconditional latent diffusion model
+(`ldm`: ``vqvae`` = `VQModel` or ``vae`` = `AutoencoderKL`, + ``unet`` = `UNet2DModel`, as `LDMPipeline`), Stable
 Diffusion 1.x / 2.x (`sd`: ``vae`` = `AutoencoderKL`, ``text_encoder`` + ``tokenizer``, ``unet`` =
-`UNet2DConditionModel`), SDXL (`sdxl`: two text encoders and size conditioning), and the flow-matching
-Stable Diffusion 3 (`sd3`: ``transformer`` = `SD3Transformer2DModel`, two CLIPs and an optional T5, on the step maths
-of `flow`). Adding a family is adding one module and listing it in `FAMILIES`
-(see docs/design.md, "How to add a model family").
+`UNet2DConditionModel`), SDXL (`sdxl`: two text encoders and size conditioning), and the flow-matching Stable
+Diffusion 3 (`sd3`: ``transformer`` = `SD3Transformer2DModel`, two CLIPs and an optional T5) and Flux.1 (`flux`:
+``transformer`` = `FluxTransformer2DModel` on 2x2-packed latents, a CLIP and a T5), both on the step maths of `flow`.
+Adding a family is adding one module and listing it in `FAMILIES` (see docs/design.md, "How to add a model family").
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import os
 
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel, VQModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel, VQModel
 
 from . import autoencoders
 from .base import ModelFamily
 from .flow import FlowMatchFamily
+from .flux import FluxFamily
 from .ldm import LatentFamily
 from .pixel import PixelFamily
 from .sd import StableDiffusionFamily
@@ -29,6 +30,7 @@ from .sdxl import StableDiffusionXLFamily
 __all__ = [
     "FAMILIES",
     "FlowMatchFamily",
+    "FluxFamily",
     "LatentFamily",
     "ModelFamily",
     "PixelFamily",
@@ -48,15 +50,21 @@ MAX_SAMPLE_SIZE = 4096
 
 # the first whose `matches` accepts a component set is its family
 FAMILIES: tuple[type[ModelFamily], ...] = (
-    StableDiffusion3Family, StableDiffusionXLFamily, StableDiffusionFamily, LatentFamily, PixelFamily,
+    StableDiffusion3Family, FluxFamily, StableDiffusionXLFamily, StableDiffusionFamily, LatentFamily, PixelFamily,
 )  # fmt: skip
 
 # the flow-matching transformers a family exists for
-TRANSFORMERS = (SD3Transformer2DModel,)
+TRANSFORMERS = (SD3Transformer2DModel, FluxTransformer2DModel)
 
 UNSUPPORTED_PIPELINES = (
     "StableDiffusion3ControlNet",
-    "Flux",
+    # Flux: the FLUX.1 text-to-image layout is supported; Kontext (a reference image in the sequence), Fill and
+    # Control (extra input channels), their ControlNets, Redux and FLUX.2 are not
+    "FluxKontext",
+    "FluxFill",
+    "FluxControl",
+    "FluxPrior",
+    "Flux2",
     "Kandinsky",
     "StableDiffusionXLInpaint",
     "StableDiffusionXLInstruct",
@@ -84,13 +92,6 @@ def check_components(
         raise TypeError(f"`vae` must be one of {names}, got {type(vae).__name__} (a VQModel goes in `vqvae`).")
     if vqvae is not None and not isinstance(vqvae, VQModel):
         raise TypeError(f"`vqvae` must be a `VQModel`, got {type(vqvae).__name__}.")
-    autoencoder = vae if vae is not None else vqvae
-    name = "unet" if unet is not None else "transformer"
-    if autoencoder is not None and autoencoder.config.latent_channels != denoiser.config.in_channels:
-        raise ValueError(
-            f"`{'vae' if vae is not None else 'vqvae'}` makes {autoencoder.config.latent_channels}-channel latents, "
-            f"but `{name}` takes {denoiser.config.in_channels} input channels."
-        )
     if unet is not None and (text_encoder_3 is not None or tokenizer_3 is not None):
         raise ValueError("`text_encoder_3` / `tokenizer_3` (a T5) belong to an SD3 `transformer`, not to a `unet`.")
     components = {
@@ -99,6 +100,16 @@ def check_components(
         "text_encoder_3": text_encoder_3, "tokenizer_3": tokenizer_3,
     }  # fmt: skip
     family = next(family for family in FAMILIES if family.matches(components))
+    autoencoder = vae if vae is not None else vqvae
+    name = "unet" if unet is not None else "transformer"
+    packing = getattr(family, "latent_packing", 1) ** 2  # Flux packs 2x2 latent patches into one token
+    if autoencoder is not None and autoencoder.config.latent_channels * packing != denoiser.config.in_channels:
+        packed = f" (x{packing} packed: {autoencoder.config.latent_channels * packing})" if packing > 1 else ""
+        raise ValueError(
+            f"`{'vae' if vae is not None else 'vqvae'}` makes {autoencoder.config.latent_channels}-channel latents"
+            f"{packed}, but `{name}` takes {denoiser.config.in_channels} input channels."
+            + (" A Flux Fill or Control checkpoint (extra input channels) is not supported." if packing > 1 else "")
+        )
     family.check_components(components)
     return family
 
@@ -108,7 +119,8 @@ def _check_denoiser(unet, transformer):
     if (unet is None) == (transformer is None):
         raise ValueError(
             "Pass exactly one denoiser: `unet` (a `UNet2DModel` or `UNet2DConditionModel`) or `transformer` (an "
-            f"`SD3Transformer2DModel`); got unet={type(unet).__name__}, transformer={type(transformer).__name__}."
+            f"`SD3Transformer2DModel` or `FluxTransformer2DModel`); got unet={type(unet).__name__}, "
+            f"transformer={type(transformer).__name__}."
         )
     if unet is not None and not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
         raise TypeError(f"`unet` must be a `UNet2DModel` or a `UNet2DConditionModel`, got {type(unet).__name__}.")
@@ -134,7 +146,7 @@ def check_layout(pretrained_model_name_or_path, kwargs: dict) -> None:
     if any(name.startswith(prefix) for prefix in UNSUPPORTED_PIPELINES):
         raise ValueError(
             f"{path!r} is a {name} repository: DiffusionCLIPPipeline supports DDPM, LDM, Stable Diffusion 1.x / 2.x, "
-            "SDXL and Stable Diffusion 3 layouts."
+            "SDXL, Stable Diffusion 3 and Flux.1 (text-to-image) layouts."
         )
 
     def given(name: str) -> bool:  # a saved component is [library, class]; a saved None is [null, null]
