@@ -55,6 +55,7 @@ __all__ = [
     "METADATA_KEY",
     "PREFIX",
     "PREFIXES",
+    "adapter_tensors",
     "component_prefix",
     "atomic_save_file",
     "config_fingerprint",
@@ -142,6 +143,13 @@ def _peft_metadata(settings: LoraSettings) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
+def adapter_tensors(model: nn.Module, adapter_name: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's LoRA weights with diffusers' keys (the component prefix, peft's ``lora_A`` / ``lora_B``)."""
+    state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    prefix = component_prefix(model)
+    return {f"{prefix}.{k}": v.to(dtype) if dtype is not None else v for k, v in state_dict.items()}
+
+
 def save_adapter(model: nn.Module, path: str, adapter_name: str, dtype: torch.dtype | None = None) -> str:
     """Writes one adapter to ``path`` (a folder gets ``pytorch_lora_weights.safetensors``); returns the file path.
 
@@ -153,9 +161,8 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str, dtype: torch.dt
     require_adapter(model, adapter_name)
     if os.path.isdir(path) or not path.endswith(".safetensors"):
         path = os.path.join(path, LORA_WEIGHT_NAME)
-    state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    tensors = adapter_tensors(model, adapter_name, dtype)
     prefix = component_prefix(model)
-    tensors = {f"{prefix}.{k}": v.to(dtype) if dtype is not None else v for k, v in state_dict.items()}
     peft_metadata = {f"{prefix}.{k}": v for k, v in _peft_metadata(adapter_settings(model, adapter_name)).items()}
     ours = {
         "format_version": FORMAT_VERSION,

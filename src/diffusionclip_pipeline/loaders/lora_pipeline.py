@@ -12,8 +12,11 @@ and roll back on failure. Each delegates to `lora_state` / `lora_file` (which de
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import tempfile
+import types
 import warnings
 
 import torch
@@ -24,7 +27,69 @@ from ..image_processing import postprocess_image
 from ..utils.checks import check_adapter_name, check_bool, check_number
 from ..utils.io import atomic_directory
 from ..utils.locking import holds_unet_lock
-from . import lora_file, lora_state, model_card
+from . import lora_convert, lora_file, lora_state, model_card
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+LORA_FORMATS = ("diffusers", "kohya")
+
+
+class _instance_or_class_method:
+    """A method that works on the pipeline (``pipe.save_lora_weights(folder)``) and on its class, as diffusers'
+    training scripts call ``Pipeline.save_lora_weights(folder, unet_lora_layers=...)``; an instance call with
+    ``*_lora_layers`` takes the class path too."""
+
+    def __init__(self, instance_method, class_method):
+        self.instance_method = instance_method
+        self.class_method = getattr(class_method, "__func__", class_method)  # a classmethod object's function
+        functools.update_wrapper(self, instance_method)
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return types.MethodType(self.class_method, objtype)
+
+        def bound(*args, **kwargs):
+            if any(k.endswith("_lora_layers") for k in kwargs):
+                return self.class_method(type(obj), *args, **kwargs)
+            return self.instance_method(obj, *args, **kwargs)
+
+        return functools.update_wrapper(bound, self.instance_method)
+
+
+def _resolve_lora_file(source, weight_name: str | None, metadata: dict | None, tmp: str) -> str:
+    """A local file holding the adapter of ``source``: a local file or folder (kohya files are converted), a hub id
+    (``weight_name`` in that repository, `huggingface_hub.hf_hub_download`), or a state dict (written to ``tmp``)."""
+    if isinstance(source, dict):
+        tensors, file_metadata = lora_convert.from_state_dict(source, metadata)
+        path = os.path.join(tmp, lora_file.LORA_WEIGHT_NAME)
+        lora_file.atomic_save_file(tensors, path, file_metadata)
+        return path
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a file, a folder, a hub id or a state dict, got {type(source).__name__}.")
+    path = os.fspath(source)
+    if not os.path.exists(path) and HUB_ID.fullmatch(path):
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(path, weight_name or lora_file.LORA_WEIGHT_NAME)
+    elif os.path.isdir(path) and weight_name is not None:
+        path = os.path.join(path, weight_name)
+    return _converted_if_kohya(path, tmp)
+
+
+def _converted_if_kohya(path: str, tmp: str) -> str:
+    """``path``, or a diffusers-layout copy of it in ``tmp`` when its keys are kohya's."""
+    file = os.path.join(path, lora_file.LORA_WEIGHT_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        return path  # `lora_file` reports it
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as handle:
+            if not lora_convert.is_kohya(dict.fromkeys(handle.keys())):
+                return path
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except Exception:  # not a readable safetensors file: `lora_file` says so in its own words
+        return path
+    return _resolve_lora_file(tensors, None, None, tmp)
 
 
 class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
@@ -73,7 +138,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         return adapter_name
 
     @holds_unet_lock
-    def save_lora_weights(
+    def _save_lora_weights(
         self,
         save_directory: str | os.PathLike,
         adapter_name: str | None = None,
@@ -81,6 +146,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         example_images=None,
         example_edit_kwargs: dict | None = None,
         license: str | None = None,
+        format: str = "diffusers",
     ) -> str:
         """Writes one adapter as ``save_directory/pytorch_lora_weights.safetensors`` (safetensors only, atomic), with
         its model card ``README.md``.
@@ -99,9 +165,79 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         ``README.md`` that this package did not write is left alone, with a warning. A ``save_directory`` ending in
         ``.safetensors`` is the weights file itself: no card then. Every file is written atomically (temporary file,
         then rename), the grid and the card after the weights, and everything is computed before the first write.
+
+        ``format="kohya"`` writes the kohya / A1111 layout instead (``lora_unet_...lora_down.weight``, ``.alpha``;
+        diffusers' `convert_state_dict_to_kohya`, with the adapter's real alpha), for the UNet adapters of Stable
+        Diffusion 1.x / 2.x and SDXL, as a single file (``save_directory`` ending in ``.safetensors``, or
+        ``<save_directory>/<adapter_name>.safetensors``), without a card.
+
+        As diffusers' training scripts do, the class method form writes given LoRA layers:
+        ``DiffusionCLIPPipeline.save_lora_weights(folder, unet_lora_layers=state_dict)`` (or
+        ``transformer_lora_layers=``; ``unet_lora_adapter_metadata=`` / ``transformer_lora_adapter_metadata=``, the
+        `LoraConfig` as a dict, records the alpha; ``weight_name`` the file name).
         """
         adapter_name = self._adapter_to_save(adapter_name)
+        if format not in LORA_FORMATS:
+            raise ValueError(f"`format` must be one of {LORA_FORMATS}, got {format!r}.")
+        if format == "kohya":
+            return self._write_kohya(save_directory, adapter_name, dtype)
         return self._write_adapter(save_directory, adapter_name, dtype, example_images, example_edit_kwargs, license)
+
+    def _write_kohya(self, save_directory, adapter_name: str, dtype) -> str:
+        path = os.fspath(save_directory)
+        if not path.endswith(".safetensors"):
+            path = os.path.join(path, f"{adapter_name}.safetensors")
+        if lora_file.component_prefix(self.denoiser) != "unet":
+            raise ValueError("`format='kohya'` is for UNet adapters (Stable Diffusion 1.x / 2.x, SDXL).")
+        tensors = lora_file.adapter_tensors(self.denoiser, adapter_name, dtype)
+        settings = lora_state.adapter_settings(self.denoiser, adapter_name)
+        lora_file.atomic_save_file(lora_convert.to_kohya(tensors, settings), path, {"format": "pt"})
+        return os.path.abspath(path)
+
+    @classmethod
+    def _save_lora_layers(
+        cls,
+        save_directory: str | os.PathLike,
+        unet_lora_layers: dict | None = None,
+        transformer_lora_layers: dict | None = None,
+        unet_lora_adapter_metadata: dict | None = None,
+        transformer_lora_adapter_metadata: dict | None = None,
+        weight_name: str | None = None,
+        safe_serialization: bool = True,
+    ) -> str:
+        """diffusers' class-method form (see `save_lora_weights`): the given layers, diffusers' layout."""
+        if (unet_lora_layers is None) == (transformer_lora_layers is None):
+            raise ValueError("Pass exactly one of `unet_lora_layers` and `transformer_lora_layers`.")
+        if not safe_serialization:
+            raise ValueError("Only safetensors files are written (`safe_serialization=False` is not supported).")
+        prefix = "unet" if unet_lora_layers is not None else "transformer"
+        layers = unet_lora_layers if unet_lora_layers is not None else transformer_lora_layers
+        metadata = unet_lora_adapter_metadata if unet_lora_layers is not None else transformer_lora_adapter_metadata
+        checked = lora_convert._check_tensors(layers)
+        tensors, file_metadata = lora_convert.from_state_dict(
+            {k if k.startswith(f"{prefix}.") else f"{prefix}.{k}": v for k, v in checked.items()}, metadata
+        )
+        path = os.path.join(os.fspath(save_directory), weight_name or lora_file.LORA_WEIGHT_NAME)
+        lora_file.atomic_save_file(tensors, path, file_metadata)
+        return os.path.abspath(path)
+
+    save_lora_weights = _instance_or_class_method(_save_lora_weights, _save_lora_layers)
+
+    @classmethod
+    def lora_state_dict(
+        cls, pretrained_model_name_or_path_or_dict, weight_name: str | None = None, return_lora_metadata: bool = False
+    ):
+        """The LoRA weights of a file, folder, hub id or state dict, validated as `load_lora_weights` validates them,
+        with their component prefix (``unet.`` / ``transformer.``), as diffusers' `lora_state_dict` returns them:
+        ``(state_dict, network_alphas)`` (always `None` here: the alpha is in the metadata), or with
+        ``return_lora_metadata=True`` also the `LoraConfig` as a dict."""
+        with tempfile.TemporaryDirectory(prefix="diffusionclip-lora-") as tmp:
+            path = _resolve_lora_file(pretrained_model_name_or_path_or_dict, weight_name, None, tmp)
+            adapter = lora_file.read_adapter_file(path)
+        state_dict = {f"{adapter.prefix}.{k}": v for k, v in adapter.state_dict.items()}
+        if return_lora_metadata:
+            return state_dict, None, lora_file._peft_metadata(adapter.settings)
+        return state_dict, None
 
     @holds_unet_lock
     def _write_adapter(
@@ -192,17 +328,26 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
 
     @holds_unet_lock
     def load_lora_weights(
-        self, path: str | os.PathLike, adapter_name: str | None = None, keep_active: bool = False
+        self,
+        path: str | os.PathLike | dict,
+        adapter_name: str | None = None,
+        keep_active: bool = False,
+        weight_name: str | None = None,
+        lora_adapter_metadata: dict | None = None,
     ) -> str:
-        """Loads an adapter (a folder with ``pytorch_lora_weights.safetensors``, or the file) and activates it.
+        """Loads an adapter (a folder with ``pytorch_lora_weights.safetensors``, or the file; a hub id, with
+        ``weight_name`` in it; or a state dict with ``unet.`` / ``transformer.`` keys, and optionally its `LoraConfig`
+        as ``lora_adapter_metadata``) and activates it.
 
         By default it becomes the only active adapter (with a warning when that deactivates others); with
         ``keep_active=True`` it joins the active ones at weight 1 (``set_adapters`` sets other weights).
 
         Files written by this package (both format versions) load; so does a diffusers LoRA file for the same UNet
-        that records its `LoraConfig` (``lora_adapter_metadata``). A file of another format, a truncated or corrupt
-        file, non-finite weights, or an adapter for a UNet of another config raises `ValueError` and leaves the
-        pipeline unchanged. Returns the adapter's name (default: ``"default"``, or ``"default_<k>"`` if taken).
+        that records its `LoraConfig` (``lora_adapter_metadata``), or that does not (then ``alpha = rank``, as
+        diffusers reads it), and a kohya / A1111 UNet LoRA (``lora_unet_...``, converted by diffusers' converter,
+        with its ``alpha``). A file of another format, a truncated or corrupt file, non-finite weights, or an
+        adapter for a UNet of another config raises `ValueError` and leaves the pipeline unchanged. Returns the
+        adapter's name (default: ``"default"``, or ``"default_<k>"`` if taken).
         """
         names = lora_state.adapter_names(self.denoiser)
         if adapter_name is None:
@@ -213,7 +358,10 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         check_bool(keep_active, "keep_active")
         previous = self.get_active_adapters()
         weights = lora_state.adapter_weights(self.denoiser)
-        lora_file.load_adapter(self.denoiser, os.fspath(path), adapter_name)
+        with tempfile.TemporaryDirectory(prefix="diffusionclip-lora-") as tmp:
+            lora_file.load_adapter(
+                self.denoiser, _resolve_lora_file(path, weight_name, lora_adapter_metadata, tmp), adapter_name
+            )
         if keep_active and previous:
             lora_state.set_adapters(self.denoiser, previous + [adapter_name], [weights[n] for n in previous] + [1.0])
             return adapter_name
