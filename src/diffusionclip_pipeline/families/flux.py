@@ -34,7 +34,7 @@ from typing import ClassVar
 
 import torch
 from diffusers import FluxTransformer2DModel
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, T5EncoderModel
 
 from ..scheduling_flow_match_grid import dynamic_shift_mu
 from ..utils.checks import check_prompt_or_empty
@@ -114,11 +114,12 @@ class FluxFamily(FlowMatchFamily):
                 f"`text_encoder` pools {text_encoder.config.hidden_size}-wide embeddings, but the `transformer` takes "
                 f"pooled_projection_dim {config.pooled_projection_dim}."
             )
-        width = getattr(t5.config, "d_model", None)
-        if width != config.joint_attention_dim:
+        if not isinstance(t5, T5EncoderModel):
+            raise TypeError(f"`text_encoder_2` must be a `T5EncoderModel`, got {type(t5).__name__}.")
+        if int(t5.config.d_model) != config.joint_attention_dim:
             raise ValueError(
-                f"`text_encoder_2` (T5, {type(t5).__name__}) is {width} wide, but the `transformer`'s "
-                f"joint_attention_dim is {config.joint_attention_dim}."
+                f"`text_encoder_2` (T5) is {t5.config.d_model} wide, but the `transformer`'s joint_attention_dim is "
+                f"{config.joint_attention_dim}."
             )
         size = cls._vae_sample_size(components["vae"])
         if size % PATCH:
