@@ -1,5 +1,7 @@
 """Round-trip error of the flow inversion against the step count (issue 31), on the tiny SD3 components of the tests
-(random weights, 16 px, 8 x 8 x 4 latents, shift 3) and, where given, on a flow test-bed folder.
+(random weights, 16 px, 8 x 8 x 4 latents, shift 3) or the tiny Flux components (``--family flux``: 8 x 8 x 4
+latents packed into 16 tokens, dynamic shift, guidance embedding; ``--guidance`` sets the embedded guidance value,
+`FluxFamily.guidance`, default 1.0).
 
 The round trip is `edit` with no adapter: invert to ``t0`` with S Euler steps, regenerate with S steps; the error is
 the mean absolute difference of the regenerated latents from the clean latents (the VAE's own reconstruction error is
@@ -9,6 +11,7 @@ Usage::
 
     python benchmarks/bench_flow_roundtrip.py                  # tiny SD3 components
     python benchmarks/bench_flow_roundtrip.py --t0 600 --steps 2 4 8 16 32 64
+    python benchmarks/bench_flow_roundtrip.py --family flux --guidance 1.0   # tiny Flux; 3.5 = the stock default
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ import sys
 import torch
 
 
-def tiny_sd3_pipeline():
+def tiny_pipeline(family: str = "sd3"):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    from conftest import make_sd3_components
+    from conftest import make_flux_components, make_sd3_components
 
     from diffusionclip_pipeline import DiffusionCLIPPipeline
 
-    return DiffusionCLIPPipeline(**make_sd3_components(0))
+    return DiffusionCLIPPipeline(**(make_flux_components(0) if family == "flux" else make_sd3_components(0)))
 
 
 @torch.no_grad()
@@ -47,14 +50,21 @@ def main(argv=None) -> None:
     parser.add_argument("--t0", type=int, default=600)
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--family", choices=("sd3", "flux"), default="sd3")
+    parser.add_argument("--guidance", type=float, default=None, help="Flux: the embedded guidance (default 1.0)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    pipe = tiny_sd3_pipeline()
+    pipe = tiny_pipeline(args.family)
     pipe.set_progress_bar_config(disable=True)
+    if args.guidance is not None:
+        if args.family != "flux":
+            parser.error("--guidance is Flux's embedded guidance; pass --family flux")
+        pipe.family.guidance = args.guidance  # this pipeline's family object only, not the class
     images = torch.rand(args.images, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     plain = round_trip_errors(pipe, images, args.t0, args.steps, 0)
     fixed = round_trip_errors(pipe, images, args.t0, args.steps, 3)
-    print(f"tiny SD3 (random weights), t0 {args.t0}, {args.images} images: latent MAE of the round trip")
+    name = "SD3" if args.family == "sd3" else f"Flux, guidance {pipe.family.guidance}"
+    print(f"tiny {name} (random weights), t0 {args.t0}, {args.images} images: latent MAE of the round trip")
     print("| steps | Euler inversion | + 3 fixed-point iterations |")
     print("|---|---|---|")
     for s, a, b in zip(args.steps, plain, fixed):
