@@ -6,6 +6,9 @@ pipeline."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -286,6 +289,29 @@ def test_a_stock_flux_folder_loads_edits_and_round_trips(tmp_path):
     torch.testing.assert_close(again.edit(images(1), **kwargs).images, edited, rtol=0, atol=0)
     stock = FluxPipeline.from_pretrained(tmp_path / "ours")  # base weights, in the stock layout
     assert not any("lora_" in k for k in stock.transformer.state_dict())
+
+
+@pytest.mark.slow
+def test_fresh_process_reload_gives_the_same_edit(tmp_path):
+    """Within float rounding (in one process the reload is bit for bit, see
+    `test_a_stock_flux_folder_loads_edits_and_round_trips`)."""
+    pipe = make_pipe()
+    add_adapter(pipe)
+    pipe.save_pretrained(tmp_path / "ours")
+    kwargs = dict(t0=500, num_inversion_steps=3, num_inference_steps=3, output_type="pt")
+    torch.save(pipe.edit(images(1), **kwargs).images, tmp_path / "expected.pt")
+    code = (
+        "import torch, sys; from diffusionclip_pipeline import DiffusionCLIPPipeline as P;"
+        f"p = P.from_pretrained({str(tmp_path / 'ours')!r}); p.set_progress_bar_config(disable=True);"
+        "assert type(p.family).__name__ == 'FluxFamily';"
+        "x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1;"
+        "out = p.edit(x, t0=500, num_inversion_steps=3, num_inference_steps=3, output_type='pt').images;"
+        f"d = (out - torch.load({str(tmp_path / 'expected.pt')!r})).abs().max(); print(float(d), file=sys.stderr);"
+        "sys.exit(0 if d <= 1e-5 else 1)"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, timeout=300, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------
