@@ -119,17 +119,27 @@ def run_config(args, processes: int, batch_size: int, settings: dict) -> dict:
             "wall_s": wall, "device": reports[0]["device"]}  # fmt: skip
 
 
+def median_row(runs: list[dict]) -> dict:
+    """The run of median throughput among a configuration's repeats, with the range of the throughputs."""
+    ordered = sorted(runs, key=lambda r: r["images_per_s"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    row["range"] = (ordered[0]["images_per_s"], ordered[-1]["images_per_s"])
+    return row
+
+
 def table(rows: list[dict]) -> str:
     base = {r["batch_size"]: r["images_per_s"] for r in rows if r["processes"] == 1}
-    lines = ["| processes | batch size | images | editing loop (s) | images/s | vs 1 process | time outside UNet "
-             "| command wall (s) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| processes | batch size | images | editing loop (s) | images/s (range) | vs 1 process | time outside "
+             "UNet | command wall (s) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         ratio = (
             "-"
             if r["processes"] == 1 or r["batch_size"] not in base
             else f"{r['images_per_s'] / base[r['batch_size']]:.2f}x"
         )
-        cells = [r["processes"], r["batch_size"], r["images"], f"{r['loop_s']:.1f}", f"{r['images_per_s']:.2f}", ratio,
+        low, high = r["range"]
+        speed = f"{r['images_per_s']:.2f} ({low:.2f}-{high:.2f})"
+        cells = [r["processes"], r["batch_size"], r["images"], f"{r['loop_s']:.1f}", speed, ratio,
                  f"{100 * r['outside_unet']:.1f} %", f"{r['wall_s']:.1f}"]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
@@ -143,6 +153,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--compare-at", type=int, default=16, help="the batch size of the process comparison")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (each process on its own GPU)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each configuration, interleaved (median shown)"
+    )
     parser.add_argument(
         "--recommended", action="store_true", help="the test-bed's 32 + 32-step edit, not the fast one"
     )
@@ -163,8 +176,12 @@ def main(argv=None) -> list[dict]:
     render_inputs(os.path.join(args.work, "in"), args.images, args.tiny)
     configs = [(p, args.compare_at) for p in args.processes]
     configs += [(1, b) for b in args.batch_sizes if (1, b) not in configs]
-    rows = [run_config(args, p, b, settings) for p, b in configs]
-    print(f"{args.images} test-bed images, {settings}, {args.threads} thread(s) per process, {rows[0]['device']}:")
+    runs = [run_config(args, p, b, settings) for _ in range(args.repeats) for p, b in configs]  # interleaved
+    rows = [median_row([r for r in runs if (r["processes"], r["batch_size"]) == c]) for c in configs]
+    print(
+        f"{args.images} test-bed images, {settings}, {args.threads} thread(s) per process, {rows[0]['device']}, "
+        f"median of {args.repeats} interleaved run(s):"
+    )
     print(table(rows))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

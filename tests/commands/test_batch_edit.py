@@ -257,6 +257,29 @@ def test_cli_input_dir_and_input_list(setup, capsys):
     assert [e["input"] for e in entries if "input" in e] == ["q/s.jpg"]
 
 
+def test_cli_interrupted_batch_run_names_its_files_and_resumes(setup, capsys, monkeypatch):
+    from diffusionclip_pipeline import DiffusionCLIPPipeline
+
+    write_inputs(setup / "tree", ["a.png", "b.png", "c.png"])
+    edit, calls = DiffusionCLIPPipeline.__call__, []
+
+    def interrupted_at_the_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return edit(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionCLIPPipeline, "__call__", interrupted_at_the_second_batch)
+    argv = ["edit", "--model", str(setup / "pipe"), *CLI_EDIT, "--input-dir", str(setup / "tree"), "--output",
+            str(setup / "out"), "--batch-size", "1"]  # fmt: skip
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; 1 complete file(s) had been written: {setup / 'out' / 'a.png'}" in err
+    assert main(argv) == 0
+    assert "edited 2 images" in (out := capsys.readouterr().out) and "1 of 3 were done already" in out
+    assert done_counts(setup / "out") == {"a.png": 1, "b.png": 1, "c.png": 1}
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -9,8 +9,10 @@ options ``sweep`` shares with it."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 from . import loading, output
@@ -260,11 +262,16 @@ def _run_batch_editor(args: argparse.Namespace) -> None:
     common = dict(batch_size=args.batch_size, seed=args.seed, overwrite=args.overwrite, show_progress=not args.quiet,
                   edit_strength=args.edit_strength, **settings)  # fmt: skip
     # 3. Edit
-    if args.video is not None:
-        result = edit_video(pipe, args.video, args.output, **common)
-        frames = result.frames
-    else:
-        result = frames = edit_images(pipe, items, args.output, **common)
+    try:
+        if args.video is not None:
+            result = edit_video(pipe, args.video, args.output, **common)
+            frames = result.frames
+        else:
+            result = frames = edit_images(pipe, items, args.output, **common)
+    except BaseException:  # Ctrl-C, an error: the files this run finished, as its manifest lines name them
+        folder = os.path.join(args.output, "frames") if args.video is not None else args.output
+        args.written += _written_by_this_run(folder, state.process_index)
+        raise
     who = f"process {frames.process_index} of {frames.num_processes}: " if frames.num_processes > 1 else ""
     rate = f"{frames.images_per_second:.2f} images/s" if frames.num_done else "nothing left to do"
     print(f"{who}edited {output.count(frames.num_done, 'image')} in {output.duration(frames.seconds)} ({rate}); "
@@ -276,6 +283,24 @@ def _run_batch_editor(args: argparse.Namespace) -> None:
             f"wrote {result.video} ({result.num_frames} frames at {result.fps:g} fps); flicker {result.flicker:+.4f} "
             f"(edit {result.edit_flicker:.4f} - source {result.source_flicker:.4f}, mean frame-to-frame change)"
         )
+
+
+def _written_by_this_run(folder: str, rank: int) -> list[str]:
+    """The outputs that this process's manifest shard records as done since its last ``run`` line (this run's)."""
+    from ..batch.manifest import shard_path
+
+    done, path = [], shard_path(folder, rank)
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines() if os.path.isfile(path) else []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a torn last line
+            continue
+        if isinstance(entry, dict) and entry.get("run"):
+            done = []  # a run's first line: what follows is that run's
+        elif isinstance(entry, dict) and entry.get("status") == "done":
+            done.append(os.path.join(folder, entry["output"]))
+    return done
 
 
 COMMAND = RegisteredCommand(
