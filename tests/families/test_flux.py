@@ -362,6 +362,21 @@ def test_fill_and_control_transformers_are_refused():
         DiffusionCLIPPipeline(**{**c, "vae": vae})
 
 
+@pytest.mark.parametrize("sample_size", [18, 10**6, 0, "16"])
+def test_a_vae_sample_size_that_cannot_be_packed_is_refused(sample_size):
+    c = make_flux_components(0)
+    c["vae"].register_to_config(sample_size=sample_size)  # 18 px: 9 latents, odd; 10**6: beyond the bound
+    with pytest.raises(ValueError, match="working latent size .* must be even, in \\[2, 4096\\]"):
+        DiffusionCLIPPipeline(**c)
+
+
+def test_without_a_vae_sample_size_the_stock_default_size_is_used():
+    c = make_flux_components(0)
+    c["vae"].register_to_config(sample_size=None)
+    pipe = DiffusionCLIPPipeline(**c)
+    assert pipe.family.sample_size == 128 and pipe.resolution == 256  # FluxPipeline.default_sample_size latents
+
+
 def test_call_errors_are_raised_before_any_work():
     pipe = make_pipe()
     with pytest.raises(ValueError, match="`eta` must be 0"):

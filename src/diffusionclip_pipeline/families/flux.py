@@ -46,6 +46,9 @@ T5_MAX_SEQUENCE_LENGTH = 512
 # the stock `FluxPipeline.default_sample_size` (latents; 1024 px), used when the VAE's config has no sample size
 DEFAULT_SAMPLE_SIZE = 128
 PATCH = 2  # the stock pipeline packs 2x2 latent patches into one token
+# a bound on the working size read from a folder's VAE config (as `families.MAX_SAMPLE_SIZE` for the denoisers'):
+# a crafted value would otherwise allocate gigabytes when images are resized to it
+MAX_SAMPLE_SIZE = 4096
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -122,17 +125,21 @@ class FluxFamily(FlowMatchFamily):
                 f"{config.joint_attention_dim}."
             )
         size = cls._vae_sample_size(components["vae"])
-        if size % PATCH:
+        if size % PATCH or not PATCH <= size <= MAX_SAMPLE_SIZE:
             raise ValueError(
-                f"The working latent size {size} (from the `vae`'s sample_size) must be even for packing."
+                f"The working latent size {size} (the `vae`'s sample_size / its scale factor) must be even, in "
+                f"[{PATCH}, {MAX_SAMPLE_SIZE}], for 2x2 packing; got vae sample_size "
+                f"{components['vae'].config.get('sample_size')!r:.40}."
             )
 
     @staticmethod
     def _vae_sample_size(vae) -> int:
         size = vae.config.get("sample_size", None)
-        if isinstance(size, (list, tuple)):
+        if isinstance(size, (list, tuple)) and size:
             size = size[0]
-        return DEFAULT_SAMPLE_SIZE if not size else int(size) // autoencoders.scale_factor(vae)
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            return DEFAULT_SAMPLE_SIZE if size is None else -1  # -1: refused by `check_components`
+        return size // autoencoders.scale_factor(vae)
 
     # 2. images <-> latents -----------------------------------------------------------------------------------
 
