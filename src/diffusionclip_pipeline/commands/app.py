@@ -29,14 +29,13 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from .app_limits import AppLimits, FinetuneStopped
-from .app_serve import Lifecycle, exit_on_sigterm, serve, tracked, uploads_into
+from .app_serve import Lifecycle, exit_on_sigterm, serve, stop_guard, tracked, uploads_into
 from .errors import CLIError
 from .loading import load_pipeline
 from .options import checked
@@ -125,10 +124,13 @@ class AppState:
     def workdir(self) -> str:
         return self._workdir.name
 
-    def close(self) -> None:
-        """Refuses new requests (a running fine-tune stops at its next step) and removes the work folder."""
+    def close(self, timeout: float = 30.0) -> bool:
+        """Refuses new requests, stops a running fine-tune at its next step, waits for the requests in flight (at most
+        ``timeout`` seconds) and removes the work folder; returns whether no request was left running."""
         self.lifecycle.closing.set()
+        idle = self.lifecycle.wait_idle(timeout)
         self._workdir.cleanup()
+        return idle
 
     @property
     def adapters(self) -> list[str]:
@@ -376,7 +378,7 @@ def finetune_adapter(
     config = {**state.finetune_defaults, **{k: v for k, v in given.items() if v is not None}}
     if lora_rank is not None:
         config.update(rank_settings(given["lora_rank"]))
-    guard = _guard(report, stop, limits.max_finetune_seconds, state.lifecycle.closing)
+    guard = stop_guard(report, stop, limits.max_finetune_seconds, state.lifecycle.closing)
     with unet_lock(state.pipe.denoiser):  # the name is free until the adapter exists
         _check_room(state)
         name = _new_name(state, adapter_name, prompt_tar or "adapter")
@@ -384,24 +386,6 @@ def finetune_adapter(
             output = state.pipe.finetune(prompt_src, prompt_tar, images=images or None, adapter_name=name, **config)
         zip_path = export_adapter(state, name, example_images=images[:4] or None)
     return FinetuneResult(name, list(output.loss_history), zip_path, notes)
-
-
-def _guard(report: Callable | None, stop: threading.Event | None, seconds: float, closing=None) -> Callable:
-    """``report``, which first raises `FinetuneStopped` once ``stop`` or ``closing`` is set or ``seconds`` passed."""
-    deadline = time.monotonic() + seconds
-
-    def guarded(done, total, postfix):
-        if closing is not None and closing.is_set():
-            raise FinetuneStopped("The app is shutting down: fine-tuning stopped, its adapter discarded.")
-        if stop is not None and stop.is_set():
-            raise FinetuneStopped("Fine-tuning was cancelled: its adapter is discarded.")
-        if time.monotonic() > deadline:
-            raise FinetuneStopped(f"Fine-tuning ran longer than this app allows ({seconds:g} s): stopped, its adapter "
-                                  "discarded. Try fewer epochs or images.")  # fmt: skip
-        if report is not None:
-            report(done, total, postfix)
-
-    return guarded
 
 
 def _check_room(state: AppState) -> None:

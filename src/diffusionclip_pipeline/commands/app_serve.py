@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .app_limits import AppLimits, prune_work_folder
+from .app_limits import AppLimits, FinetuneStopped, prune_work_folder
 
 __all__ = [
     "SHUTDOWN_SECONDS",
@@ -32,6 +32,7 @@ __all__ = [
     "ShuttingDown",
     "exit_on_sigterm",
     "serve",
+    "stop_guard",
     "tracked",
     "uploads_into",
 ]
@@ -57,6 +58,7 @@ class Lifecycle:
         self.closing = threading.Event()
         self._changed = threading.Condition()
         self._active = 0
+        self._depth = threading.local()  # a request's own inner requests (an export inside a fine-tune) still run
 
     @property
     def active(self) -> int:
@@ -64,14 +66,18 @@ class Lifecycle:
 
     @contextlib.contextmanager
     def request(self):
-        """Counts the block as a request in flight; `ShuttingDown` once the app is closing."""
+        """Counts the block as a request in flight; `ShuttingDown` once the app is closing (unless the thread is
+        already inside a request: that one finishes as it started)."""
+        depth = getattr(self._depth, "value", 0)
         with self._changed:
-            if self.closing.is_set():
+            if self.closing.is_set() and depth == 0:
                 raise ShuttingDown("The app is shutting down: this request was not run.")
             self._active += 1
+        self._depth.value = depth + 1
         try:
             yield
         finally:
+            self._depth.value = depth
             with self._changed:
                 self._active -= 1
                 self._changed.notify_all()
@@ -91,6 +97,26 @@ def tracked(fn: Callable) -> Callable:
             return fn(state, *args, **kwargs)
 
     return wrapper
+
+
+def stop_guard(
+    report: Callable | None, stop: threading.Event | None, seconds: float, closing: threading.Event | None = None
+) -> Callable:
+    """``report``, which first raises `FinetuneStopped` once ``stop`` or ``closing`` is set or ``seconds`` passed."""
+    deadline = time.monotonic() + seconds
+
+    def guarded(done, total, postfix):
+        if closing is not None and closing.is_set():
+            raise FinetuneStopped("The app is shutting down: fine-tuning stopped, its adapter discarded.")
+        if stop is not None and stop.is_set():
+            raise FinetuneStopped("Fine-tuning was cancelled: its adapter is discarded.")
+        if time.monotonic() > deadline:
+            raise FinetuneStopped(f"Fine-tuning ran longer than this app allows ({seconds:g} s): stopped, its adapter "
+                                  "discarded. Try fewer epochs or images.")  # fmt: skip
+        if report is not None:
+            report(done, total, postfix)
+
+    return guarded
 
 
 class Pruner:
@@ -197,7 +223,7 @@ def serve(demo, state, poll: float = 0.5) -> None:
             _force_exit(state, status, f"a request still runs after {SHUTDOWN_SECONDS:g} s")
         pruner.stop()
         demo.close(verbose=False)
-        state.close()
+        state.close(timeout=0)
         _log(f"stopped in {time.monotonic() - started:.1f} s; its work folder is removed")
     if signum is not None:
         raise SystemExit(128 + signum)
