@@ -132,7 +132,10 @@ LAYERS = [
     ),
     ("inference", ("pipeline_output", "noise_mixing", "mixing", "image_processing", "image_io")),
     ("adapters", ("loaders", "lora", "model_card")),
-    ("pipeline", ("pipeline_diffusionclip", "pipeline_utils", "pipeline_conveniences", "pipeline_clip")),
+    (
+        "pipeline",
+        ("pipeline_diffusionclip", "pipeline_utils", "pipeline_conveniences", "pipeline_clip", "pipeline_translate"),
+    ),
     (
         "training and evaluation",
         ("training", "finetune", "clip_loss", "checkpointing", "templates", "evaluation", "batch"),

@@ -19,7 +19,7 @@ MANY_PARAMETERS_ALLOWED = {
     ("pipeline_diffusionclip.py", "edit"),
     ("pipeline_diffusionclip.py", "__call__"),
     ("pipeline_diffusionclip.py", "invert"),
-    ("pipeline_diffusionclip.py", "translate"),
+    ("pipeline_translate.py", "translate"),
     ("pipeline_diffusionclip.py", "finetune"),
     ("training/trainer.py", "finetune"),
 }

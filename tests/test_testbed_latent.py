@@ -48,7 +48,7 @@ def test_load_pipeline_latent_kind(monkeypatch):
 
 
 def test_load_pipeline_rejects_unknown_kind_and_missing_folder(tmp_path):
-    with pytest.raises(ValueError, match=r"`kind` must be one of \('pixel', 'latent'\), got 'vq'"):
+    with pytest.raises(ValueError, match=r"`kind` must be one of \('pixel', 'latent', 'flow'\), got 'vq'"):
         load_pipeline(kind="vq")
     with pytest.raises(FileNotFoundError, match="has no model_index.json"):
         load_pipeline(tmp_path, kind="latent")

@@ -36,13 +36,15 @@ from .pipeline_conveniences import DiffusionCLIPConveniencesMixin
 from .pipeline_output import (
     DiffusionCLIPInversionOutput,
     DiffusionCLIPPipelineOutput,
-    DiffusionCLIPTranslationOutput,
 )
+from .pipeline_translate import DiffusionCLIPTranslationMixin
 from .pipeline_utils import (  # noqa: F401  (NoAdapterWarning, NonFiniteResultError: re-exported)
     NoAdapterWarning,
     NonFiniteResultError,
     _align_tensors,
     _check_finite_result,
+    _concat_conditions,
+    _lora_scale,
     _renamed_kwargs,
     batch_size_of,
     check_image,
@@ -84,7 +86,11 @@ EXAMPLE_DOC_STRING = """
 
 
 class DiffusionCLIPPipeline(
-    DiffusionPipeline, DiffusionCLIPLoraLoaderMixin, DiffusionCLIPClipMixin, DiffusionCLIPConveniencesMixin
+    DiffusionPipeline,
+    DiffusionCLIPLoraLoaderMixin,
+    DiffusionCLIPClipMixin,
+    DiffusionCLIPConveniencesMixin,
+    DiffusionCLIPTranslationMixin,
 ):
     r"""
     Pipeline for DiffusionCLIP: DDIM-invert real images to a middle timestep ``t0`` and regenerate them with a UNet
@@ -323,12 +329,17 @@ class DiffusionCLIPPipeline(
         """Images in [-1, 1] (not clamped) from UNet-space latents; differentiable (fine-tuning decodes x0_hat)."""
         return self.family.decode(latents)
 
-    def encode_prompt(self, prompt: str | None, batch_size: int = 1, **conditioning):
-        """What the UNet is conditioned on for ``prompt`` (``None`` means the empty prompt), for ``batch_size``
-        samples (for Stable Diffusion, the text encoder's hidden states; for SDXL a dict with the pooled embeddings
-        and the size conditioning, which ``conditioning`` may set: ``original_size``, ``crops_coords_top_left``,
-        ``target_size``); `None` for an unconditional UNet (where a non-empty ``prompt`` is an error)."""
-        return self.family.encode_prompt(prompt, batch_size, **conditioning)
+    def encode_prompt(self, prompt: str | list[str] | None, batch_size: int = 1, **conditioning):
+        """What the UNet is conditioned on for ``prompt`` (``None`` means the empty prompt; a list holds one prompt
+        per sample), for ``batch_size`` samples (for Stable Diffusion, the text encoder's hidden states; for SDXL a
+        dict with the pooled embeddings and the size conditioning, which ``conditioning`` may set: ``original_size``,
+        ``crops_coords_top_left``, ``target_size``); `None` for an unconditional UNet (where a non-empty ``prompt``
+        is an error)."""
+        if not isinstance(prompt, (list, tuple)):
+            return self.family.encode_prompt(prompt, batch_size, **conditioning)
+        if len(prompt) != batch_size:
+            raise ValueError(f"`prompt` is a list of {len(prompt)} prompts for {batch_size} images: pass one each.")
+        return _concat_conditions([self.family.encode_prompt(p, 1, **conditioning) for p in prompt])
 
     def _predict_noise(self, sample: torch.Tensor, timestep: int, adapted: bool = True, condition=None):
         """The UNet's prediction at integer ``timestep`` (``condition`` from `encode_prompt`); ``adapted=False`` asks
@@ -351,6 +362,20 @@ class DiffusionCLIPPipeline(
         if latents is not None:
             return None, latents.repeat_interleave(n, dim=0)
         return self.prepare_image(image).repeat_interleave(n, dim=0), None
+
+    def _check_guidance(self, guidance_scale, prompt, negative_prompt, lora_scale: float) -> float:
+        """`edit`'s checks of classifier-free guidance and of the LoRA scale, before any work; the checked scale."""
+        guidance_scale = check_number(guidance_scale, "guidance_scale", minimum=1)
+        if guidance_scale > 1 and (self.text_encoder is None or not prompt):
+            raise ValueError(
+                f"`guidance_scale`={guidance_scale} needs a text-conditioned UNet and a non-empty `prompt`, got "
+                f"prompt={prompt!r:.200}."
+            )
+        if negative_prompt is not None and guidance_scale == 1:
+            raise ValueError("`negative_prompt` is the unconditional side of guidance: it needs `guidance_scale` > 1.")
+        if lora_scale != 1 and self.fused_loras:
+            raise ValueError("A LoRA scale has no effect on fused adapters: call `unfuse_lora()` first.")
+        return guidance_scale
 
     def _step_callback(self, callback, names, i, t, tensors: dict) -> tuple[torch.Tensor, object]:
         """Runs ``callback(self, i, t, callback_kwargs)`` with the requested tensors (``prompt_embeds``: the
@@ -623,6 +648,8 @@ class DiffusionCLIPPipeline(
         crops_coords_top_left: tuple[int, int] | None = None,
         target_size: tuple[int, int] | None = None,
         num_images_per_prompt: int = 1,
+        negative_prompt: str | list[str] | None = None,
+        cross_attention_kwargs: dict | None = None,
         **kwargs,
     ) -> DiffusionCLIPPipelineOutput | tuple:
         r"""
@@ -665,9 +692,9 @@ class DiffusionCLIPPipeline(
             num_fixed_point_iterations (`int`, *optional*, defaults to 0): Fixed-point refinements of every
                 inversion step (see `invert`; ignored with ``latents``). With ``num_inference_steps ==
                 num_inversion_steps`` they make the unedited regeneration match the input.
-            prompt (`str`, *optional*): For a text-conditioned UNet (Stable Diffusion), the prompt it is conditioned
-                on while inverting and regenerating (the empty prompt by default; the adapter's source prompt is the
-                other natural choice). Encoded once.
+            prompt (`str` or `list[str]`, *optional*): For a text-conditioned UNet (Stable Diffusion), the prompt
+                it is conditioned on while inverting and regenerating (the empty prompt by default; the adapter's
+                source prompt is the other natural choice); a list holds one prompt per image. Encoded once.
             guidance_scale (`float`, *optional*, defaults to 1.0): Classifier-free guidance for the *generation*
                 only: ``eps = eps("") + g * (eps(prompt) - eps(""))``. 1 means none, the default: the DDIM round trip
                 is exact only without guidance, because the inversion follows the unguided ODE; with ``g > 1`` the
@@ -680,6 +707,13 @@ class DiffusionCLIPPipeline(
                 conditioning (see `invert`).
             num_images_per_prompt (`int`, *optional*, defaults to 1): Edits of every image; they differ only where
                 the edit is stochastic (``encoding="noise"``, or ``eta > 0``), so more than one is refused otherwise.
+            negative_prompt (`str` or `list[str]`, *optional*): The unconditional side of classifier-free guidance
+                (needs ``guidance_scale > 1``; by default the family's: the empty prompt, or zeros for SDXL).
+            cross_attention_kwargs (`dict`, *optional*): ``{"scale": s}`` scales every active adapter's LoRA delta
+                during the generation, as diffusers' pipelines do (0: the reconstruction); the same as
+                ``set_adapters(names, s * weights)`` for the call. diffusers' other names for this argument,
+                ``attention_kwargs`` (Flux) and ``joint_attention_kwargs`` (SD3), are accepted. Other keys are
+                refused: the denoiser calls here take no attention arguments.
 
         Examples:
 
@@ -687,6 +721,7 @@ class DiffusionCLIPPipeline(
             [`DiffusionCLIPPipelineOutput`] or `tuple`: ``(images, x_t0, timesteps)``.
         """
         # 1. Check inputs
+        lora_scale = _lora_scale(cross_attention_kwargs, kwargs)
         edit_strength = _renamed_kwargs(kwargs, edit_strength)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -706,12 +741,8 @@ class DiffusionCLIPPipeline(
         check_choice(inversion_start, "inversion_start", self.family.inversion_starts)
         image, latents = self._repeat_inputs(image, latents, num_images_per_prompt, encoding, eta)
         batch_size = batch_size_of(image, latents)
-        guidance_scale = check_number(guidance_scale, "guidance_scale", minimum=1)
-        if guidance_scale > 1 and (self.text_encoder is None or not prompt):
-            raise ValueError(
-                f"`guidance_scale`={guidance_scale} needs a text-conditioned UNet and a non-empty `prompt`, got "
-                f"prompt={prompt!r}."
-            )
+        prompt = [p for p in prompt for _ in range(num_images_per_prompt)] if isinstance(prompt, list) else prompt
+        guidance_scale = self._check_guidance(guidance_scale, prompt, negative_prompt, lora_scale)
         mix = build_mix(
             edit_strength, adapters, adapter_masks, self.lora_adapters, batch_size, self.family.sample_size
         )
@@ -731,7 +762,10 @@ class DiffusionCLIPPipeline(
             "target_size": target_size,
         }
         condition = self.encode_prompt(prompt, batch_size, **size)
-        unconditional = self.family.encode_negative(batch_size) if guidance_scale > 1 else None
+        unconditional = None
+        if guidance_scale > 1:  # the family's unconditional input unless a negative prompt is given
+            negative = self.encode_prompt(negative_prompt, batch_size, **size) if negative_prompt is not None else None
+            unconditional = self.family.encode_negative(batch_size) if negative is None else negative
         if latents is None:
             inversion = (num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start)
             latents, _, _ = self._invert(image, t0, *inversion, generator, condition=condition)
@@ -741,20 +775,22 @@ class DiffusionCLIPPipeline(
         scheduler = self.family.generation_scheduler(self.family.timesteps(t0, num_inference_steps))
         self._guidance_scale, self._interrupt, self._num_timesteps = guidance_scale, False, len(scheduler.timesteps)
         # 4. Denoising loop with the current (adapted) UNet, or the mix of original and adapted predictions
-        for i, t in enumerate(self.progress_bar(scheduler.timesteps, desc="generation")):
-            if self.interrupt:
-                continue
-            noise_pred = self._mixed_noise(latents, t, mix, condition)
-            if unconditional is not None and self._guidance_scale > 1:  # CFG (generation only, lossy: docstring)
-                noise_uncond = self._mixed_noise(latents, t, mix, unconditional)
-                noise_pred = noise_uncond + self._guidance_scale * (noise_pred - noise_uncond)
-            step = scheduler.step(noise_pred, t, latents, eta=eta, generator=generator)
-            latents = step.prev_sample
-            if callback_on_step_end is not None:
-                tensors = {"latents": latents, "pred_original_sample": step.pred_original_sample}
-                latents, condition = self._step_callback(
-                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, {**tensors, "condition": condition}
-                )
+        with lora_state.lora_scaled(self.denoiser, lora_scale):  # cross_attention_kwargs={"scale": ...}
+            for i, t in enumerate(self.progress_bar(scheduler.timesteps, desc="generation")):
+                if self.interrupt:
+                    continue
+                noise_pred = self._mixed_noise(latents, t, mix, condition)
+                if unconditional is not None and self._guidance_scale > 1:  # CFG (generation only, lossy: docstring)
+                    noise_uncond = self._mixed_noise(latents, t, mix, unconditional)
+                    noise_pred = noise_uncond + self._guidance_scale * (noise_pred - noise_uncond)
+                step = scheduler.step(noise_pred, t, latents, eta=eta, generator=generator)
+                latents = step.prev_sample
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "pred_original_sample": step.pred_original_sample}
+                    latents, condition = self._step_callback(
+                        callback_on_step_end, callback_on_step_end_tensor_inputs, i, t,
+                        {**tensors, "condition": condition},
+                    )  # fmt: skip
         # 5. Post-process (a non-finite result is an error, never an image)
         _check_finite_result(latents, "The edit", self._likely_causes(edit_strength, eta, adapters))
         if output_type == "latent":  # the denoiser's space, for a later decode or another pipeline
@@ -770,83 +806,6 @@ class DiffusionCLIPPipeline(
         return DiffusionCLIPPipelineOutput(images=images, x_t0=x_t0, timesteps=generation_grid)
 
     edit = __call__  # the paper's name for the call; the same function, with the same signature
-
-    # ---- unseen-domain translation ---------------------------------------------------------------------------
-
-    @holds_unet_lock
-    @torch.no_grad()
-    def translate(
-        self,
-        image,
-        t0: int = 500,
-        n_iter: int = 10,
-        num_denoise_steps: int = 6,
-        edit_t0: int | None = None,
-        num_inversion_steps: int = 40,
-        num_inference_steps: int = 40,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        num_fixed_point_iterations: int = 0,
-    ) -> DiffusionCLIPTranslationOutput | tuple:
-        r"""
-        Unseen-domain translation and stroke-to-image (DiffusionCLIP, arXiv 2110.02711, Sec. 3.3): ``n_iter`` rounds
-        of stochastic forward noising to ``t0`` (``x_t0 = sqrt(a_t0) x0 + sqrt(1 - a_t0) z``) and a few deterministic
-        DDIM steps back with the *original* model pull an out-of-domain image (a stroke drawing, a wrong background)
-        onto the model's domain; then, if an adapter is active, deterministic inversion and the edit (`edit`).
-
-        The official code noises with ``a_{t0-1}`` and then starts generation at ``t0``; here both use ``a_t0``.
-
-        Args:
-            image: The out-of-domain image(s), any form `invert` accepts.
-            t0 (`int`, *optional*, defaults to 500): Noise level of each round.
-            n_iter (`int`, *optional*, defaults to 10): Noising/denoising rounds (the official README: more than 8).
-            num_denoise_steps (`int`, *optional*, defaults to 6): DDIM steps of each round back to 0.
-            edit_t0 (`int`, *optional*): ``t0`` of the final edit (defaults to ``t0``).
-            num_inversion_steps / num_inference_steps (`int`, *optional*, defaults to 40): Of the final edit.
-            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): For the noise of every round.
-            output_type (`str`, *optional*, defaults to `"pil"`): ``"pil"``, ``"np"`` or ``"pt"``.
-            return_dict (`bool`, *optional*, defaults to `True`): Return a dataclass instead of a tuple.
-            num_fixed_point_iterations (`int`, *optional*, defaults to 0): Of the final edit's inversion (`invert`).
-
-        Returns:
-            [`DiffusionCLIPTranslationOutput`] or `tuple`: ``(images, domain_images)``.
-        """
-        # 1. Check inputs
-        edit_t0 = t0 if edit_t0 is None else edit_t0
-        self.check_inputs(image, t0, num_inversion_steps, num_inference_steps, 0.0, generator, None, output_type)
-        if output_type == "latent":
-            raise ValueError("`output_type`='latent' is for the edit's call; `translate` returns images.")
-        self.check_inputs(
-            image, edit_t0, num_inversion_steps, num_inference_steps,
-            num_fixed_point_iterations=num_fixed_point_iterations,
-        )  # fmt: skip
-        check_positive_int(n_iter, "n_iter")
-        check_positive_int(num_denoise_steps, "num_denoise_steps")
-        # 2. Preprocess image, into the UNet's space
-        x0 = self.encode_image(self.prepare_image(image))
-        condition = self.encode_prompt(None, x0.shape[0])
-        scheduler = self.family.generation_scheduler(self.family.timesteps(t0, num_denoise_steps))
-        # 3. Rounds of q-sampling to t0 and deterministic DDIM back with the original model
-        for _ in self.progress_bar(range(n_iter), desc="translation"):
-            x = self.noise_to(x0, t0, generator)
-            for t in scheduler.timesteps:
-                x = scheduler.step(self._predict_noise(x, t, adapted=False, condition=condition), t, x).prev_sample
-            x0 = x
-        domain = self.decode_latents(x0).clamp(-1, 1)  # a generated image, edited in the valid range
-        # 4. Edit with the active adapters, if any
-        if lora_state.adapters_enabled(self.denoiser):
-            images = self.edit(
-                domain, t0=edit_t0, num_inversion_steps=num_inversion_steps,
-                num_inference_steps=num_inference_steps, output_type=output_type,
-                num_fixed_point_iterations=num_fixed_point_iterations,
-            ).images  # fmt: skip
-        else:
-            images = postprocess_image(domain, output_type)
-        domain_images = postprocess_image(domain, output_type)
-        if not return_dict:
-            return (images, domain_images)
-        return DiffusionCLIPTranslationOutput(images=images, domain_images=domain_images)
 
     # ---- fine-tuning and adapters ----------------------------------------------------------------------------
 

@@ -11,8 +11,42 @@ import torch
 from diffusers.utils import logging
 
 from .families.base import as_deterministic
+from .utils.checks import check_number
 
 logger = logging.get_logger(__name__)
+
+
+# diffusers' names for the attention arguments of the SD3 / Flux pipelines, accepted for `cross_attention_kwargs`
+ATTENTION_KWARGS_ALIASES = ("attention_kwargs", "joint_attention_kwargs")
+
+
+def _lora_scale(cross_attention_kwargs, kwargs: dict) -> float:
+    """The LoRA scale of ``cross_attention_kwargs={"scale": s}`` (or of diffusers' other names for that argument,
+    taken out of ``kwargs``); 1 when not given. Other keys are refused: the families' denoiser calls take none."""
+    given = {name: kwargs.pop(name) for name in ATTENTION_KWARGS_ALIASES if name in kwargs}
+    if cross_attention_kwargs is not None:
+        given["cross_attention_kwargs"] = cross_attention_kwargs
+    given = {name: value for name, value in given.items() if value is not None}
+    if len(given) > 1:
+        raise TypeError(f"Pass one of {sorted(given)}: they are the same argument.")
+    if not given:
+        return 1.0
+    ((name, value),) = given.items()
+    if not isinstance(value, dict):
+        raise TypeError(f"`{name}` must be a dict such as {{'scale': 0.5}}, got {type(value).__name__}.")
+    unknown = sorted(map(str, set(value) - {"scale"}))
+    if unknown:
+        raise ValueError(f"`{name}` may hold only 'scale' (the LoRA scale) here, got {unknown}.")
+    return check_number(value.get("scale", 1.0), f"{name}['scale']")
+
+
+def _concat_conditions(parts: list):
+    """One conditioning for a batch from per-image ones (`None`, tensors, or dicts of tensors, as families return)."""
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], dict):
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return torch.cat(parts)
 
 
 def _renamed_kwargs(kwargs: dict, edit_strength: float) -> float:

@@ -26,6 +26,7 @@ __all__ = [
     "adapter_parameters",
     "adapter_settings",
     "adapter_weights",
+    "lora_scaled",
     "adapters_disabled",
     "adapters_enabled",
     "add_adapter",
@@ -230,6 +231,27 @@ def adapters_disabled(model: nn.Module):
         yield model
     finally:
         restore_active_state(model, state)
+
+
+@contextlib.contextmanager
+def lora_scaled(model: nn.Module, scale: float):
+    """Runs the block with every LoRA layer's scaling multiplied by ``scale`` (diffusers' `scale_lora_layers`, what
+    ``cross_attention_kwargs={"scale": ...}`` does in its pipelines), then divides it back; ``scale = 0`` bypasses the
+    adapters instead (dividing by 0 is not undoable)."""
+    from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+    if scale == 1.0:
+        yield model
+        return
+    if scale == 0:
+        with adapters_disabled(model):
+            yield model
+        return
+    scale_lora_layers(model, scale)
+    try:
+        yield model
+    finally:
+        unscale_lora_layers(model, scale)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,12 @@ LATENT_WEIGHTS_DIR = os.path.join(_HERE, "weights_latent")
 ``tokenizer/``, ``unet/``, ``scheduler/``) that the stock `StableDiffusionPipeline.from_pretrained` loads too. The
 CLIP of the loss is the pixel test-bed's (``WEIGHTS_DIR/clip``), not copied."""
 
-KINDS = ("pixel", "latent")
+FLOW_WEIGHTS_DIR = os.path.join(_HERE, "weights_flow")
+"""The flow test-bed: a Stable-Diffusion-3-layout folder (``transformer/``, ``vae/``, two CLIP text encoders, no T5;
+docs/testbed-flow.md) that the stock `StableDiffusion3Pipeline.from_pretrained` loads too (with
+``text_encoder_3=None, tokenizer_3=None``). The CLIP of the loss is the pixel test-bed's."""
+
+KINDS = ("pixel", "latent", "flow")
 
 
 def load_pipeline(
@@ -23,13 +28,15 @@ def load_pipeline(
     Args:
         weights_dir (`str`, *optional*): For ``kind="pixel"``, a folder with ``unet/``, ``scheduler/``, ``clip/`` and
             ``tokenizer/``, and optionally ``clip_2/`` + ``tokenizer_2/`` (default: the weights shipped in the
-            package). For ``kind="latent"``, a Stable Diffusion folder (default: `LATENT_WEIGHTS_DIR`); the CLIPs
-            then come from the shipped pixel test-bed folder.
+            package). For ``kind="latent"``, a Stable Diffusion folder (default: `LATENT_WEIGHTS_DIR`), for
+            ``kind="flow"`` a Stable Diffusion 3 folder (default: `FLOW_WEIGHTS_DIR`); the CLIPs then come from the
+            shipped pixel test-bed folder.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): Some weights are stored in fp16; all are
             cast to ``dtype``.
         second_clip (`bool`, *optional*, defaults to `True`): Load the second CLIP (``clip_2/``) if the folder has
             one; fine-tuning then averages the CLIP loss over both (why: docs/testbed-experiments.md, "Two CLIPs").
-        kind (`str`, *optional*, defaults to `"pixel"`): ``"pixel"`` or ``"latent"`` (docs/testbed-latent.md).
+        kind (`str`, *optional*, defaults to `"pixel"`): ``"pixel"``, ``"latent"`` (docs/testbed-latent.md) or
+            ``"flow"``, the flow-matching SD3-shaped model (docs/testbed-flow.md).
 
     Returns:
         [`DiffusionCLIPPipeline`]: on the CPU, progress bars off (also while loading).
@@ -43,8 +50,8 @@ def load_pipeline(
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
     dtype = torch.float32 if dtype is None else dtype
-    if kind == "latent":
-        return _load_latent(weights_dir, dtype, second_clip)
+    if kind != "pixel":
+        return _load_folder(weights_dir, dtype, second_clip, kind)
 
     root = os.fspath(weights_dir or WEIGHTS_DIR)
     missing = [d for d in ("unet", "scheduler", "clip", "tokenizer") if not os.path.isdir(os.path.join(root, d))]
@@ -72,17 +79,25 @@ def _load_clips(root: str, second_clip: bool, dtype) -> dict:
     return clips
 
 
-def _load_latent(weights_dir, dtype, second_clip: bool):
+def _load_folder(weights_dir, dtype, second_clip: bool, kind: str):
+    """The latent (Stable Diffusion layout) or flow (Stable Diffusion 3 layout, no T5) test-bed folder."""
     from ..pipeline_diffusionclip import DiffusionCLIPPipeline
     from ..utils.logging import quiet_loading
 
-    root = os.fspath(weights_dir or LATENT_WEIGHTS_DIR)
+    default, script, doc = {
+        "latent": (LATENT_WEIGHTS_DIR, "export_latent.py", "testbed-latent.md"),
+        "flow": (FLOW_WEIGHTS_DIR, "export_flow.py", "testbed-flow.md"),
+    }[kind]
+    root = os.fspath(weights_dir or default)
     if not os.path.isfile(os.path.join(root, "model_index.json")):
         raise FileNotFoundError(
-            f"The latent test-bed folder {root!r} has no model_index.json; build it with "
-            "`python scripts/testbed/export_latent.py` (docs/testbed-latent.md)."
+            f"The {kind} test-bed folder {root!r} has no model_index.json; build it with "
+            f"`python scripts/testbed/{script}` (docs/{doc})."
         )
+    no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if kind == "flow" else {}
     with quiet_loading():
-        pipe = DiffusionCLIPPipeline.from_pretrained(root, dtype=dtype, **_load_clips(WEIGHTS_DIR, second_clip, dtype))
+        pipe = DiffusionCLIPPipeline.from_pretrained(
+            root, dtype=dtype, **no_t5, **_load_clips(WEIGHTS_DIR, second_clip, dtype)
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,0 +1,24 @@
+"""`load_pipeline(kind="flow")` (issue 32): a Stable Diffusion 3 folder (no T5) with the pixel test-bed's CLIPs of the
+loss, as the latent test-bed is loaded. The shipped folder's own tests are in test_testbed_flow.py."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_sd3_components
+from diffusers import StableDiffusion3Pipeline
+
+from diffusionclip_pipeline.families import StableDiffusion3Family
+from diffusionclip_pipeline.testbed.pipeline import KINDS, load_pipeline
+
+
+def test_a_flow_folder_loads_with_the_test_bed_clips(tmp_path):
+    StableDiffusion3Pipeline(**make_sd3_components(0)).save_pretrained(tmp_path)
+    pipe = load_pipeline(tmp_path, kind="flow")
+    assert isinstance(pipe.family, StableDiffusion3Family) and pipe.text_encoder_3 is None
+    assert pipe.clip_model is not None and pipe.clip_model_2 is not None
+    assert "flow" in KINDS
+
+
+def test_a_missing_flow_folder_says_how_to_build_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="export_flow.py"):
+        load_pipeline(tmp_path, kind="flow")
