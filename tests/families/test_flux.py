@@ -188,6 +188,16 @@ def test_edit_is_deterministic_and_batch_equals_singles():
     torch.testing.assert_close(singles, batch, rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def test_bfloat16_edit_with_true_cfg_runs():
+    pipe = make_pipe().to(torch.bfloat16)
+    kwargs = dict(t0=500, num_inversion_steps=2, num_inference_steps=2, output_type="pt", prompt="a red circle")
+    plain = pipe.edit(images(1), **kwargs).images
+    guided = pipe.edit(images(1), guidance_scale=3.0, **kwargs).images
+    assert plain.shape == guided.shape == (1, 3, 16, 16)
+    assert bool(torch.isfinite(guided).all()) and float((guided - plain).abs().max()) > 0
+
+
 # ---- fine-tuning -----------------------------------------------------------------------------------------------
 
 
