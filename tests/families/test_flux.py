@@ -255,10 +255,28 @@ def test_our_adapter_loads_in_the_stock_pipeline_with_identical_outputs(tmp_path
         assert float((velocity(pipe, pipe.transformer, x, condition) - ours).abs().max()) > 1e-3
 
 
+# the target modules of diffusers' train_dreambooth_lora_flux.py (`--lora_layers` unset), plus the single blocks' MLP
+DREAMBOOTH_TARGETS = (
+    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj",
+    "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "proj_mlp", "proj_out",
+)  # fmt: skip
+
+
 @torch.no_grad()
-def test_a_stock_saved_flux_lora_loads_into_ours(tmp_path):
+@pytest.mark.parametrize("targets", [None, DREAMBOOTH_TARGETS])
+def test_a_stock_saved_flux_lora_loads_into_ours(tmp_path, targets):
     source = make_pipe()
-    add_adapter(source, "stock")
+    if targets is None:
+        add_adapter(source, "stock")
+    else:  # as the training script adds it: peft on the stock transformer, random B so that it is not a no-op
+        from peft import LoraConfig
+
+        source.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=list(targets)), "stock")
+        generator = torch.Generator().manual_seed(0)
+        for key, p in source.transformer.named_parameters():
+            if "lora_B" in key:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
     layers = get_peft_model_state_dict(source.transformer, adapter_name="stock")
     FluxPipeline.save_lora_weights(
         tmp_path / "stock",
@@ -268,14 +286,13 @@ def test_a_stock_saved_flux_lora_loads_into_ours(tmp_path):
     pipe = make_pipe()
     pipe.load_lora_weights(tmp_path / "stock", adapter_name="stock")
     assert pipe.get_list_adapters() == {"transformer": ["stock"]}
+    assert get_peft_model_state_dict(pipe.transformer, adapter_name="stock").keys() == layers.keys()
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
     condition = pipe.encode_prompt(None)
-    torch.testing.assert_close(
-        velocity(pipe, pipe.transformer, x, condition),
-        velocity(pipe, source.transformer, x, condition),
-        rtol=0,
-        atol=1e-6,
-    )
+    ours = velocity(pipe, pipe.transformer, x, condition)
+    torch.testing.assert_close(ours, velocity(pipe, source.transformer, x, condition), rtol=0, atol=1e-6)
+    with pipe._original_model():
+        assert float((velocity(pipe, pipe.transformer, x, condition) - ours).abs().max()) > 1e-3
 
 
 # ---- folders ---------------------------------------------------------------------------------------------------
