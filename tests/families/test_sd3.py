@@ -327,3 +327,17 @@ def test_unsupported_flow_layouts_are_refused_before_loading(tmp_path, name):
     (tmp_path / "model_index.json").write_text(f'{{"_class_name": "{name}", "_diffusers_version": "0.42.1"}}')
     with pytest.raises(ValueError, match=name.removesuffix("Pipeline")):
         DiffusionCLIPPipeline.from_pretrained(tmp_path)
+
+
+def test_a_bf16_base_trains_fp32_lora_with_gradient_checkpointing():
+    """The memory settings of issue 31: the base transformer in bf16, the LoRA weights (and their optimizer) in
+    fp32, activations recomputed per block."""
+    pipe = make_pipe(with_clip=True).to(torch.bfloat16)
+    out = pipe.finetune(
+        "red circle", "blue circle", images=images(2), num_epochs=1, t0=400, num_train_steps=2,
+        num_inversion_steps=2, batch_size=2, gradient_checkpointing=True,
+    )  # fmt: skip
+    assert all(torch.isfinite(torch.tensor(out.loss_history)))
+    dtypes = {("lora" if "lora_" in n else "base", p.dtype) for n, p in pipe.transformer.named_parameters()}
+    assert dtypes == {("lora", torch.float32), ("base", torch.bfloat16)}
+    assert not pipe.transformer.is_gradient_checkpointing  # switched off again after training
