@@ -17,6 +17,7 @@ from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
@@ -135,6 +136,7 @@ class DiffusionCLIPPipeline(
         transformer ([`SD3Transformer2DModel`], *optional*): The denoiser of a flow-matching model (Stable Diffusion
             3 / 3.5): inversion and editing are then Euler steps on its shifted sigma grid (docs/flow.md), with the
             ``vae``, ``text_encoder`` + ``text_encoder_2`` (`CLIPTextModelWithProjection`) and their tokenizers.
+            A `FluxTransformer2DModel` (Flux.1) takes the `FluxPipeline` layout (docs/flow.md, "The Flux family").
         text_encoder_3 ([`~transformers.T5EncoderModel`], *optional*), tokenizer_3 (*optional*): SD3's T5 and its
             tokenizer; without them (as `StableDiffusion3Pipeline` allows) the T5 part of the conditioning is zeros.
     """
@@ -166,7 +168,7 @@ class DiffusionCLIPPipeline(
         feature_extractor=None,
         force_zeros_for_empty_prompt: bool = True,
         clip_model_name_or_path: str | None = None,
-        transformer: SD3Transformer2DModel | None = None,
+        transformer: SD3Transformer2DModel | FluxTransformer2DModel | None = None,
         text_encoder_3=None,
         tokenizer_3=None,
     ):
