@@ -341,6 +341,13 @@ def test_fresh_process_reload_gives_the_same_edit(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_from_pipe_shares_the_stock_pipelines_components():
+    stock = FluxPipeline(**make_flux_components(0))
+    pipe = DiffusionCLIPPipeline.from_pipe(stock)
+    assert isinstance(pipe.family, FluxFamily)
+    assert all(getattr(pipe, name) is getattr(stock, name) for name in STOCK_NAMES)
+
+
 # ---- errors ----------------------------------------------------------------------------------------------------
 
 
