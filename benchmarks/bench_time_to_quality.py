@@ -140,6 +140,7 @@ def run_one(recipe: str, pair: str, seed: int, out_dir: str, tiny: bool = False)
             "fwd_bwd_per_image": counter.with_grad / num_train, "inversion_fwd_per_image": inversion,
             "loss": logs["loss"], **_success(test_arrays, _arrays(logs["validation_images"]), target),
             "held_out": logs["validation"], "training": logs["training_scores"],
+            "validation_s": round(logs["validation_seconds"], 3), "callback_s": round(spent["callback"], 3),
         }  # fmt: skip
         if epoch == num_epochs:
             record.update(_final_edit(pipe, test, target, final_kind, seed))
@@ -217,8 +218,38 @@ def report(runs: list[dict]) -> str:
             f"| {m['recipe']} | {m['pair']} | {m['seed']} | {len(epochs)} | {_pearson(train_dir, held_dir):.2f} | "
             f"{_pearson(train_dir, success):.2f} | {_pearson(held_dir, success):.2f} |"
         )
+    stopping = early_stopping_table(runs)
     return "\n".join(["### Summary", "", *summary, "", "### Proxy agreement (Pearson r over epochs)", "", *agreement,
-                      "", "### Every epoch", "", *lines]) + "\n"  # fmt: skip
+                      "", "### Early stopping, replayed on the curves", "", *stopping, "", "### Every epoch", "",
+                      *lines]) + "\n"  # fmt: skip
+
+
+def _replay(epochs: list[dict], scores: str, patience: int, metric: str = "s_dir") -> tuple[dict, dict]:
+    """`EarlyStopping` (the library's rule) replayed on a run's per-epoch ``scores`` ("held_out" or "training"):
+    ``(the epoch it stops after, the best epoch it keeps)``; the last epoch if it never stops."""
+    from diffusionclip_pipeline.training.callbacks import EarlyStopping
+
+    rule = EarlyStopping(patience=patience, threshold=0.0, metric=metric)
+    stop = next((e for e in epochs if rule(e[scores]) is not None), epochs[-1])
+    seen = [e for e in epochs if e["epoch"] <= stop["epoch"]]
+    best = max(seen, key=lambda e: (e[scores][metric], -e["epoch"]))
+    return stop, best
+
+
+def early_stopping_table(runs: list[dict], patience: int = 3) -> list[str]:
+    """Where early stopping (patience ``patience``, threshold 0, on ``s_dir``) would have stopped each run, on the
+    held-out scores and on the training-set proxy, and the held-out success of the epoch it keeps."""
+    rows = [f"| recipe | pair | seed | on (patience {patience}) | stops after epoch (train s) | keeps epoch | its "
+            "success | last epoch's success |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in runs:
+        m, epochs = run["meta"], run["epochs"]
+        for scores in ("held_out", "training"):
+            stop, best = _replay(epochs, scores, patience)
+            rows.append(
+                f"| {m['recipe']} | {m['pair']} | {m['seed']} | {scores} | {stop['epoch']} ({stop['train_s']:.0f} s) "
+                f"| {best['epoch']} | {best['success']:.0%} | {epochs[-1]['success']:.0%} |"
+            )
+    return rows
 
 
 COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
