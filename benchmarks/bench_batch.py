@@ -11,6 +11,15 @@ shown beside it. UNet time is summed by forward hooks around `pipe.unet` (synchr
     python benchmarks/bench_batch.py                          # CPU: 1 vs 2 processes at batch 16, batches 1 4 16
     python benchmarks/bench_batch.py --device cuda --processes 1 --batch-sizes 1 8 32 64   # one GPU
     python benchmarks/bench_batch.py --tiny                   # smoke run (the tests' toy UNet, seconds)
+
+``--video --lora ADAPTER`` measures video editing instead: a synthetic clip of a red circle moving across the frame,
+edited three ways (the recommended DDIM-inversion edit, the fast edit with one shared noise, the fast edit with a
+noise per frame), with the flicker measure (`batch.flicker`: the edit's mean frame-to-frame change minus the
+source's) and the share of frames the test-bed's `edit_success` counts as red -> blue.
+
+    python -m diffusionclip_pipeline.commands.main finetune --model testbed --src "red circle" --tar "blue circle" \
+        --output build/batch_video/red2blue
+    python benchmarks/bench_batch.py --video --lora build/batch_video/red2blue
 """
 
 from __future__ import annotations
@@ -145,6 +154,55 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---- video: flicker of the three encodings -------------------------------------------------------------------------
+
+
+def moving_circle(n: int, size: int = 32) -> list:
+    """A red circle (radius 6 px) moving left to right across the middle of ``n`` test-bed frames."""
+    from diffusionclip_pipeline.testbed import render_shape
+
+    return [render_shape("circle", "red", 9 + 14 * t / max(n - 1, 1), 16, 6, size=size) for t in range(n)]
+
+
+def video_flicker(args) -> list[dict]:
+    import PIL.Image
+
+    from diffusionclip_pipeline.batch import edit_video, write_video
+    from diffusionclip_pipeline.testbed import FAST_EDIT, RECOMMENDED_EDIT, edit_success, load_pipeline
+
+    work = os.path.join(args.work, "video")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    frames, clip = moving_circle(args.frames), os.path.join(work, "red_circle.gif")
+    write_video(frames, clip, fps=10)
+    pipe = load_pipeline(second_clip=False)
+    pipe.load_lora_weights(args.lora)
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for name, settings, shared in (("recommended: DDIM inversion", RECOMMENDED_EDIT, True),
+                                   ("fast: one shared noise", FAST_EDIT, True),
+                                   ("fast: a noise per frame", FAST_EDIT, False)):  # fmt: skip
+        out = os.path.join(work, name.split(":")[0] + ("" if shared else "-per-frame"))
+        start = time.perf_counter()
+        result = edit_video(pipe, clip, out, batch_size=16, shared_noise=shared, show_progress=False, **settings)
+        seconds = time.perf_counter() - start
+        edited = [PIL.Image.open(os.path.join(out, "frames", f"frame_{i:06d}.png")).convert("RGB")
+                  for i in range(len(frames))]  # fmt: skip
+        success = [edit_success(f, e, target_colour="blue")["success"] for f, e in zip(frames, edited)]
+        rows.append({"edit": name, "frames": result.num_frames, "fps": result.fps, "source": result.source_flicker,
+                     "edit_flicker": result.edit_flicker, "flicker": result.flicker,
+                     "success": sum(success) / len(success), "seconds": seconds})  # fmt: skip
+    print(f"a red circle moving across {args.frames} frames of 32 px at 10 fps, adapter {args.lora}:")
+    print("| edit | frames | source flicker | edit flicker | flicker (edit - source) | frames red -> blue | s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['edit']} | {r['frames']} | {r['source']:.4f} | {r['edit_flicker']:.4f} | {r['flicker']:+.4f} | "
+            f"{100 * r['success']:.0f} % | {r['seconds']:.1f} |"
+        )
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=64)
@@ -162,6 +220,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true", help="smoke run: the tests' toy UNet, 16 px, 2 steps")
     parser.add_argument("--work", default=os.path.join("build", "bench_batch"))
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--video", action="store_true", help="measure video editing (flicker) instead; needs --lora")
+    parser.add_argument("--lora", default=None, help="with --video: a test-bed adapter (red -> blue circles)")
+    parser.add_argument("--frames", type=int, default=16, help="with --video: frames of the clip")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--input-dir", "--output", "--report", "--settings"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -169,6 +230,10 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.video:
+        if not args.lora:
+            parser.error("--video needs --lora (a test-bed red -> blue adapter: see the module's docstring)")
+        return video_flicker(args)
     from diffusionclip_pipeline.testbed import FAST_EDIT, RECOMMENDED_EDIT
 
     settings = dict(t0=50, num_inversion_steps=2, num_inference_steps=2) if args.tiny else dict(

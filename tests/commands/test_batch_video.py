@@ -78,6 +78,10 @@ def test_frames_share_one_noise(tmp_path, pipe):
     assert frames[0] == frames[1] == frames[2]
     assert (result.edit_flicker, result.source_flicker, result.flicker, result.fps) == (0.0, 0.0, 0.0, 5.0)
     assert result.video.endswith("still_edited.gif")
+    # a noise per frame (for comparison): the same still frames edit differently
+    apart = edit_video(pipe, str(still), str(tmp_path / "apart"), fps=5, seed=3, shared_noise=False,
+                       show_progress=False, encoding="noise", **EDIT)  # fmt: skip
+    assert apart.edit_flicker > 0 and apart.flicker == apart.edit_flicker
 
 
 def test_an_mp4_keeps_its_frame_rate(tmp_path, pipe):

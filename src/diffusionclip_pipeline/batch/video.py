@@ -156,6 +156,7 @@ def edit_video(
     seed: int = 0,
     overwrite: bool = False,
     show_progress: bool = True,
+    shared_noise: bool = True,
     **edit_kwargs,
 ) -> VideoEditOutput:
     r"""
@@ -171,8 +172,10 @@ def edit_video(
             a folder of frame images.
         output_dir (`str`): The output folder.
         fps (`float`, *optional*): The frame rate (default: the source's; `DEFAULT_FPS` if it records none).
-        batch_size, seed, overwrite, show_progress: As in `edit_images`; every frame's noise (``encoding="noise"``,
-            ``eta > 0``) is drawn from ``seed`` itself: one shared noise, so a still scene stays still.
+        batch_size, seed, overwrite, show_progress: As in `edit_images`.
+        shared_noise (`bool`, *optional*, defaults to `True`): Every frame's noise (``encoding="noise"``, ``eta >
+            0``) drawn from ``seed`` itself: one shared noise, so a still scene stays still. `False` gives each frame
+            its own noise (seeded from its index), for comparison: it flickers more.
         **edit_kwargs: `DiffusionCLIPPipeline.edit` arguments.
 
     Returns:
@@ -191,7 +194,7 @@ def edit_video(
     state.wait_for_everyone()
     # 2. Edit every frame (sharded, resumable), one shared noise
     result = edit_images(
-        pipe, source_dir, frames_dir, batch_size=batch_size, seed=seed, overwrite=overwrite, shared_noise=True,
+        pipe, source_dir, frames_dir, batch_size=batch_size, seed=seed, overwrite=overwrite, shared_noise=shared_noise,
         show_progress=show_progress, run_info=info, **edit_kwargs,
     )  # fmt: skip
     # 3. Once every process is done, the main process puts the video together and measures the flicker
