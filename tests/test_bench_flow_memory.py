@@ -1,0 +1,99 @@
+"""benchmarks/bench_flow_memory.py (issue 31, "Memory"): the saved-tensor count is exact on known graphs, the
+toy-width blocks carry the LoRA the package targets, the transcribed real configs are accepted by the installed
+diffusers classes, and the estimate adds up its parts."""
+
+import os
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_flow_memory
+
+    return bench_flow_memory
+
+
+def test_saved_tensor_bytes_counts_each_storage_once_and_leaves_out_parameters(bench):
+    x = torch.randn(10, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(3, 10), requires_grad=False)
+    with bench.saved_tensor_bytes() as once:
+        (x * x).sum()  # saves x twice: one storage
+    with bench.saved_tensor_bytes() as two:
+        (x.exp() + x * x).sum()  # exp saves its result, a second storage
+    with bench.saved_tensor_bytes([weight.untyped_storage().data_ptr()]) as frozen:
+        (x @ weight.t()).sum()  # only the weight is needed for x's gradient, and it is excluded
+    assert once["bytes"] == 40 and once["tensors"] == 2
+    assert two["bytes"] == 80
+    assert frozen["bytes"] == 0 and frozen["tensors"] == 1
+
+
+@pytest.mark.parametrize("kind,modules", [("sd3", 4), ("sd3_dual", 8), ("flux_double", 4), ("flux_single", 3)])
+def test_measure_block_toy_width(bench, kind, modules):
+    dim, rank, n_image, n_text = 32, 4, 16, 8
+    axes = (4, 6, 6) if kind.startswith("flux") else None
+    fp32 = bench.measure_block(kind, dim, 2, 16, n_image, n_text, "fp32", rank=rank, axes=axes)
+    bf16 = bench.measure_block(kind, dim, 2, 16, n_image, n_text, "bf16", rank=rank, axes=axes)
+    # to_q / to_k / to_v / to_out.0 are dim x dim (Flux's single block has no to_out; SD3.5's dual block two attns)
+    assert fp32["lora_params"] == bf16["lora_params"] == modules * rank * (dim + dim)
+    assert fp32["input_bytes"] == (n_image + n_text + 1) * dim * 4
+    assert bf16["input_bytes"] * 2 == fp32["input_bytes"]
+    assert fp32["saved_bytes"] > fp32["input_bytes"] and bf16["saved_bytes"] > 0
+    assert fp32["block_params"] == sum(p.numel() for p in bench.build_block(kind, dim, 2, 16).parameters())
+
+
+def test_errors(bench):
+    with pytest.raises(ValueError, match="`precision`"):
+        bench.measure_block("sd3", 32, 2, 16, 4, 4, "fp16")
+    with pytest.raises(ValueError, match="`kind`"):
+        bench.build_block("unet", 32, 2, 16)
+    with pytest.raises(ValueError, match="`kind`"):
+        bench.measure_decoder("kl3", 64)
+    from diffusers import FluxTransformer2DModel
+
+    with pytest.raises(ValueError, match="num_blocks"):
+        bench.check_config(FluxTransformer2DModel, {"num_blocks": 3})
+
+
+def test_transcribed_configs_match_the_installed_classes(bench):
+    from diffusers import AutoencoderKL, AutoencoderTiny, FluxTransformer2DModel, SD3Transformer2DModel
+
+    bench.check_config(SD3Transformer2DModel, bench.SD35_MEDIUM_CONFIG)
+    bench.check_config(FluxTransformer2DModel, bench.FLUX_DEV_CONFIG)
+    bench.check_config(AutoencoderKL, bench.FLOW_VAE_CONFIG)
+    bench.check_config(AutoencoderTiny, bench.TAE_FLOW_CONFIG)
+    assert [bench.image_tokens(r) for r in (512, 1024)] == [1024, 4096]
+
+
+def test_estimate_adds_up_its_parts(bench):
+    results, counts = {}, {"clip_b16": 10, "vae": 20, "tae": 5, "sd3.5-medium_with_buffers": 1000}
+    for i, kind in enumerate(("sd3_dual", "sd3")):
+        for res in (512, 1024):
+            results[f"block/sd3.5-medium/{kind}/{res}/bf16"] = dict(
+                kind=kind, model="sd3.5-medium", resolution=res, saved_bytes=100 * (i + 1) * res,
+                input_bytes=7 * res, lora_params=3 * (i + 1), block_params=0, precision="bf16",
+            )  # fmt: skip
+    results["decoder/kl/512/bf16"] = dict(
+        kind="kl", resolution=512, saved_bytes=400, decoder_params=1, precision="bf16"
+    )
+    results["decoder/tiny/512/bf16"] = dict(
+        kind="tiny", resolution=512, saved_bytes=40, decoder_params=1, precision="bf16"
+    )
+    results["clip/bf16"] = dict(precision="bf16", saved_bytes=30, params=10)
+    rows = bench.estimate_rows(results, counts)
+    assert [(r["model"], r["resolution"]) for r in rows] == [("sd3.5-medium", 512), ("sd3.5-medium", 1024)]
+    r = rows[1]  # 1024 px: 13 dual + 11 plain blocks; the decoders scaled by the pixel count from 512 px
+    gb = 1e9
+    lora = 13 * 3 + 11 * 6
+    act_full = (13 * 100 * 1024 + 11 * 200 * 1024) / gb
+    act_ckpt = (24 * 7 * 1024 + 200 * 1024) / gb
+    vae, tae, clip = (40 + 400 * 4) / gb, (10 + 40 * 4) / gb, (20 + 30) / gb
+    assert r["lora_params"] == lora
+    assert r["A"] == pytest.approx(2000 / gb + clip + 16 * lora / gb + act_full + vae)
+    assert r["B"] == pytest.approx(2000 / gb + clip + 16 * lora / gb + act_ckpt + vae)
+    assert r["C"] == pytest.approx(2000 / gb + clip + 16 * lora / gb + act_ckpt + tae)
+    assert r["D"] == pytest.approx(2000 / gb + clip + 10 * lora / gb + act_ckpt + tae)
