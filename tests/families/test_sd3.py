@@ -322,7 +322,7 @@ def test_call_errors_are_raised_before_any_work():
         pipe.edit(latents=torch.zeros(1, 16, 8, 8))
 
 
-@pytest.mark.parametrize("name", ["FluxPipeline", "StableDiffusion3ControlNetPipeline"])
+@pytest.mark.parametrize("name", ["FluxKontextPipeline", "StableDiffusion3ControlNetPipeline"])
 def test_unsupported_flow_layouts_are_refused_before_loading(tmp_path, name):
     (tmp_path / "model_index.json").write_text(f'{{"_class_name": "{name}", "_diffusers_version": "0.42.1"}}')
     with pytest.raises(ValueError, match=name.removesuffix("Pipeline")):
