@@ -264,6 +264,20 @@ def test_a_stock_sd3_folder_loads_edits_and_round_trips(tmp_path):
     assert not any("lora_" in k for k in stock.transformer.state_dict())
 
 
+@torch.no_grad()
+def test_from_pipe_works_both_ways():
+    """Our pipeline from a stock one shares its components (adapters added to ours wrap the shared transformer:
+    that is diffusers' `from_pipe` contract too); the stock pipeline from ours edits nothing, it generates."""
+    stock = StableDiffusion3Pipeline(**make_sd3_components(0))
+    pipe = DiffusionCLIPPipeline.from_pipe(stock)
+    assert isinstance(pipe.family, StableDiffusion3Family)
+    names = ("transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    assert all(getattr(pipe, n) is getattr(stock, n) for n in names)
+    back = StableDiffusion3Pipeline.from_pipe(make_pipe())
+    out = back("a red circle", num_inference_steps=2, height=16, width=16, output_type="pt", guidance_scale=1.0)
+    assert out.images.shape == (1, 3, 16, 16)
+
+
 @pytest.mark.slow
 def test_fresh_process_reload_gives_the_same_edit(tmp_path):
     """Within float rounding: 8.3e-7 measured between processes (in one process the reload is bit for bit, see
