@@ -196,6 +196,51 @@ def test_closing_at_random_moments_of_a_fine_tune_leaves_no_adapter_and_no_reque
     assert outcomes[0::4] == ["ShuttingDown"] * 5 and outcomes[3::4] == ["finished"] * 5, outcomes
 
 
+def test_serving_stops_on_sigterm_mid_fine_tune_closing_the_server_and_removing_the_work_folder(tmp_path, monkeypatch):
+    """`app_serve.serve` (what a blocking `launch` runs) in this process: SIGTERM while a fine-tune runs over HTTP
+    stops the run (no adapter left), closes the server, removes the work folder, restores the signal handlers and
+    raises SystemExit(143) (a forced exit, which would end pytest, fails the test instead)."""
+    pytest.importorskip("gradio")
+    from gradio_client import Client
+
+    from diffusionclip_pipeline.commands import app_serve
+
+    def forced(state, status, reason):
+        raise AssertionError(f"forced exit ({status}): {reason}")
+
+    monkeypatch.setattr(app_serve, "_force_exit", forced)
+
+    state = app.AppState.load("testbed", limits=AppLimits(max_epochs=500))
+    state.finetune_defaults.update(TINY_FINETUNE)
+    app.example_images(state, "red circle", 1)[0].save(tmp_path / "red.png")
+    before, handlers = list(state.adapters), [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    demo = app.build_app(state)
+    _, url, _ = app.launch(demo, port=free_port(), block=False)
+    client, seen = Client(url, verbose=False), []
+    job = fine_tune(client, str(tmp_path / "red.png"), 500)
+
+    def terminate_once_training():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not seen:
+            seen.extend(set(state.adapters) - set(before))
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_training, daemon=True).start()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            app_serve.serve(demo, state)
+    finally:
+        client.close()
+        demo.close()
+    assert exit_info.value.code == 143 and seen, seen  # the signal came while the run's adapter existed
+    assert state.adapters == before and state.lifecycle.active == 0 and not demo.is_running
+    assert not os.path.exists(state.workdir)
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
+    with pytest.raises(Exception):  # noqa: B017  # the server is gone: whatever the client raises
+        job.result(timeout=30)
+
+
 # ---- the app process, signalled -----------------------------------------------------------------------------------
 
 

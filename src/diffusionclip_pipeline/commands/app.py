@@ -35,7 +35,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from .app_limits import AppLimits, FinetuneStopped
-from .app_serve import Lifecycle, exit_on_sigterm, serve, stop_guard, tracked, uploads_into
+from .app_serve import SHUTDOWN_SECONDS, Lifecycle, exit_on_sigterm, serve, stop_guard, tracked, uploads_into
 from .errors import CLIError
 from .loading import load_pipeline
 from .options import checked
@@ -124,7 +124,7 @@ class AppState:
     def workdir(self) -> str:
         return self._workdir.name
 
-    def close(self, timeout: float = 30.0) -> bool:
+    def close(self, timeout: float = SHUTDOWN_SECONDS) -> bool:
         """Refuses new requests, stops a running fine-tune at its next step, waits for the requests in flight (at most
         ``timeout`` seconds) and removes the work folder; returns whether no request was left running."""
         self.lifecycle.closing.set()
