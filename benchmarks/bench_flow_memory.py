@@ -140,6 +140,12 @@ def block_inputs(kind: str, dim: int, head_dim: int, n_image: int, n_text: int, 
     return inputs
 
 
+def _dtype(precision: str) -> torch.dtype:
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"`precision` must be 'fp32' or 'bf16', got {precision!r}.")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 @contextlib.contextmanager
 def saved_tensor_bytes(exclude_storages=()):
     """Counts what autograd saves for backward inside the block: ``{"bytes": n, "tensors": k}``, each storage once
@@ -190,14 +196,13 @@ def measure_block(kind: str, dim: int, heads: int, head_dim: int, n_image: int, 
         `dict`: ``saved_bytes`` (activations kept for backward), ``input_bytes`` (what checkpointing keeps),
         ``block_params``, ``lora_params``, ``saved_tensors``, ``seconds``.
     """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"`precision` must be 'fp32' or 'bf16', got {precision!r}.")
+    _dtype(precision)
     if target_modules is None:
         from diffusionclip_pipeline.families.flow import FLOW_TARGET_MODULES as target_modules
     torch.manual_seed(0)
     block = build_block(kind, dim, heads, head_dim)
     block_params = sum(p.numel() for p in block.parameters())
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = _dtype(precision)
     block.to(dtype)
     lora_params = add_lora(block, rank, target_modules)
     for name, p in block.named_parameters():
@@ -217,31 +222,62 @@ def measure_block(kind: str, dim: int, heads: int, head_dim: int, n_image: int, 
 # ---- the loss's decoders and CLIP -----------------------------------------------------------------------------------
 
 
+def _checkpointed_decoder(vae, z: torch.Tensor, precision: str) -> dict:
+    """The decoder with diffusers' gradient checkpointing (mid block and each up block a segment): what autograd saves
+    outside the segments, plus every segment's inputs (kept for the recompute), plus the largest segment's own saved
+    bytes (alive while it is recomputed in backward), each segment measured alone on its captured inputs."""
+    segments = [vae.decoder.mid_block, *vae.decoder.up_blocks]
+    captured: dict[int, tuple] = {}
+
+    def capture(module, args) -> None:  # the first call's inputs (backward's recompute calls it again)
+        captured.setdefault(id(module), (module, args))
+
+    hooks = [m.register_forward_pre_hook(capture) for m in segments]
+    vae.enable_gradient_checkpointing()
+    try:
+        outer, seconds = _run_with_grad(vae, {"z": z}, precision, call=lambda m, i: m.decode(i["z"]).sample)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    kept = sum(a.numel() * a.element_size() for _, args in captured.values() for a in args if torch.is_tensor(a))
+    largest = 0
+    for module, args in captured.values():
+        args = tuple(a.detach().requires_grad_() if torch.is_tensor(a) else a for a in args)
+        saved, _ = _run_with_grad(module, {"args": args}, precision, call=lambda m, i: m(*i["args"]))
+        largest = max(largest, saved["bytes"])
+    return {"bytes": outer["bytes"] + kept + largest, "outside": outer["bytes"], "kept_inputs": kept,
+            "largest_segment": largest, "seconds": seconds}  # fmt: skip
+
+
 def measure_decoder(kind: str, resolution: int, precision: str = "bf16", config: dict | None = None) -> dict:
     """Decode of one ``resolution`` px image with gradients into the latents (weights frozen): ``kind`` ``kl`` (the
-    16-channel `AutoencoderKL` of SD3 / Flux) or ``tiny`` (`AutoencoderTiny`, TAESD3 / TAEF1)."""
+    16-channel `AutoencoderKL` of SD3 / Flux), ``kl_ckpt`` (the same with gradient checkpointing, as
+    ``FinetuneConfig(decoder_gradient_checkpointing=True)``; see `_checkpointed_decoder`) or ``tiny``
+    (`AutoencoderTiny`, TAESD3 / TAEF1)."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
-    if kind not in ("kl", "tiny"):
-        raise ValueError(f"`kind` must be 'kl' or 'tiny', got {kind!r}.")
-    cls, config = (
-        (AutoencoderKL, config or FLOW_VAE_CONFIG) if kind == "kl" else (AutoencoderTiny, config or TAE_FLOW_CONFIG)
-    )
+    if kind not in ("kl", "kl_ckpt", "tiny"):
+        raise ValueError(f"`kind` must be 'kl', 'kl_ckpt' or 'tiny', got {kind!r}.")
+    _dtype(precision)
+    cls, default = (AutoencoderTiny, TAE_FLOW_CONFIG) if kind == "tiny" else (AutoencoderKL, FLOW_VAE_CONFIG)
+    config = config or default
     check_config(cls, config)
     torch.manual_seed(0)
     vae = cls(**config).requires_grad_(False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = _dtype(precision)
     vae.to(dtype)
-    latent_channels = config.get("latent_channels", 4)
-    downscale = 2 ** (len(vae.config.block_out_channels) - 1) if kind == "kl" else 8
-    z = torch.randn(1, latent_channels, resolution // downscale, resolution // downscale, dtype=dtype)
-    saved, seconds = _run_with_grad(
-        vae, {"z": z.requires_grad_()}, precision, call=lambda m, i: m.decode(i["z"]).sample
-    )
-    params = sum(p.numel() for p in vae.decoder.parameters())
-    return {"kind": kind, "precision": precision, "resolution": resolution, "saved_bytes": saved["bytes"],
-            "decoder_params": params, "params": sum(p.numel() for p in vae.parameters()),
-            "seconds": round(seconds, 1)}  # fmt: skip
+    downscale = 8 if kind == "tiny" else 2 ** (len(vae.config.block_out_channels) - 1)
+    side = resolution // downscale
+    z = torch.randn(1, config.get("latent_channels", 4), side, side, dtype=dtype).requires_grad_()
+    if kind == "kl_ckpt":
+        saved = _checkpointed_decoder(vae, z, precision)
+        seconds = saved.pop("seconds")
+    else:
+        saved, seconds = _run_with_grad(vae, {"z": z}, precision, call=lambda m, i: m.decode(i["z"]).sample)
+    parts = {k: v for k, v in saved.items() if k not in ("bytes", "tensors")}
+    return {"kind": kind, "precision": precision, "resolution": resolution, "saved_bytes": saved["bytes"], **parts,
+            "decoder_params": sum(p.numel() for p in vae.decoder.parameters()),
+            "params": sum(p.numel() for p in vae.parameters()), "seconds": round(seconds, 1)}  # fmt: skip
 
 
 def clip_b16_config():
@@ -262,7 +298,7 @@ def measure_clip(precision: str = "bf16") -> dict:
 
     torch.manual_seed(0)
     clip = CLIPModel(clip_b16_config()).requires_grad_(False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = _dtype(precision)
     clip.to(dtype)
     pixels = torch.randn(1, 3, 224, 224, dtype=dtype).requires_grad_()
 
@@ -374,12 +410,14 @@ def estimate_rows(results: dict, counts: dict) -> list[dict]:
             row = dict(model=model, resolution=res, weights=2 * counts[f"{model}_with_buffers"] / GB,
                        lora_params=lora, lora_adam=16 * lora / GB, lora_adam8=10 * lora / GB, act_full=act_full,
                        act_ckpt=act_ckpt, vae=vae_w + _decoder_bytes(results, "kl", res) / GB,
+                       vae_ckpt=vae_w + _decoder_bytes(results, "kl_ckpt", res) / GB,
                        tae=tae_w + _decoder_bytes(results, "tiny", res) / GB, clip=clip_gb)  # fmt: skip
             base = row["weights"] + row["clip"]
             row["A"] = base + row["lora_adam"] + act_full + row["vae"]
             row["B"] = base + row["lora_adam"] + act_ckpt + row["vae"]
-            row["C"] = base + row["lora_adam"] + act_ckpt + row["tae"]
-            row["D"] = base + row["lora_adam8"] + act_ckpt + row["tae"]
+            row["C"] = base + row["lora_adam"] + act_ckpt + row["vae_ckpt"]
+            row["D"] = base + row["lora_adam"] + act_ckpt + row["tae"]
+            row["E"] = base + row["lora_adam8"] + act_ckpt + row["tae"]
             rows.append(row)
     return rows
 
@@ -387,8 +425,9 @@ def estimate_rows(results: dict, counts: dict) -> list[dict]:
 SETTINGS = {
     "A": "bf16 base, fp32 LoRA + Adam, no checkpointing, full VAE decoder",
     "B": "A + gradient checkpointing on the transformer",
-    "C": "B + TAESD3 / TAEF1 as loss_vae",
-    "D": "C + 8-bit Adam (bitsandbytes)",
+    "C": "B + decoder checkpointing (decoder_gradient_checkpointing=True)",
+    "D": "B + TAESD3 / TAEF1 as loss_vae (instead of the full decoder)",
+    "E": "D + 8-bit Adam (bitsandbytes)",
 }
 
 
@@ -435,12 +474,12 @@ def print_tables(results: dict, counts: dict) -> list[dict]:
     rows = estimate_rows(results, counts)
     print("\n## ESTIMATE: the parts, GB (1e9 B), batch 1, bf16 measurements; text encoders offloaded\n")
     print(_row("model", "px", "weights bf16", "LoRA params", "LoRA+grad+Adam (8-bit)", "activations (ckpt)",
-               "VAE decode (TAE)", "CLIP")  # fmt: skip
+               "VAE decode (ckpt; TAE)", "CLIP")  # fmt: skip
           + "\n" + _row(*["---"] * 8))  # fmt: skip
     for r in rows:
         print(_row(r["model"], r["resolution"], f"{r['weights']:.2f}", f"{r['lora_params']:,}",
                    f"{r['lora_adam']:.3f} ({r['lora_adam8']:.3f})", f"{r['act_full']:.2f} ({r['act_ckpt']:.2f})",
-                   f"{r['vae']:.2f} ({r['tae']:.2f})", f"{r['clip']:.2f}"))  # fmt: skip
+                   f"{r['vae']:.2f} ({r['vae_ckpt']:.2f}; {r['tae']:.2f})", f"{r['clip']:.2f}"))  # fmt: skip
     print("\n## ESTIMATE: totals, GB, and the smallest of a 24 / 80 GB GPU it fits\n")
     print(_row("model", "px", *SETTINGS) + "\n" + _row(*["---"] * (2 + len(SETTINGS))))
     for r in rows:

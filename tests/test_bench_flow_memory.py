@@ -53,6 +53,8 @@ def test_errors(bench):
         bench.build_block("unet", 32, 2, 16)
     with pytest.raises(ValueError, match="`kind`"):
         bench.measure_decoder("kl3", 64)
+    with pytest.raises(ValueError, match="`precision`"):
+        bench.measure_decoder("kl", 64, "fp16")
     from diffusers import FluxTransformer2DModel
 
     with pytest.raises(ValueError, match="num_blocks"):
@@ -80,6 +82,9 @@ def test_estimate_adds_up_its_parts(bench):
     results["decoder/kl/512/bf16"] = dict(
         kind="kl", resolution=512, saved_bytes=400, decoder_params=1, precision="bf16"
     )
+    results["decoder/kl_ckpt/512/bf16"] = dict(
+        kind="kl_ckpt", resolution=512, saved_bytes=100, decoder_params=1, precision="bf16"
+    )
     results["decoder/tiny/512/bf16"] = dict(
         kind="tiny", resolution=512, saved_bytes=40, decoder_params=1, precision="bf16"
     )
@@ -91,9 +96,24 @@ def test_estimate_adds_up_its_parts(bench):
     lora = 13 * 3 + 11 * 6
     act_full = (13 * 100 * 1024 + 11 * 200 * 1024) / gb
     act_ckpt = (24 * 7 * 1024 + 200 * 1024) / gb
-    vae, tae, clip = (40 + 400 * 4) / gb, (10 + 40 * 4) / gb, (20 + 30) / gb
+    vae, vae_ckpt, tae, clip = (40 + 400 * 4) / gb, (40 + 100 * 4) / gb, (10 + 40 * 4) / gb, (20 + 30) / gb
     assert r["lora_params"] == lora
     assert r["A"] == pytest.approx(2000 / gb + clip + 16 * lora / gb + act_full + vae)
     assert r["B"] == pytest.approx(2000 / gb + clip + 16 * lora / gb + act_ckpt + vae)
-    assert r["C"] == pytest.approx(2000 / gb + clip + 16 * lora / gb + act_ckpt + tae)
-    assert r["D"] == pytest.approx(2000 / gb + clip + 10 * lora / gb + act_ckpt + tae)
+    assert r["C"] == pytest.approx(2000 / gb + clip + 16 * lora / gb + act_ckpt + vae_ckpt)
+    assert r["D"] == pytest.approx(2000 / gb + clip + 16 * lora / gb + act_ckpt + tae)
+    assert r["E"] == pytest.approx(2000 / gb + clip + 10 * lora / gb + act_ckpt + tae)
+
+
+def test_checkpointed_decoder_keeps_the_segment_inputs(bench):
+    from diffusers import AutoencoderKL
+
+    config = dict(bench.FLOW_VAE_CONFIG, block_out_channels=(32, 32, 32, 32))
+    full = bench.measure_decoder("kl", 64, "fp32", config)
+    ckpt = bench.measure_decoder("kl_ckpt", 64, "fp32", config)
+    side = 64 // 8
+    # the inputs of the mid block and the 4 up blocks (3 of them upsample 2x), 32 channels, float32
+    assert ckpt["kept_inputs"] == 4 * 32 * side**2 * (1 + 1 + 4 + 16 + 64)
+    assert ckpt["saved_bytes"] == ckpt["outside"] + ckpt["kept_inputs"] + ckpt["largest_segment"]
+    assert ckpt["saved_bytes"] < full["saved_bytes"]
+    assert ckpt["params"] == full["params"] == bench.meta_parameter_count(AutoencoderKL, config)
