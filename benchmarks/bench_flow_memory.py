@@ -344,8 +344,12 @@ def parameter_counts() -> dict:
 # ---- the run and the estimate -------------------------------------------------------------------------------------
 
 MODELS = {
-    "sd3.5-medium": dict(config=SD35_MEDIUM_CONFIG, blocks={"sd3_dual": 13, "sd3": 11}),
-    "flux-dev": dict(config=FLUX_DEV_CONFIG, blocks={"flux_double": 19, "flux_single": 38}),
+    "sd3.5-medium": dict(
+        config=SD35_MEDIUM_CONFIG, blocks={"sd3_dual": 13, "sd3": 11}, text_encoders=("t5_xxl", "clip_l", "clip_g")
+    ),
+    "flux-dev": dict(
+        config=FLUX_DEV_CONFIG, blocks={"flux_double": 19, "flux_single": 38}, text_encoders=("t5_xxl", "clip_l")
+    ),
 }
 GB = 1e9
 CUDA_OVERHEAD_GB = 1.0  # an ASSUMPTION (CUDA context, cuBLAS workspace), not measured here
@@ -360,9 +364,7 @@ def jobs(resolutions, precisions) -> list[tuple]:
         return [("block", model, kind, res, precision) for res in resolutions for model, kind in kinds]
 
     out = blocks("bf16") if "bf16" in precisions else []
-    out += [("decoder", "tiny", res, "bf16") for res in (256, 512)] + [
-        ("decoder", "kl", res, "bf16") for res in (256, 512)
-    ]
+    out += [("decoder", kind, res, "bf16") for kind in ("tiny", "kl", "kl_ckpt") for res in (256, 512)]
     out += [("clip", "bf16"), ("clip", "fp32"), ("decoder", "kl", 256, "fp32")]
     return out + (blocks("fp32") if "fp32" in precisions else [])
 
@@ -390,34 +392,37 @@ def _decoder_bytes(results: dict, kind: str, res: int) -> float:
     return measured[top] * (res / top) ** 2
 
 
-def estimate_rows(results: dict, counts: dict) -> list[dict]:
-    """The ESTIMATE per model and resolution, in GB (1e9 bytes), from the bf16 measurements: see the module doc."""
+def estimate_rows(results: dict, counts: dict, batch: int = 1) -> list[dict]:
+    """The ESTIMATE per model and resolution, in GB (1e9 bytes), from the bf16 measurements at batch 1: weights and
+    optimizer state as counted, every activation term times ``batch`` (derived: all of them are per image)."""
     rows = []
     clip = next(
         r for r in results.values() if "decoder_params" not in r and "kind" not in r and r["precision"] == "bf16"
     )
-    clip_gb = (2 * counts["clip_b16"] + clip["saved_bytes"]) / GB
+    clip_gb = (2 * counts["clip_b16"] + batch * clip["saved_bytes"]) / GB
     for model, spec in MODELS.items():
         for res in RESOLUTIONS:
             per = {k: results.get(f"block/{model}/{k}/{res}/bf16") for k in spec["blocks"]}
             if any(v is None for v in per.values()):
                 continue
             lora = sum(n * per[k]["lora_params"] for k, n in spec["blocks"].items())
-            act_full = sum(n * per[k]["saved_bytes"] for k, n in spec["blocks"].items()) / GB
-            act_ckpt = (sum(n * per[k]["input_bytes"] for k, n in spec["blocks"].items())
-                        + max(v["saved_bytes"] for v in per.values())) / GB  # fmt: skip
+            act_full = batch * sum(n * per[k]["saved_bytes"] for k, n in spec["blocks"].items()) / GB
+            act_ckpt = batch * (sum(n * per[k]["input_bytes"] for k, n in spec["blocks"].items())
+                                + max(v["saved_bytes"] for v in per.values())) / GB  # fmt: skip
             vae_w, tae_w = 2 * counts["vae"] / GB, 2 * counts["tae"] / GB
-            row = dict(model=model, resolution=res, weights=2 * counts[f"{model}_with_buffers"] / GB,
+            decoder = {kind: batch * _decoder_bytes(results, kind, res) / GB for kind in ("kl", "kl_ckpt", "tiny")}
+            row = dict(model=model, resolution=res, batch=batch, weights=2 * counts[f"{model}_with_buffers"] / GB,
                        lora_params=lora, lora_adam=16 * lora / GB, lora_adam8=10 * lora / GB, act_full=act_full,
-                       act_ckpt=act_ckpt, vae=vae_w + _decoder_bytes(results, "kl", res) / GB,
-                       vae_ckpt=vae_w + _decoder_bytes(results, "kl_ckpt", res) / GB,
-                       tae=tae_w + _decoder_bytes(results, "tiny", res) / GB, clip=clip_gb)  # fmt: skip
+                       act_ckpt=act_ckpt, vae=vae_w + decoder["kl"], vae_ckpt=vae_w + decoder["kl_ckpt"],
+                       tae=tae_w + decoder["tiny"], clip=clip_gb,
+                       text_encoders=2 * sum(counts[name] for name in spec["text_encoders"]) / GB)  # fmt: skip
             base = row["weights"] + row["clip"]
             row["A"] = base + row["lora_adam"] + act_full + row["vae"]
             row["B"] = base + row["lora_adam"] + act_ckpt + row["vae"]
             row["C"] = base + row["lora_adam"] + act_ckpt + row["vae_ckpt"]
             row["D"] = base + row["lora_adam"] + act_ckpt + row["tae"]
             row["E"] = base + row["lora_adam8"] + act_ckpt + row["tae"]
+            row["E+text"] = row["E"] + row["text_encoders"]
             rows.append(row)
     return rows
 
@@ -428,6 +433,7 @@ SETTINGS = {
     "C": "B + decoder checkpointing (decoder_gradient_checkpointing=True)",
     "D": "B + TAESD3 / TAEF1 as loss_vae (instead of the full decoder)",
     "E": "D + 8-bit Adam (bitsandbytes)",
+    "E+text": "E with the text encoders kept on the GPU in bf16 (no offloading)",
 }
 
 
@@ -481,9 +487,9 @@ def print_tables(results: dict, counts: dict) -> list[dict]:
                    f"{r['lora_adam']:.3f} ({r['lora_adam8']:.3f})", f"{r['act_full']:.2f} ({r['act_ckpt']:.2f})",
                    f"{r['vae']:.2f} ({r['vae_ckpt']:.2f}; {r['tae']:.2f})", f"{r['clip']:.2f}"))  # fmt: skip
     print("\n## ESTIMATE: totals, GB, and the smallest of a 24 / 80 GB GPU it fits\n")
-    print(_row("model", "px", *SETTINGS) + "\n" + _row(*["---"] * (2 + len(SETTINGS))))
-    for r in rows:
-        print(_row(r["model"], r["resolution"], *(f"{r[s]:.1f} ({fits(r[s])})" for s in SETTINGS)))
+    print(_row("model", "px", "batch", *SETTINGS) + "\n" + _row(*["---"] * (3 + len(SETTINGS))))
+    for r in rows + estimate_rows(results, counts, batch=4):
+        print(_row(r["model"], r["resolution"], r["batch"], *(f"{r[s]:.1f} ({fits(r[s])})" for s in SETTINGS)))
     for key, text in SETTINGS.items():
         print(f"- {key}: {text}")
     return rows

@@ -72,7 +72,9 @@ def test_transcribed_configs_match_the_installed_classes(bench):
 
 
 def test_estimate_adds_up_its_parts(bench):
-    results, counts = {}, {"clip_b16": 10, "vae": 20, "tae": 5, "sd3.5-medium_with_buffers": 1000}
+    counts = {"clip_b16": 10, "vae": 20, "tae": 5, "sd3.5-medium_with_buffers": 1000, "t5_xxl": 1, "clip_l": 2}
+    results = {}
+    counts["clip_g"] = 4
     for i, kind in enumerate(("sd3_dual", "sd3")):
         for res in (512, 1024):
             results[f"block/sd3.5-medium/{kind}/{res}/bf16"] = dict(
@@ -103,6 +105,10 @@ def test_estimate_adds_up_its_parts(bench):
     assert r["C"] == pytest.approx(2000 / gb + clip + 16 * lora / gb + act_ckpt + vae_ckpt)
     assert r["D"] == pytest.approx(2000 / gb + clip + 16 * lora / gb + act_ckpt + tae)
     assert r["E"] == pytest.approx(2000 / gb + clip + 10 * lora / gb + act_ckpt + tae)
+    assert r["E+text"] == pytest.approx(r["E"] + 2 * (1 + 2 + 4) / gb)
+    r2 = bench.estimate_rows(results, counts, batch=2)[1]  # activations per image: twice as many, weights once
+    act2 = 2 * act_ckpt + (2 - 1) * (30 + 40 * 4) / gb
+    assert r2["E"] == pytest.approx(2000 / gb + clip + 10 * lora / gb + act2 + tae)
 
 
 def test_checkpointed_decoder_keeps_the_segment_inputs(bench):
