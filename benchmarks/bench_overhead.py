@@ -70,7 +70,7 @@ def build(model: str):
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     size = unet.config.sample_size
-    images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))  # [0, 1], as diffusers reads
     return pipe, images, dict(batch_size=1)
 
 

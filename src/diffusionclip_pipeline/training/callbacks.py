@@ -333,7 +333,7 @@ class Validation:
         try:
             with frozen(trainer.params), torch.random.fork_rng(devices=devices), _progress_bars_off(pipe):
                 return evaluation.edit_and_score(
-                    pipe, pipe.prepare_image(self.x0, name="images"), self.prompt_src, self.prompt_tar,
+                    pipe, self.x0, self.prompt_src, self.prompt_tar,
                     self.clip_losses, self.batch_size, self.x_t0, self.edit_kwargs,
                 )  # fmt: skip
         except FloatingPointError as error:
