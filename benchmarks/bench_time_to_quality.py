@@ -108,8 +108,9 @@ def _final_edit(pipe, test, target, kind: str, seed: int) -> dict:
     return {"final_edit": kind, **{f"{k}_final": v for k, v in scores.items()}}
 
 
-def run_one(recipe: str, pair: str, seed: int, out_dir: str, tiny: bool = False) -> str:
-    """One run; returns its file (already there: skipped)."""
+def run_one(recipe: str, pair: str, seed: int, out_dir: str, tiny: bool = False, edit_epochs=()) -> str:
+    """One run; returns its file (already there: skipped). The recipe's published edit scores the adapter after the
+    last epoch and after each of ``edit_epochs``."""
     from diffusionclip_pipeline.testbed import load_pipeline, world
     from diffusionclip_pipeline.testbed.settings import RECOMMENDED_FINETUNE
     from diffusionclip_pipeline.utils.io import atomic_write_text
@@ -145,7 +146,7 @@ def run_one(recipe: str, pair: str, seed: int, out_dir: str, tiny: bool = False)
             "held_out": logs["validation"], "training": logs["training_scores"],
             "validation_s": round(logs["validation_seconds"], 3), "callback_s": round(spent["callback"], 3),
         }  # fmt: skip
-        if epoch == num_epochs:
+        if epoch == num_epochs or epoch in edit_epochs:
             record.update(_final_edit(pipe, test, target, final_kind, seed))
         records.append(record)
         print(f"  {recipe} {pair} seed {seed} epoch {epoch}: {record['success']:.0%} at {train_s:.1f} s", flush=True)
@@ -177,6 +178,14 @@ def read_runs(out_dir: str) -> list[dict]:
     return runs
 
 
+def _published(epochs: list[dict]) -> str:
+    """The published edit's success at each epoch it was scored: "97 %" (the last only) or "e3 81 %, e15 97 %"."""
+    scored = [e for e in epochs if "success_final" in e]
+    if len(scored) == 1:
+        return _pct(scored[0]["success_final"])
+    return ", ".join(f"e{e['epoch']} {_pct(e['success_final'])} ({e['train_s']:.0f} s)" for e in scored) or "-"
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.0%}"
 
@@ -192,7 +201,7 @@ def report(runs: list[dict]) -> str:
     lines = ["| recipe | pair | seed | epoch | train s | fwd+bwd / image | success | bg ok | held-out s_dir | "
              "training s_dir |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     summary = ["| recipe | pair | seed | epochs | train s | fwd+bwd / img | inversion fwd / img | best success "
-               "(epoch, s) | first >= 90 % (epoch, s) | last | final edit | final success |",
+               "(epoch, s) | first >= 90 % (epoch, s) | last | published edit | its success (epoch, s) |",
                "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     agreement = ["| recipe | pair | seed | epochs | r(training s_dir, held-out s_dir) | r(training s_dir, success) | "
                  "r(held-out s_dir, success) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -212,7 +221,7 @@ def report(runs: list[dict]) -> str:
             f"{last['fwd_bwd_per_image']:.0f} | {last['inversion_fwd_per_image']:.0f} | {best['success']:.0%} ("
             f"{best['epoch']}, {best['train_s']:.0f} s) | "
             + (f"{first['success']:.0%} ({first['epoch']}, {first['train_s']:.0f} s)" if first else "never")
-            + f" | {last['success']:.0%} | {last.get('final_edit', '-')} | {_pct(last.get('success_final'))} |"
+            + f" | {last['success']:.0%} | {last.get('final_edit', '-')} | {_published(epochs)} |"
         )
         train_dir = [e["training"]["s_dir"] for e in epochs]
         held_dir = [e["held_out"]["s_dir"] for e in epochs]
@@ -325,6 +334,8 @@ def main(argv=None) -> list[str]:
     parser.add_argument("--report", action="store_true", help="print the tables of the finished runs")
     parser.add_argument("--figure", help="with --report: draw the PNG here")
     parser.add_argument("--list", action="store_true", help="print the recipes")
+    parser.add_argument("--edit-epochs", nargs="*", type=int, default=[],
+                        help="also score the published edit after these epochs (the last always)")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="smoke run: 4 + 4 images, 2 epochs")
     args = parser.parse_args(argv)
     if args.list:
@@ -343,7 +354,7 @@ def main(argv=None) -> list[str]:
     for seed in args.seeds:  # seed outer: every recipe at the choosing seed first
         for pair in args.pairs:
             for recipe in args.recipes:
-                paths.append(run_one(recipe, pair, seed, args.out, tiny=args.tiny))
+                paths.append(run_one(recipe, pair, seed, args.out, args.tiny, tuple(args.edit_epochs)))
     return paths
 
 
