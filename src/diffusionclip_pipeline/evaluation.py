@@ -2,7 +2,7 @@
 CLIP score; the scores of a pipeline's edits (`evaluate_edit`, which fine-tuning's validation uses) and a sweep over
 edit strength and inversion depth (`sweep`).
 
-The functions take images in any form `DiffusionCLIPPipeline.invert` accepts (PIL, numpy, torch in [-1, 1]; single
+The functions take images in any form `DiffusionCLIPPipeline.invert` accepts (PIL, numpy, torch in [0, 1]; single
 or lists) and work for real models as for the test-bed. Non-square images are centre-cropped.
 """
 
@@ -19,7 +19,7 @@ from diffusers.utils import BaseOutput
 
 from .choices import ENCODINGS, INVERSION_STARTS
 from .image_io import image_grid
-from .image_processing import postprocess_image, preprocess_image
+from .image_processing import PreparedImages, postprocess_image, preprocess_image
 from .training.data import inverted_batches
 from .training.losses import CLIPDirectionalLoss
 from .utils.checks import check_choice, check_number, check_positive_int, check_prompt, check_timestep, short_repr
@@ -296,7 +296,7 @@ def edit_and_score(
     edited = []
     for part in _batches(x0.shape[0], batch_size):
         kwargs = {**edit_kwargs, "generator": _sliced(edit_kwargs.get("generator"), part)}
-        source = {"image": x0[part]} if latents is None else {"latents": latents[part]}
+        source = {"image": PreparedImages(x0[part])} if latents is None else {"latents": latents[part]}
         edited.append(pipe.edit(**source, **kwargs, output_type="pt").images.float().cpu())
     edited = torch.cat(edited)
     if not bool(torch.isfinite(edited).all()):
@@ -404,7 +404,7 @@ def sweep(
         x_t0 = torch.cat([x for _, x in inverted])
         for strength in strengths:
             out = evaluate_edit(
-                pipe, x0, prompt_src, prompt_tar, clip_losses, batch_size, latents=x_t0, t0=t0,
+                pipe, PreparedImages(x0), prompt_src, prompt_tar, clip_losses, batch_size, latents=x_t0, t0=t0,
                 edit_strength=strength, **edit_kwargs,
             )  # fmt: skip
             table.append({"t0": t0, "edit_strength": strength, **out.scores})

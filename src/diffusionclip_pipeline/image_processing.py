@@ -5,7 +5,13 @@ Accepted inputs (single items or lists of them):
 - `PIL.Image.Image` of any mode (converted to RGB, or to L for one-channel models); 16-bit (``I;16``, ``I``) and
   float (``F``) grey images are scaled by their real range (0-65535, and [0, 1] for ``F``) rather than clipped;
 - `numpy.ndarray` HWC (or NHWC), either ``uint8`` in [0, 255] or floating point in [0, 1];
-- `torch.Tensor` CHW or NCHW, floating point in **[-1, 1]** (the model's own range, as diffusers' latents).
+- `torch.Tensor` CHW or NCHW, floating point in **[0, 1]**, as diffusers' `VaeImageProcessor` reads tensors and as
+  ``output_type="pt"`` returns them (so an output can be fed back in). A tensor with negative values is read in
+  [-1, 1], this package's convention before 0.2, with a `FutureWarning` (as `VaeImageProcessor` warns); that reading
+  will be removed in 0.3. A [-1, 1] tensor without negative values cannot be told apart: convert with
+  ``(x + 1) / 2``;
+- `PreparedImages`: tensors already in the model's [-1, 1] range (what `DiffusionCLIPPipeline.prepare_image`
+  returns), passed between the package's own calls without another conversion.
 
 Images whose size differs from the model's ``sample_size`` are centre-cropped to a square (the shorter side) and
 then resized: PIL inputs with PIL's bicubic filter (antialiased), numpy and tensor inputs with
@@ -15,12 +21,33 @@ the documented ranges, NaN or infinite values, and empty images are an error.
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 
 _RANGE_TOLERANCE = 1e-3
+
+OLD_TENSOR_RANGE_WARNING = (
+    "`{name}` is a torch tensor with negative values: read in [-1, 1], the convention of diffusionclip-pipeline "
+    "0.1. Tensors are now read in [0, 1], as diffusers' VaeImageProcessor reads them and as output_type='pt' "
+    "returns them; pass (x + 1) / 2. The [-1, 1] reading will be removed in 0.3."
+)
+
+
+@dataclass(frozen=True)
+class PreparedImages:
+    """Images already in the model's range: an NCHW float tensor in [-1, 1], as `DiffusionCLIPPipeline.prepare_image`
+    returns it. The package's own calls pass prepared images in this wrapper so that they are not read again as
+    user input (whose tensors are in [0, 1])."""
+
+    tensor: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.tensor.shape[0])
 
 
 def _short(value) -> str:
@@ -96,11 +123,25 @@ def _numpy_to_tensor(array: np.ndarray, name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2) * 2.0 - 1.0
 
 
+def _checked_tensor(image: torch.Tensor, name: str) -> torch.Tensor:
+    """``image`` as NCHW, after the checks every tensor input gets (dtype, shape, not empty, finite)."""
+    if not torch.is_floating_point(image):
+        raise TypeError(f"`{name}` as a tensor must be floating point in [0, 1], got dtype {image.dtype}.")
+    x = image[None] if image.ndim == 3 else image
+    if x.ndim != 4:
+        raise ValueError(f"`{name}` as a tensor must be CHW or NCHW, got shape {tuple(image.shape)}.")
+    if x.numel() == 0:
+        raise ValueError(f"`{name}` must not be empty, got shape {tuple(image.shape)}.")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"`{name}` holds NaN or infinite values.")
+    return x
+
+
 def preprocess_image(image, size: int, channels: int = 3, name: str = "image") -> torch.Tensor:
     """Converts ``image`` (see the module docstring for what is accepted) to a float32 NCHW tensor in [-1, 1].
 
     Args:
-        image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them): The image(s).
+        image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `PreparedImages` or a list of them): The image(s).
         size (`int`): The model's square ``sample_size``.
         channels (`int`, *optional*, defaults to 3): The model's input channels (3 for RGB, 1 for grey).
         name (`str`, *optional*, defaults to `"image"`): The argument name used in error messages.
@@ -127,20 +168,20 @@ def preprocess_image(image, size: int, channels: int = 3, name: str = "image") -
                 f"{image.shape}.{hint}"
             )
         x = _center_crop_resize_tensor(x, size)
+    elif isinstance(image, PreparedImages):
+        x = _center_crop_resize_tensor(_checked_tensor(image.tensor, name).float(), size)
     elif isinstance(image, torch.Tensor):
-        if not torch.is_floating_point(image):
-            raise TypeError(f"`{name}` as a tensor must be floating point in [-1, 1], got dtype {image.dtype}.")
-        x = image[None] if image.ndim == 3 else image
-        if x.ndim != 4:
-            raise ValueError(f"`{name}` as a tensor must be CHW or NCHW, got shape {tuple(image.shape)}.")
-        if x.numel() == 0:
-            raise ValueError(f"`{name}` must not be empty, got shape {tuple(image.shape)}.")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"`{name}` holds NaN or infinite values.")
+        x = _checked_tensor(image, name)
         lo, hi = float(x.min()), float(x.max())
-        if lo < -1 - _RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
-            raise ValueError(f"`{name}` as a tensor must lie in [-1, 1], got values in [{lo:.3f}, {hi:.3f}].")
-        x = _center_crop_resize_tensor(x.float(), size)
+        if lo < -_RANGE_TOLERANCE:  # the old [-1, 1] convention (diffusers' VaeImageProcessor warns the same way)
+            warnings.warn(OLD_TENSOR_RANGE_WARNING.format(name=name), FutureWarning, stacklevel=4)
+            if lo < -1 - _RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+                raise ValueError(f"`{name}` as a tensor must lie in [0, 1], got values in [{lo:.3f}, {hi:.3f}].")
+            x = _center_crop_resize_tensor(x.float(), size)
+        else:
+            if hi > 1 + _RANGE_TOLERANCE:
+                raise ValueError(f"`{name}` as a tensor must lie in [0, 1], got values in [{lo:.3f}, {hi:.3f}].")
+            x = _center_crop_resize_tensor(x.float() * 2 - 1, size)
     else:
         raise TypeError(
             f"`{name}` must be a PIL image, a numpy array, a torch tensor or a list of them, got {type(image)}: "

@@ -29,7 +29,7 @@ from diffusers.utils import logging, replace_example_docstring
 from .choices import ENCODINGS, OUTPUT_TYPES
 from .families import ModelFamily, check_components, check_layout, check_loaded
 from .families.unet_adapter_api import adapter_view, plain_unet
-from .image_processing import postprocess_image, preprocess_image
+from .image_processing import PreparedImages, postprocess_image, preprocess_image
 from .loaders import DiffusionCLIPLoraLoaderMixin, lora_file, lora_state
 from .noise_mixing import MixComponent, build_mix
 from .pipeline_clip import DEFAULT_CLIP, DiffusionCLIPClipMixin
@@ -363,7 +363,7 @@ class DiffusionCLIPPipeline(
             )
         if latents is not None:
             return None, latents.repeat_interleave(n, dim=0)
-        return self.prepare_image(image).repeat_interleave(n, dim=0), None
+        return PreparedImages(self.prepare_image(image).repeat_interleave(n, dim=0)), None
 
     def _check_guidance(self, guidance_scale, prompt, negative_prompt, lora_scale: float) -> float:
         """`edit`'s checks of classifier-free guidance and of the LoRA scale, before any work; the checked scale."""
@@ -534,8 +534,10 @@ class DiffusionCLIPPipeline(
         Args:
             image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
                 Images to invert: PIL (any mode), numpy HWC/NHWC uint8 or float in [0, 1], or torch CHW/NCHW in
-                [-1, 1]. Other sizes are centre-cropped to a square and resized to `resolution` (the UNet's
-                ``sample_size`` times the autoencoder's `vae_scale_factor`).
+                [0, 1] as diffusers reads tensors (a tensor with negative values is read in [-1, 1], 0.1's
+                convention, with a `FutureWarning`; see `image_processing`). Other sizes are centre-cropped to a
+                square and resized to `resolution` (the UNet's ``sample_size`` times the autoencoder's
+                `vae_scale_factor`).
             t0 (`int`, *optional*, defaults to 500): The timestep to invert to, in [1, T - 1].
             num_inversion_steps (`int`, *optional*, defaults to 40): Steps (UNet evaluations) from 0 to ``t0``.
             num_fixed_point_iterations (`int`, *optional*, defaults to 0): Refinements of every step (see above);

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .image_processing import postprocess_image
+from .image_processing import PreparedImages, postprocess_image
 from .loaders import lora_state
 from .pipeline_output import DiffusionCLIPTranslationOutput
 from .utils.checks import check_positive_int
@@ -81,7 +81,7 @@ class DiffusionCLIPTranslationMixin:
         # 4. Edit with the active adapters, if any
         if lora_state.adapters_enabled(self.denoiser):
             images = self.edit(
-                domain, t0=edit_t0, num_inversion_steps=num_inversion_steps,
+                PreparedImages(domain), t0=edit_t0, num_inversion_steps=num_inversion_steps,
                 num_inference_steps=num_inference_steps, output_type=output_type,
                 num_fixed_point_iterations=num_fixed_point_iterations,
             ).images  # fmt: skip

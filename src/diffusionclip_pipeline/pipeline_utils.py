@@ -11,6 +11,7 @@ import torch
 from diffusers.utils import logging
 
 from .families.base import as_deterministic
+from .image_processing import PreparedImages
 from .utils.checks import check_number
 
 logger = logging.get_logger(__name__)
@@ -96,7 +97,7 @@ def check_image(image, name: str = "image") -> None:
         for item in image:
             check_image(item, name)
         return
-    if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+    if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor, PreparedImages)):
         raise TypeError(
             f"`{name}` must be a PIL image, a numpy array, a torch tensor or a list of them, got "
             f"{type(image).__name__}: {image!r:.100}."
@@ -111,6 +112,8 @@ def batch_size_of(image, latents=None) -> int:
         return sum(batch_size_of(item) for item in image)
     if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
         return image.shape[0]
+    if isinstance(image, PreparedImages):
+        return len(image)
     return 1
 
 

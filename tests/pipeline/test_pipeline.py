@@ -262,7 +262,7 @@ def test_load_clip_from_local_folder(tmp_path, clip_model, tokenizer):
         (dict(image=[torch.zeros(3, 16, 16), torch.zeros(3, 8, 8)]), ValueError, "mixed sizes"),
         (dict(image=torch.zeros(1, 4, 16, 16)), ValueError, "3 channels"),
         (dict(image=np.zeros((16, 16, 2), np.uint8)), ValueError, "3 channels"),
-        (dict(image=torch.full((1, 3, 16, 16), 3.0)), ValueError, r"\[-1, 1\]"),
+        (dict(image=torch.full((1, 3, 16, 16), 3.0)), ValueError, r"\[0, 1\]"),
         (dict(image=np.full((16, 16, 3), 2.0)), ValueError, r"\[0, 1\]"),
         (dict(image=torch.zeros(1, 3, 16, 16, dtype=torch.long)), TypeError, "floating point"),
         (dict(image=np.zeros((16, 16, 3), np.int32)), TypeError, "dtype"),

@@ -23,7 +23,7 @@ import torch
 from diffusers.loaders.lora_base import LoraBaseMixin
 
 from ..image_io import image_grid
-from ..image_processing import postprocess_image
+from ..image_processing import PreparedImages, postprocess_image
 from ..utils.checks import check_adapter_name, check_bool, check_number
 from ..utils.io import atomic_directory
 from ..utils.locking import holds_unet_lock
@@ -286,7 +286,7 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         settings = {"t0": lora_state.get_provenance(self.denoiser, adapter_name).get("t0", 500), **(edit_kwargs or {})}
         x0 = self.prepare_image(images, name="example_images")
         with lora_state.using_adapters(self.denoiser, [adapter_name]):
-            edited = self.edit(x0, **{**settings, "output_type": "pil"}).images
+            edited = self.edit(PreparedImages(x0), **{**settings, "output_type": "pil"}).images
         before = postprocess_image(x0, "pil")
         return image_grid([before, edited]), settings
 

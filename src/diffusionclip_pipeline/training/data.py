@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 from safetensors.torch import load_file
 
+from ..image_processing import PreparedImages
 from ..loaders.lora_file import atomic_save_file, weights_fingerprint
 from ..loaders.lora_state import adapters_disabled
 from ..utils.locking import unet_lock
@@ -79,8 +80,8 @@ def inverted_batches(
         batch_generator = generator[part] if isinstance(generator, list) else generator
         with unet_lock(pipe.denoiser), torch.no_grad():  # as `pipe.invert` holds them
             x_t0 = pipe._invert(
-                x0[part], t0, num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start,
-                batch_generator,
+                PreparedImages(x0[part]), t0, num_inversion_steps, num_fixed_point_iterations, prompt, encoding,
+                inversion_start, batch_generator,
             )[0]  # fmt: skip
         yield part, x_t0
 
