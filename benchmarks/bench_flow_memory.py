@@ -26,7 +26,7 @@ vision tower of the loss's CLIP ViT-B/16 at 224 px. The estimate then adds up we
 and activations for each model, resolution and setting (see `estimate_rows`).
 
     OMP_NUM_THREADS=1 nohup python benchmarks/bench_flow_memory.py --json build/flow_memory.json \
-        > build/flow_memory.log 2>&1 &        # about 25 min on one core; resumable (finished rows are kept)
+        > build/flow_memory.log 2>&1 &        # about 20 min on one core; resumable (finished rows are kept)
     python benchmarks/bench_flow_memory.py --estimate-only --json build/flow_memory.json   # the table again
 """
 
@@ -468,7 +468,8 @@ def print_tables(results: dict, counts: dict) -> list[dict]:
     print(_row("part", "px", "precision", "params", "saved MB", "s") + "\n" + _row(*["---"] * 6))
     for r in results.values():
         if "decoder_params" in r:
-            name = "AutoencoderKL (SD3/Flux VAE)" if r["kind"] == "kl" else "AutoencoderTiny (TAESD3/TAEF1)"
+            name = {"kl": "AutoencoderKL (SD3/Flux VAE)", "kl_ckpt": "AutoencoderKL, checkpointed",
+                    "tiny": "AutoencoderTiny (TAESD3/TAEF1)"}[r["kind"]]  # fmt: skip
             print(_row(name + " decode", r["resolution"], r["precision"], f"{r['params']:,}", mb(r["saved_bytes"]),
                        r["seconds"]))  # fmt: skip
         elif "kind" not in r:
