@@ -15,15 +15,16 @@ at the token counts of 512 and 1024 px (SD3: (H/16)^2 image tokens + 333 text to
   counted once by its data pointer, parameter storages excluded): the block's activation memory without
   checkpointing;
 - the bytes of the block's inputs (hidden_states, encoder_hidden_states, temb): what gradient checkpointing keeps
-  per block (the rotary table and temb are shared by all blocks in the model, counted once per block here);
+  per block (temb is shared by all blocks, counted once per block here; Flux's shared rotary table is left out);
 - parameter counts per block; whole-model counts from building the full model on the meta device.
 
 Two precisions: ``fp32`` (all float32) and ``bf16`` (base weights bfloat16, LoRA weights float32, under
 `torch.autocast(bfloat16)`: what `FinetuneConfig(mixed_precision="bf16")` does on a bfloat16 pipeline). The same
 is measured for the decoders of the pixel-space CLIP loss (the 16-channel `AutoencoderKL` of SD3 / Flux and the
-`AutoencoderTiny` of TAESD3 / TAEF1, gradients into the latents, weights frozen) at 256 and 512 px, and for the
-vision tower of the loss's CLIP ViT-B/16 at 224 px. The estimate then adds up weights, LoRA, gradients, Adam states
-and activations for each model, resolution and setting (see `estimate_rows`).
+`AutoencoderTiny` of TAESD3 / TAEF1, gradients into the latents, weights frozen; the full decoder also with gradient
+checkpointing) at 256 and 512 px, and for the vision tower of the loss's CLIP ViT-B/16 at 224 px. The estimate then
+adds up weights, LoRA, gradients, Adam states and activations for each model, resolution and setting (see
+`estimate_rows`; the results and their reading: docs/flow-memory.md).
 
     OMP_NUM_THREADS=1 nohup python benchmarks/bench_flow_memory.py --json build/flow_memory.json \
         > build/flow_memory.log 2>&1 &        # about 20 min on one core; resumable (finished rows are kept)
