@@ -152,20 +152,22 @@ def saved_tensor_bytes(exclude_storages=()):
     """Counts what autograd saves for backward inside the block: ``{"bytes": n, "tensors": k}``, each storage once
     (by data pointer), storages in ``exclude_storages`` (parameters: counted as weights) left out."""
     excluded = {int(p) for p in exclude_storages}
-    seen: dict[int, int] = {}
-    result = {"bytes": 0, "tensors": 0}
+    seen: dict[int, tuple[int, str]] = {}
+    result = {"bytes": 0, "tensors": 0, "by_dtype": {}}
 
     def pack(t):
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr not in excluded and ptr != 0:
-            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
+            seen[ptr] = (max(seen.get(ptr, (0, ""))[0], storage.nbytes()), str(t.dtype).replace("torch.", ""))
         result["tensors"] += 1
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield result
-    result["bytes"] = sum(seen.values())
+    result["bytes"] = sum(n for n, _ in seen.values())
+    for n, dtype in seen.values():
+        result["by_dtype"][dtype] = result["by_dtype"].get(dtype, 0) + n
 
 
 def _run_with_grad(module, inputs: dict, precision: str, call=None) -> tuple[dict, float]:
@@ -216,7 +218,7 @@ def measure_block(kind: str, dim: int, heads: int, head_dim: int, n_image: int, 
     return {
         "kind": kind, "precision": precision, "n_image": n_image, "n_text": n_text, "saved_bytes": saved["bytes"],
         "saved_tensors": saved["tensors"], "input_bytes": input_bytes, "block_params": block_params,
-        "lora_params": lora_params, "seconds": round(seconds, 1),
+        "lora_params": lora_params, "saved_by_dtype": saved["by_dtype"], "seconds": round(seconds, 1),
     }  # fmt: skip
 
 

@@ -27,7 +27,7 @@ def test_saved_tensor_bytes_counts_each_storage_once_and_leaves_out_parameters(b
         (x.exp() + x * x).sum()  # exp saves its result, a second storage
     with bench.saved_tensor_bytes([weight.untyped_storage().data_ptr()]) as frozen:
         (x @ weight.t()).sum()  # only the weight is needed for x's gradient, and it is excluded
-    assert once["bytes"] == 40 and once["tensors"] == 2
+    assert once["bytes"] == 40 and once["tensors"] == 2 and once["by_dtype"] == {"float32": 40}
     assert two["bytes"] == 80
     assert frozen["bytes"] == 0 and frozen["tensors"] == 1
 
@@ -42,6 +42,7 @@ def test_measure_block_toy_width(bench, kind, modules):
     assert fp32["lora_params"] == bf16["lora_params"] == modules * rank * (dim + dim)
     assert fp32["input_bytes"] == (n_image + n_text + 1) * dim * 4
     assert bf16["input_bytes"] * 2 == fp32["input_bytes"]
+    assert sum(fp32["saved_by_dtype"].values()) == fp32["saved_bytes"] and "bfloat16" in bf16["saved_by_dtype"]
     assert fp32["saved_bytes"] > fp32["input_bytes"] and bf16["saved_bytes"] > 0
     assert fp32["block_params"] == sum(p.numel() for p in bench.build_block(kind, dim, 2, 16).parameters())
 
