@@ -22,3 +22,26 @@ def test_a_flow_folder_loads_with_the_test_bed_clips(tmp_path):
 def test_a_missing_flow_folder_says_how_to_build_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="export_flow.py"):
         load_pipeline(tmp_path, kind="flow")
+
+
+def test_the_flow_settings_and_kind(tmp_path):
+    from conftest import make_pipeline
+
+    from diffusionclip_pipeline.testbed.demo import kind_of
+    from diffusionclip_pipeline.testbed.settings import recommended
+
+    finetune, edit = recommended("flow")
+    assert "lora_target_modules" not in finetune  # the family's own: the transformer has no ResNet convolutions
+    assert edit["num_inversion_steps"] == edit["num_inference_steps"]
+    StableDiffusion3Pipeline(**make_sd3_components(0)).save_pretrained(tmp_path)
+    assert kind_of(load_pipeline(tmp_path, kind="flow")) == "flow"
+    assert kind_of(make_pipeline(with_clip=False)) == "pixel"
+    with pytest.raises(ValueError, match="'pixel', 'latent' or 'flow'"):
+        recommended("vq")
+
+
+def test_the_cli_knows_the_flow_test_bed(registry):
+    from diffusionclip_pipeline.testbed.cli_plugin import register
+
+    register()
+    assert "testbed-flow" in registry.models

@@ -52,7 +52,7 @@ def test_load_pipeline_rejects_unknown_kind_and_missing_folder(tmp_path):
         load_pipeline(kind="vq")
     with pytest.raises(FileNotFoundError, match="has no model_index.json"):
         load_pipeline(tmp_path, kind="latent")
-    with pytest.raises(ValueError, match="`kind` must be 'pixel' or 'latent', got 'x'"):
+    with pytest.raises(ValueError, match="`kind` must be 'pixel', 'latent' or 'flow', got 'x'"):
         recommended("x")
 
 

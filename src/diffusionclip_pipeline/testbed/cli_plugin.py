@@ -25,7 +25,8 @@ NUM_THREADS = 1
 def register() -> None:
     """Registers the models ``testbed`` (with `RECOMMENDED_FINETUNE` / `RECOMMENDED_EDIT`, `FAST_FINETUNE` /
     `FAST_EDIT` for ``--fast``, one thread, and `render_training_images`) and ``testbed-latent`` (the latent
-    test-bed, with its own recommendations), and the ``demo`` command."""
+    test-bed, with its own recommendations), ``testbed-flow`` (the flow-matching test-bed) and the ``demo``
+    command."""
     register_model(
         "testbed", load=_load_pipeline, finetune_defaults=_recommended_finetune, edit_defaults=_recommended_edit,
         help="the offline test-bed shipped with the package, with its recommended settings",
@@ -36,6 +37,11 @@ def register() -> None:
         "testbed-latent", load=_load_latent_pipeline, finetune_defaults=_recommended_finetune_latent,
         edit_defaults=_recommended_edit_latent, render=render_training_images, num_threads=NUM_THREADS,
         help="the offline latent test-bed (a tiny Stable-Diffusion-shaped model) shipped with the package",
+    )  # fmt: skip
+    register_model(
+        "testbed-flow", load=_load_flow_pipeline, finetune_defaults=_recommended_finetune_flow,
+        edit_defaults=_recommended_edit_flow, render=render_training_images, num_threads=NUM_THREADS,
+        help="the offline flow-matching test-bed (a tiny SD3-shaped model) shipped with the package",
     )  # fmt: skip
     register_command(
         "demo", help="offline: fine-tune the test-bed for a colour edit, edit held-out images",
@@ -53,6 +59,24 @@ def _load_latent_pipeline():
     from .pipeline import load_pipeline
 
     return load_pipeline(kind="latent")
+
+
+def _load_flow_pipeline():
+    from .pipeline import load_pipeline
+
+    return load_pipeline(kind="flow")
+
+
+def _recommended_finetune_flow() -> dict:
+    from .settings import recommended
+
+    return recommended("flow")[0]
+
+
+def _recommended_edit_flow() -> dict:
+    from .settings import recommended
+
+    return recommended("flow")[1]
 
 
 def _recommended_finetune_latent() -> dict:
@@ -140,8 +164,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         action=checked("check_non_negative_int"),
         help="data seed: which circles are rendered for fine-tuning (seed) and editing (seed + 1)",
     )
-    parser.add_argument(
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument(
         "--latent", action="store_true", help="the latent test-bed (VAE + text-conditioned UNet, SD's layout)"
+    )
+    kind.add_argument(
+        "--flow", action="store_true", help="the flow-matching test-bed (VAE + SD3-shaped transformer, SD3's layout)"
     )
     parser.add_argument(
         "--recommended-edit", action="store_true",
@@ -156,5 +184,5 @@ def run_demo_command(args: argparse.Namespace) -> None:
         raise ValueError(f"`--source` and `--target` are the same colour ({args.source!r}): nothing to edit.")
     check_output(args.output)
     run_demo(output_dir=args.output, source=args.source, target=args.target, num_test=args.num_test, seed=args.seed,
-             progress_bars=not args.quiet, kind="latent" if args.latent else "pixel",
-             fast_edit=not (args.latent or args.recommended_edit))  # fmt: skip
+             progress_bars=not args.quiet, kind="latent" if args.latent else "flow" if args.flow else "pixel",
+             fast_edit=not (args.latent or args.flow or args.recommended_edit))  # fmt: skip

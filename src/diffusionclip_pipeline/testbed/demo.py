@@ -22,6 +22,16 @@ blue circles at data seeds 5 and 7 when measured (before the shape-aware measure
 shape-aware: two came back as squares), docs/remeasured.md."""
 
 
+def kind_of(pipe) -> str:
+    """The test-bed kind a pipeline is: ``"flow"`` (a flow-matching family), ``"latent"`` (an autoencoder) or
+    ``"pixel"``."""
+    from ..families import FlowMatchFamily
+
+    if isinstance(pipe.family, FlowMatchFamily):
+        return "flow"
+    return "latent" if pipe.autoencoder is not None else "pixel"
+
+
 def run_edit_experiment(
     pipe,
     source_colour: str = "red",
@@ -38,14 +48,14 @@ def run_edit_experiment(
     on ``num_train`` rendered images and edits ``num_test`` other ones (seeds ``seed`` and ``seed + 1``).
 
     ``finetune_kwargs`` / ``edit_kwargs`` override the test-bed's recommended settings for the pipeline's kind
-    (``"latent"`` when it has an autoencoder, else ``"pixel"``); ``finetune_kwargs`` may also name the adapter
+    (`kind_of`: ``"flow"``, ``"latent"`` or ``"pixel"``); ``finetune_kwargs`` may also name the adapter
     (``adapter_name``, default ``"default"``).
 
     Returns:
         `dict`: ``success_rate``, the rate of every criterion, the per-image reports, the timings, and the source
         and edited PIL images.
     """
-    recommended_finetune, recommended_edit = recommended("latent" if pipe.autoencoder is not None else "pixel")
+    recommended_finetune, recommended_edit = recommended(kind_of(pipe))
     size = pipe.resolution
     target_colour_name = target_colour or source_colour
     prompt_src = f"{source_colour} {shape}"
@@ -83,11 +93,11 @@ def run_demo(output_dir: str = "diffusionclip-demo", source: str = "red", target
     """Fine-tunes the test-bed for "{source} circle" -> "{target} circle", edits ``num_test`` held-out circles,
     writes ``before_after.png`` (top: input, bottom: edited) and the adapter to ``output_dir``, and prints the success
     rate. ``progress_bars`` shows the fine-tuning and editing bars on stderr (on a terminal); ``kind="latent"`` runs
-    on the latent (Stable-Diffusion-shaped) test-bed. ``fast_edit`` (default: on for the pixel test-bed, where it was
-    measured) edits with `FAST_EDIT` (forward-noise encoding + 6 DDIM steps, seeded by ``seed``: 6 UNet calls per
-    image instead of 64; on recommended adapters 81 / 100 / 97 % of red -> blue circles at data seeds 0 / 7 / 13,
-    against 97 / 91 / 94 % for the 32 + 32-step edit, re-measured with the shape-aware measure, docs/remeasured.md)
-    instead of the recommended edit. Returns
+    on the latent (Stable-Diffusion-shaped) test-bed, ``kind="flow"`` on the flow-matching (SD3-shaped) one.
+    ``fast_edit`` (default: on for the pixel test-bed, where it was measured) edits with `FAST_EDIT` (forward-noise
+    encoding + 6 DDIM steps, seeded by ``seed``: 6 UNet calls per image instead of 64; on recommended adapters 81 /
+    100 / 97 % of red -> blue circles at data seeds 0 / 7 / 13, against 97 / 91 / 94 % for the 32 + 32-step edit,
+    re-measured with the shape-aware measure, docs/remeasured.md) instead of the recommended edit. Returns
     `run_edit_experiment`'s result."""
     for name, colour in (("source", source), ("target", target)):
         check_choice(colour, name, world.COLOURS)
@@ -105,7 +115,10 @@ def run_demo(output_dir: str = "diffusionclip-demo", source: str = "red", target
     pipe = load_pipeline(kind=kind)
     if progress_bars:
         pipe.set_progress_bar_config(disable=None, leave=False)  # None: on a terminal only
-    model = "latent test-bed (VAE + text-conditioned UNet)" if kind == "latent" else "test-bed DDPM"
+    model = {
+        "latent": "latent test-bed (VAE + text-conditioned UNet)",
+        "flow": "flow test-bed (VAE + SD3-shaped flow-matching transformer)",
+    }.get(kind, "test-bed DDPM")
     print(f"fine-tuning the {model}: '{source} circle' -> '{target} circle' on {DEMO_NUM_TRAIN} rendered images ...")
     result = run_edit_experiment(
         pipe, source, target, num_train=DEMO_NUM_TRAIN, num_test=num_test, seed=seed, edit_kwargs=edit_kwargs,

@@ -46,10 +46,20 @@ RECOMMENDED_FINETUNE_LATENT: dict = dict(RECOMMENDED_FINETUNE)
 RECOMMENDED_EDIT_LATENT: dict = dict(t0=500, num_inversion_steps=40, num_inference_steps=40)
 
 
+# The flow test-bed (SD3-shaped, docs/testbed-flow.md): the pixel recipe with the flow family's own LoRA targets (the
+# transformer has no ResNet convolutions) and the same edit depth. NOT tuned on the flow test-bed: starting points,
+# measured as they are in docs/testbed-flow.md (issue 32).
+RECOMMENDED_FINETUNE_FLOW: dict = {k: v for k, v in RECOMMENDED_FINETUNE.items() if k != "lora_target_modules"}
+RECOMMENDED_EDIT_FLOW: dict = dict(t0=400, num_inversion_steps=32, num_inference_steps=32)
+
+
 def recommended(kind: str = "pixel") -> tuple[dict, dict]:
-    """The recommended ``(finetune, edit)`` settings of the ``"pixel"`` or ``"latent"`` test-bed (copies)."""
+    """The recommended ``(finetune, edit)`` settings of the ``"pixel"``, ``"latent"`` or ``"flow"`` test-bed
+    (copies)."""
+    if kind == "flow":
+        return dict(RECOMMENDED_FINETUNE_FLOW), dict(RECOMMENDED_EDIT_FLOW)
     if kind == "latent":
         return dict(RECOMMENDED_FINETUNE_LATENT), dict(RECOMMENDED_EDIT_LATENT)
     if kind == "pixel":
         return dict(RECOMMENDED_FINETUNE), dict(RECOMMENDED_EDIT)
-    raise ValueError(f"`kind` must be 'pixel' or 'latent', got {kind!r}.")
+    raise ValueError(f"`kind` must be 'pixel', 'latent' or 'flow', got {kind!r}.")
