@@ -89,23 +89,28 @@ def _success(sources: list[np.ndarray], edited: list[np.ndarray], target: str) -
 
 
 def _final_edit(pipe, test, target, kind: str, seed: int) -> dict:
-    """The published edit of the recipe on the held-out images, with the adapter as it is after the last epoch."""
+    """The test-bed's two published edits (the recommended 32 + 32-step one and the fast 6-step one) on the held-out
+    images, with the adapter as it is now; ``*_final`` are the recipe's own (``kind``)."""
     from diffusionclip_pipeline.testbed.settings import FAST_EDIT, RECOMMENDED_EDIT
     from diffusionclip_pipeline.training.state import frozen
 
-    settings = dict(RECOMMENDED_EDIT) if kind == "recommended" else dict(FAST_EDIT)
-    if settings.get("encoding") == "noise":
-        settings["generator"] = torch.Generator().manual_seed(seed)
-    unet = pipe.denoiser
-    training = unet.training
-    unet.eval()
-    try:
-        with frozen(unet.parameters()), torch.random.fork_rng():
-            edited = pipe.edit(test, output_type="pt", **settings).images
-    finally:
-        unet.train(training)
-    scores = _success([np.asarray(im) for im in test], _arrays(edited), target)
-    return {"final_edit": kind, **{f"{k}_final": v for k, v in scores.items()}}
+    out = {"final_edit": kind}
+    for name, settings in (("recommended", dict(RECOMMENDED_EDIT)), ("fast", dict(FAST_EDIT))):
+        if settings.get("encoding") == "noise":
+            settings["generator"] = torch.Generator().manual_seed(seed)
+        unet = pipe.denoiser
+        training = unet.training
+        unet.eval()
+        try:
+            with frozen(unet.parameters()), torch.random.fork_rng():
+                edited = pipe.edit(test, output_type="pt", **settings).images
+        finally:
+            unet.train(training)
+        scores = _success([np.asarray(im) for im in test], _arrays(edited), target)
+        out.update({f"{k}_{name}": v for k, v in scores.items()})
+        if name == kind:
+            out.update({f"{k}_final": v for k, v in scores.items()})
+    return out
 
 
 def run_one(recipe: str, pair: str, seed: int, out_dir: str, tiny: bool = False, edit_epochs=()) -> str:
@@ -186,6 +191,15 @@ def _published(epochs: list[dict]) -> str:
     return ", ".join(f"e{e['epoch']} {_pct(e['success_final'])} ({e['train_s']:.0f} s)" for e in scored) or "-"
 
 
+def _both(epochs: list[dict]) -> str:
+    """Both published edits' success at each epoch they were scored (files written before 18:50 have the recipe's
+    own only)."""
+    scored = [e for e in epochs if "success_fast" in e]
+    return (
+        ", ".join(f"e{e['epoch']} {_pct(e['success_recommended'])} / {_pct(e['success_fast'])}" for e in scored) or "-"
+    )
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.0%}"
 
@@ -201,8 +215,8 @@ def report(runs: list[dict]) -> str:
     lines = ["| recipe | pair | seed | epoch | train s | fwd+bwd / image | success | bg ok | held-out s_dir | "
              "training s_dir |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     summary = ["| recipe | pair | seed | epochs | train s | fwd+bwd / img | inversion fwd / img | best success "
-               "(epoch, s) | first >= 90 % (epoch, s) | last | published edit | its success (epoch, s) |",
-               "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+               "(epoch, s) | first >= 90 % (epoch, s) | last | published edit | its success (epoch, s) | "
+               "recommended / fast edit |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     agreement = ["| recipe | pair | seed | epochs | r(training s_dir, held-out s_dir) | r(training s_dir, success) | "
                  "r(held-out s_dir, success) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for run in runs:
@@ -221,7 +235,7 @@ def report(runs: list[dict]) -> str:
             f"{last['fwd_bwd_per_image']:.0f} | {last['inversion_fwd_per_image']:.0f} | {best['success']:.0%} ("
             f"{best['epoch']}, {best['train_s']:.0f} s) | "
             + (f"{first['success']:.0%} ({first['epoch']}, {first['train_s']:.0f} s)" if first else "never")
-            + f" | {last['success']:.0%} | {last.get('final_edit', '-')} | {_published(epochs)} |"
+            + f" | {last['success']:.0%} | {last.get('final_edit', '-')} | {_published(epochs)} | {_both(epochs)} |"
         )
         train_dir = [e["training"]["s_dir"] for e in epochs]
         held_dir = [e["held_out"]["s_dir"] for e in epochs]
