@@ -11,6 +11,7 @@ with `testbed.edit_success`. About 80-100 s per edit of 64 images on one CPU thr
     python scripts/testbed/edits.py --edit-set num_fixed_point_iterations=1       # exact inversion when editing
     python scripts/testbed/edits.py --single-clip                     # the shipped CLIP alone (no clip_2/)
     python scripts/testbed/edits.py --kind latent                     # the latent test-bed, its recommendations
+    python scripts/testbed/edits.py --kind flow                       # the flow-matching test-bed (SD3-shaped)
     python scripts/testbed/edits.py --save-images build/edits          # also keep the images, to score them again
 
 Since 2026-12-06 `edit_success` is shape-aware: a colour edit must also keep the source's shape (``shape_ok``), so the
@@ -53,7 +54,7 @@ def main() -> None:
     p.add_argument("--weights", help="another test-bed weights folder (default: the shipped one)")
     p.add_argument("--single-clip", action="store_true", help="leave out the second CLIP (clip_2/): one CLIP loss")
     p.add_argument("--json", help="also append the results here (JSON lines)")
-    p.add_argument("--kind", choices=("pixel", "latent"), default="pixel", help="which test-bed")
+    p.add_argument("--kind", choices=("pixel", "latent", "flow"), default="pixel", help="which test-bed")
     p.add_argument("--save-images", metavar="DIR",
                    help="write each edit's source and edited images (uint8 arrays 'sources' and 'edited') to "
                         "DIR/<source>-<target>-<shape>[-<target shape>]-<kind>-seed<seed>.npz, to score them again "
