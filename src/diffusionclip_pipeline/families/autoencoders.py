@@ -71,3 +71,29 @@ def decode(autoencoder, latents: torch.Tensor) -> torch.Tensor:
 def _unsupported(autoencoder) -> TypeError:
     names = ", ".join(c.__name__ for c in AUTOENCODERS)
     return TypeError(f"Unsupported autoencoder {type(autoencoder).__name__}; expected one of {names}.")
+
+
+class AutoencoderLatents:
+    """Part 2 of the family protocol (`base.ModelFamily`) for a denoiser on an autoencoder's latents: the sizes from
+    the family's ``autoencoder`` and `encode` / `decode` above, run in the autoencoder's dtype and returned in the
+    denoiser's. A family lists it before its base class and defines ``autoencoder``."""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return scale_factor(self.autoencoder)
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.autoencoder.config.in_channels)
+
+    @property
+    def image_dtype(self) -> torch.dtype:
+        return self.autoencoder.dtype
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        ae = self.autoencoder
+        return encode(ae, images.to(ae.dtype)).to(self.pipe.denoiser.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        ae = self.autoencoder
+        return decode(ae, latents.to(ae.dtype))

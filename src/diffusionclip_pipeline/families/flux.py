@@ -75,7 +75,7 @@ def latent_image_ids(height: int, width: int, device) -> torch.Tensor:
     return ids.reshape(rows * cols, 3).to(device=device)
 
 
-class FluxFamily(FlowMatchFamily):
+class FluxFamily(autoencoders.AutoencoderLatents, FlowMatchFamily):
     """`FluxTransformer2DModel` + `AutoencoderKL` + a CLIP text encoder (pooled) + a T5 (the token sequence)."""
 
     name = "flux"
@@ -148,10 +148,6 @@ class FluxFamily(FlowMatchFamily):
         return self.pipe.vae
 
     @property
-    def vae_scale_factor(self) -> int:
-        return autoencoders.scale_factor(self.autoencoder)
-
-    @property
     def sample_size(self) -> int:
         """The side of the (unpacked) latents: the VAE's ``sample_size`` / scale factor (128 for FLUX.1), or 128."""
         return self._vae_sample_size(self.autoencoder)
@@ -161,22 +157,8 @@ class FluxFamily(FlowMatchFamily):
         """The VAE's latent channels (the transformer takes four times as many, packed)."""
         return int(self.pipe.denoiser.config.in_channels) // (PATCH * PATCH)
 
-    @property
-    def image_channels(self) -> int:
-        return int(self.autoencoder.config.in_channels)
-
-    @property
-    def image_dtype(self) -> torch.dtype:
-        return self.autoencoder.dtype
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        # (mean - shift_factor) * scaling_factor, as `FluxImg2ImgPipeline` encodes (with the posterior mean)
-        vae = self.autoencoder
-        return autoencoders.encode(vae, images.to(vae.dtype)).to(self.pipe.denoiser.dtype)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.autoencoder
-        return autoencoders.decode(vae, latents.to(vae.dtype))
+    # encode / decode: `AutoencoderLatents`, (mean - shift_factor) * scaling_factor as `FluxImg2ImgPipeline` encodes
+    # (with the posterior mean)
 
     # 3. conditioning -----------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from .flow import FlowMatchFamily
 T5_MAX_SEQUENCE_LENGTH = 256
 
 
-class StableDiffusion3Family(FlowMatchFamily):
+class StableDiffusion3Family(autoencoders.AutoencoderLatents, FlowMatchFamily):
     """`SD3Transformer2DModel` + `AutoencoderKL` + two CLIP text encoders (+ an optional T5)."""
 
     name = "sd3"
@@ -77,26 +77,8 @@ class StableDiffusion3Family(FlowMatchFamily):
     def autoencoder(self):
         return self.pipe.vae
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return autoencoders.scale_factor(self.autoencoder)
-
-    @property
-    def image_channels(self) -> int:
-        return int(self.autoencoder.config.in_channels)
-
-    @property
-    def image_dtype(self) -> torch.dtype:
-        return self.autoencoder.dtype
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        # (mean - shift_factor) * scaling_factor, as `StableDiffusion3Img2ImgPipeline` encodes (with the mean)
-        vae = self.autoencoder
-        return autoencoders.encode(vae, images.to(vae.dtype)).to(self.pipe.denoiser.dtype)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.autoencoder
-        return autoencoders.decode(vae, latents.to(vae.dtype))
+    # encode / decode: `AutoencoderLatents`, (mean - shift_factor) * scaling_factor as
+    # `StableDiffusion3Img2ImgPipeline` encodes (with the posterior mean, so that the inversion is deterministic)
 
     # 3. conditioning -----------------------------------------------------------------------------------------
 
