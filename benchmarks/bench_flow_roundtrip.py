@@ -60,7 +60,7 @@ def main(argv=None) -> None:
         if args.family != "flux":
             parser.error("--guidance is Flux's embedded guidance; pass --family flux")
         pipe.family.guidance = args.guidance  # this pipeline's family object only, not the class
-    images = torch.rand(args.images, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    images = torch.rand(args.images, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # [0, 1], as diffusers
     plain = round_trip_errors(pipe, images, args.t0, args.steps, 0)
     fixed = round_trip_errors(pipe, images, args.t0, args.steps, 3)
     name = "SD3" if args.family == "sd3" else f"Flux, guidance {pipe.family.guidance}"
