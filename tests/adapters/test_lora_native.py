@@ -155,3 +155,19 @@ def test_a_pixel_unet_adapter_state_dict_round_trips(tmp_path):
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, 300).sample, source.unet(x, 300).sample, rtol=0, atol=0)
+
+
+def test_bypassing_the_adapters_keeps_their_trainability():
+    """An inversion (the original model) in the middle of training must not freeze the adapter being trained."""
+    pipe = with_adapter(sd_pipe())
+    lora = [p for name, p in pipe.unet.named_parameters() if "lora_" in name]
+    for p in lora:
+        p.requires_grad_(True)
+    with lora_state.adapters_disabled(pipe.unet):
+        pass
+    assert all(p.requires_grad for p in lora)
+    for p in lora:
+        p.requires_grad_(False)
+    with lora_state.adapters_disabled(pipe.unet):
+        pass
+    assert not any(p.requires_grad for p in lora)

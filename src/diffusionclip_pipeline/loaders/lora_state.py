@@ -224,13 +224,18 @@ def restore_active_state(model: nn.Module, state: dict) -> None:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
-    """Runs the block with every LoRA layer of ``model`` bypassed (the original model); restores them after."""
+    """Runs the block with every LoRA layer of ``model`` bypassed (the original model); restores them after, and
+    the LoRA weights' ``requires_grad`` (peft's re-enabling sets it to False: an adapter being trained would be
+    frozen by an inversion in the middle of its training)."""
     state = active_state(model)
+    trainable = [(p, p.requires_grad) for name, p in model.named_parameters() if "lora_" in name]
     set_adapters_enabled(model, False)
     try:
         yield model
     finally:
         restore_active_state(model, state)
+        for parameter, requires_grad in trainable:
+            parameter.requires_grad_(requires_grad)
 
 
 @contextlib.contextmanager
