@@ -836,7 +836,11 @@ class DiffusionCLIPPipeline(
                 (cached latents), ``checkpoint_dir`` / ``checkpoint_every`` / ``resume_from`` (resumable, bit for
                 bit), ``loss_vae`` (e.g. TAESD, decoding ``x0_hat`` for the loss only), ``validation_images`` /
                 ``validation_epochs`` / ``keep_best`` / ``keep_best_min_ssim`` / ``report_to`` / ``logging_dir``
-                (held-out validation, best-epoch selection, trackers) and ``accelerator``.
+                (held-out validation, best-epoch selection, trackers), ``early_stopping_patience`` /
+                ``early_stopping_threshold`` / ``early_stopping_metric`` / ``early_stopping_on`` (stop when the
+                held-out score, or the training images' proxy, plateaus; the best epoch is kept and
+                ``FinetuneOutput.stop_reason`` says why), ``callback_on_epoch_end`` (a truthy return stops) and
+                ``accelerator``.
 
         Returns:
             [`FinetuneOutput`]: the adapter name and the loss of every optimizer step.
