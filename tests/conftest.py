@@ -340,7 +340,6 @@ def make_sd3_components(seed: int = 0, with_t5: bool = False) -> dict:
     return components
 
 
-
 def make_flux_components(seed: int = 0, guidance_embeds: bool = True, in_channels: int = 16) -> dict:
     """The components of a `FluxPipeline` at toy size (as diffusers' Flux tests build them, offline): 16 px images,
     8 x 8 x 4 latents (a VAE with a ``shift_factor``) packed 2x2 into 16 tokens of 16 channels, one double-stream and
