@@ -137,12 +137,13 @@ def setup(tmp_path):
 def add_random_adapter(pipe, name, rank=2, alpha=4.0, seed=0, targets=("to_q", "to_k", "conv1")):
     """A trained-looking adapter without training: random A and B (B is zero after injection)."""
     torch.manual_seed(seed)
-    lora_state.add_adapter(pipe.unet, lora_state.LoraSettings(rank=rank, alpha=alpha, target_modules=targets), name)
+    denoiser = pipe.denoiser  # the unet, or a flow model's transformer
+    lora_state.add_adapter(denoiser, lora_state.LoraSettings(rank=rank, alpha=alpha, target_modules=targets), name)
     with torch.no_grad():
-        for p in lora_state.adapter_parameters(pipe.unet, name):
+        for p in lora_state.adapter_parameters(denoiser, name):
             p.copy_(torch.randn_like(p) * 0.2)
             p.requires_grad_(False)
-    lora_state.set_provenance(pipe.unet, name, {"prompt_src": "red circle", "prompt_tar": "blue circle"})
+    lora_state.set_provenance(denoiser, name, {"prompt_src": "red circle", "prompt_tar": "blue circle"})
 
 
 def random_images(batch: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:

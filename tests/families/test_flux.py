@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_clip, make_flux_components
+from conftest import add_random_adapter, make_clip, make_flux_components
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -224,14 +224,7 @@ def test_one_fine_tuning_step_per_scheme_trains_only_the_adapter(scheme):
 
 
 def add_adapter(pipe, name="smile", seed=0):
-    from diffusionclip_pipeline.loaders import lora_state
-
-    lora_state.add_adapter(pipe.transformer, lora_state.LoraSettings(2, 4.0, ("to_q", "to_v")), name)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, p in pipe.transformer.named_parameters():
-            if "lora_" in key:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    add_random_adapter(pipe, name, seed=seed, targets=("to_q", "to_v"))  # the joint attention's projections
     pipe.set_adapters([name])
 
 
