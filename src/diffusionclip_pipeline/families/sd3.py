@@ -17,6 +17,7 @@ from diffusers import SD3Transformer2DModel
 from ..utils.checks import check_prompt_or_empty
 from . import autoencoders
 from .flow import FlowMatchFamily
+from .sdxl import two_clip_states
 
 # the stock pipeline's T5 sequence length (`max_sequence_length`) and its CLIP context
 T5_MAX_SEQUENCE_LENGTH = 256
@@ -89,17 +90,9 @@ class StableDiffusion3Family(autoencoders.AutoencoderLatents, FlowMatchFamily):
         self.refuse_conditioning(conditioning)
         pipe = self.pipe
         text = check_prompt_or_empty(prompt, "prompt")
-        hidden, pooled = [], []
-        for tokenizer, text_encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-            ids = tokenizer(
-                [text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                return_tensors="pt",
-            ).input_ids  # fmt: skip
-            output = text_encoder(ids.to(pipe._execution_device), output_hidden_states=True)
-            hidden.append(output.hidden_states[-2].to(pipe.text_encoder.dtype))  # the penultimate layer
-            pooled.append(output[0])  # the pooled projection (text_embeds)
+        clip_hidden, pooled = two_clip_states(pipe, text)  # both CLIPs' penultimate states and pooled projections
+        clip_hidden = clip_hidden.to(pipe.text_encoder.dtype)
         t5 = self._t5_hidden_states(text)
-        clip_hidden = torch.cat(hidden, dim=-1)
         clip_hidden = torch.nn.functional.pad(clip_hidden, (0, t5.shape[-1] - clip_hidden.shape[-1]))
         dtype = pipe.denoiser.dtype
         return {

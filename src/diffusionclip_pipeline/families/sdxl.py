@@ -97,18 +97,9 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     ) -> dict[str, torch.Tensor]:
         """``{"encoder_hidden_states", "text_embeds", "time_ids"}`` for ``prompt`` (`None`: the empty prompt), each
         repeated over ``batch_size``; the sizes default to the pipeline's resolution and no crop."""
-        pipe = self.pipe
-        text = check_prompt_or_empty(prompt, "prompt")
-        hidden, pooled = [], None
-        for tokenizer, text_encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-            ids = tokenizer(
-                [text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                return_tensors="pt",
-            ).input_ids  # fmt: skip
-            output = text_encoder(ids.to(pipe._execution_device), output_hidden_states=True)
-            hidden.append(output.hidden_states[-2])  # SDXL conditions on the penultimate layer
-            pooled = output[0]  # the last encoder's pooled projection (text_embeds)
-        return self._condition(torch.cat(hidden, dim=-1), pooled, batch_size, original_size, crops_coords_top_left,
+        hidden, pooled = two_clip_states(self.pipe, check_prompt_or_empty(prompt, "prompt"))
+        # the last encoder's pooled projection (text_embeds)
+        return self._condition(hidden, pooled[-1], batch_size, original_size, crops_coords_top_left,
                                target_size)  # fmt: skip
 
     def encode_negative(self, batch_size: int = 1) -> dict[str, torch.Tensor]:
@@ -146,6 +137,20 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         added = {"text_embeds": condition["text_embeds"][:n], "time_ids": condition["time_ids"][:n]}
         return denoiser(sample, t, encoder_hidden_states=condition["encoder_hidden_states"][:n],
                         added_cond_kwargs=added).sample  # fmt: skip
+
+
+def two_clip_states(pipe, text: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``text`` through ``pipe.text_encoder`` and ``pipe.text_encoder_2`` as SDXL and SD3 condition on it: both
+    encoders' penultimate hidden states side by side, and each encoder's pooled output (projection), in that order."""
+    hidden, pooled = [], []
+    for tokenizer, text_encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        ids = tokenizer(
+            [text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        output = text_encoder(ids.to(pipe._execution_device), output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])  # the penultimate layer
+        pooled.append(output[0])
+    return torch.cat(hidden, dim=-1), pooled
 
 
 class _upcast:
