@@ -26,14 +26,15 @@ from diffusers import (
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import logging, replace_example_docstring
 
-from .choices import ENCODINGS, OUTPUT_TYPES
+from .choices import ENCODINGS
 from .families import ModelFamily, check_components, check_layout, check_loaded
 from .families.unet_adapter_api import adapter_view, plain_unet
-from .image_processing import PreparedImages, postprocess_image, preprocess_image
+from .image_processing import postprocess_image
 from .loaders import DiffusionCLIPLoraLoaderMixin, lora_file, lora_state
 from .noise_mixing import MixComponent, build_mix
 from .pipeline_clip import DEFAULT_CLIP, DiffusionCLIPClipMixin
 from .pipeline_conveniences import DiffusionCLIPConveniencesMixin
+from .pipeline_inputs import DiffusionCLIPInputsMixin
 from .pipeline_output import (
     DiffusionCLIPInversionOutput,
     DiffusionCLIPPipelineOutput,
@@ -52,12 +53,7 @@ from .pipeline_utils import (  # noqa: F401  (NoAdapterWarning, NonFiniteResultE
 )
 from .utils.checks import (
     check_choice,
-    check_finite_tensor,
-    check_non_negative_int,
     check_number,
-    check_positive_int,
-    check_timestep,
-    short_repr,
 )
 from .utils.io import atomic_directory
 from .utils.locking import holds_unet_lock
@@ -88,6 +84,7 @@ EXAMPLE_DOC_STRING = """
 
 class DiffusionCLIPPipeline(
     DiffusionPipeline,
+    DiffusionCLIPInputsMixin,
     DiffusionCLIPLoraLoaderMixin,
     DiffusionCLIPClipMixin,
     DiffusionCLIPConveniencesMixin,
@@ -351,34 +348,6 @@ class DiffusionCLIPPipeline(
         with self._original_model():
             return self.family.predict(self.denoiser, sample, timestep, condition)
 
-    def _repeat_inputs(self, image, latents, num_images_per_prompt: int, encoding: str, eta: float):
-        """``image`` (prepared) or ``latents``, each item repeated ``num_images_per_prompt`` times."""
-        n = check_positive_int(num_images_per_prompt, "num_images_per_prompt")
-        if n == 1:
-            return image, latents
-        if eta == 0 and (latents is not None or encoding == "ddim"):
-            raise ValueError(
-                f"`num_images_per_prompt`={n} would give {n} identical edits: the inversion and the generation are "
-                "deterministic. Use `encoding='noise'` (with a `generator`) or `eta` > 0 for several edits per image."
-            )
-        if latents is not None:
-            return None, latents.repeat_interleave(n, dim=0)
-        return PreparedImages(self.prepare_image(image).repeat_interleave(n, dim=0)), None
-
-    def _check_guidance(self, guidance_scale, prompt, negative_prompt, lora_scale: float) -> float:
-        """`edit`'s checks of classifier-free guidance and of the LoRA scale, before any work; the checked scale."""
-        guidance_scale = check_number(guidance_scale, "guidance_scale", minimum=1)
-        if guidance_scale > 1 and (self.text_encoder is None or not prompt):
-            raise ValueError(
-                f"`guidance_scale`={guidance_scale} needs a text-conditioned UNet and a non-empty `prompt`, got "
-                f"prompt={prompt!r:.200}."
-            )
-        if negative_prompt is not None and guidance_scale == 1:
-            raise ValueError("`negative_prompt` is the unconditional side of guidance: it needs `guidance_scale` > 1.")
-        if lora_scale != 1 and self.fused_loras:
-            raise ValueError("A LoRA scale has no effect on fused adapters: call `unfuse_lora()` first.")
-        return guidance_scale
-
     def _step_callback(self, callback, names, i, t, tensors: dict) -> tuple[torch.Tensor, object]:
         """Runs ``callback(self, i, t, callback_kwargs)`` with the requested tensors (``prompt_embeds``: the
         conditional text embeddings); returns the latents and the conditioning, as the callback left them."""
@@ -440,62 +409,6 @@ class DiffusionCLIPPipeline(
     def num_train_timesteps(self) -> int:
         return self.family.num_train_timesteps
 
-    def check_inputs(
-        self,
-        image=None,
-        t0=500,
-        num_inversion_steps=40,
-        num_inference_steps=40,
-        eta=0.0,
-        generator=None,
-        latents=None,
-        output_type="pil",
-        callback_on_step_end_tensor_inputs=None,
-        num_fixed_point_iterations=0,
-    ) -> None:
-        """Fails early, with the argument's name and value, on anything `invert`/`edit` cannot use."""
-        check_timestep(t0, "t0", self.num_train_timesteps)
-        check_positive_int(num_inversion_steps, "num_inversion_steps")
-        check_positive_int(num_inference_steps, "num_inference_steps")
-        check_non_negative_int(num_fixed_point_iterations, "num_fixed_point_iterations")
-        check_number(eta, "eta", minimum=0)
-        if eta != 0 and not self.family.supports_eta:
-            raise ValueError(f"`eta` must be 0 for a {self.family.name} model (deterministic Euler steps), got {eta}.")
-        check_choice(output_type, "output_type", OUTPUT_TYPES)
-        if image is None and latents is None:
-            raise ValueError("Pass `image` (to invert) or `latents` (x_t0 from `invert`).")
-        if image is not None:
-            check_image(image)
-        if latents is not None:
-            c, s = self.family.latent_channels, self.family.sample_size
-            if not torch.is_tensor(latents) or latents.ndim != 4 or tuple(latents.shape[1:]) != (c, s, s):
-                shape = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
-                raise ValueError(f"`latents` must be a (batch, {c}, {s}, {s}) tensor, got {shape}.")
-            check_finite_tensor(latents, "latents")
-        generators = generator if isinstance(generator, list) else [generator]
-        if not all(g is None or isinstance(g, torch.Generator) for g in generators):
-            raise TypeError(
-                f"`generator` must be a `torch.Generator`, a list of them or None, got {short_repr(generator)}."
-            )
-        if isinstance(generator, list):
-            batch = batch_size_of(image, latents)
-            if len(generator) != batch:
-                raise ValueError(
-                    f"`generator` is a list of {len(generator)} generators, but the batch size is {batch}."
-                )
-        if callback_on_step_end_tensor_inputs is not None:
-            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-            if unknown:
-                raise ValueError(
-                    f"`callback_on_step_end_tensor_inputs` may hold {self._callback_tensor_inputs}, got {unknown}."
-                )
-
-    def prepare_image(self, image, name: str = "image") -> torch.Tensor:
-        """``image`` (any form `invert` accepts) as the model's input: NCHW in [-1, 1], on the execution device, in the
-        UNet's dtype. ``name`` is the argument named in error messages."""
-        x0 = preprocess_image(image, self.resolution, self.image_channels, name=name)
-        return x0.to(device=self._execution_device, dtype=self.family.image_dtype)
-
     # ---- inversion -------------------------------------------------------------------------------------------
 
     @holds_unet_lock
@@ -514,6 +427,9 @@ class DiffusionCLIPPipeline(
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] | None = None,
         target_size: tuple[int, int] | None = None,
+        timesteps: list[int] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
     ) -> DiffusionCLIPInversionOutput | tuple:
         r"""
         Deterministic DDIM inversion (the DDIM ODE run forward, eta = 0) of ``image`` from t = 0 to ``t0``.
@@ -557,15 +473,26 @@ class DiffusionCLIPPipeline(
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): The noise of ``encoding="noise"``.
             original_size, crops_coords_top_left, target_size (`tuple[int, int]`, *optional*): SDXL's size
                 conditioning, as `StableDiffusionXLPipeline` takes it (defaults: the working resolution, no crop).
+            timesteps (`list[int]`, *optional*): A custom grid instead of the one ``t0`` and
+                ``num_inversion_steps`` build (as diffusers' ``timesteps`` replaces ``num_inference_steps``): distinct
+                integer timesteps in either order; the inversion ends at the highest, which is the depth ``t0``
+                (``t0`` and ``num_inversion_steps`` are then not used). A flow model's grid holds no 0 (the clean
+                image lies below it). Regenerate with the same ``timesteps`` for a round trip.
+            prompt_embeds (`torch.Tensor`, *optional*), pooled_prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed conditioning instead of ``prompt``, as the family's stock pipeline's `encode_prompt`
+                returns it: ``(batch, tokens, dim)`` hidden states and, for SDXL / SD3 / Flux, the ``(batch, dim)``
+                pooled embeddings; batch 1 or one per image. SDXL's time ids still come from the size arguments.
 
         Returns:
             [`DiffusionCLIPInversionOutput`] or `tuple`: ``(x_t0, timesteps, image)``; ``x_t0`` is in the UNet's
-            (latent) space, ``image`` the preprocessed input in pixels.
+            (latent) space, ``image`` the preprocessed input in pixels (the decoded input when ``image`` held
+            latents, see `image_latents`).
         """
         # 1. Check inputs
         self.check_inputs(
-            image, t0, num_inversion_steps, generator=generator, num_fixed_point_iterations=num_fixed_point_iterations
-        )
+            image, t0, num_inversion_steps, generator=generator, num_fixed_point_iterations=num_fixed_point_iterations,
+            timesteps=timesteps, prompt=prompt, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+        )  # fmt: skip
         check_choice(encoding, "encoding", ENCODINGS)
         check_choice(inversion_start, "inversion_start", self.family.inversion_starts)
         size = {
@@ -573,11 +500,14 @@ class DiffusionCLIPPipeline(
             "crops_coords_top_left": crops_coords_top_left,
             "target_size": target_size,
         }
-        condition = self.encode_prompt(prompt, batch_size_of(image, None), **size)  # encoded once
+        batch_size = batch_size_of(image, None)
+        condition = self.prepare_condition(prompt, prompt_embeds, pooled_prompt_embeds, batch_size, **size)
         latents, timesteps, x0 = self._invert(
             image, t0, num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start, generator,
-            condition=condition,
+            condition=condition, timesteps=timesteps,
         )  # fmt: skip
+        if x0 is None:  # `image` held latents: the decoded input
+            x0 = self.decode_latents(self.image_latents(image).to(latents)).clamp(-1, 1)
         if not return_dict:
             return (latents, timesteps, x0)
         return DiffusionCLIPInversionOutput(x_t0=latents, timesteps=timesteps, image=x0)
@@ -593,22 +523,29 @@ class DiffusionCLIPPipeline(
         inversion_start,
         generator,
         condition=None,
-    ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        timesteps=None,
+    ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
         """`invert` on checked arguments (`invert` and `edit` check them once, at their entry); ``condition``, when
-        the caller encoded ``prompt`` already, is used as it is."""  # fmt: skip
-        # 2. Preprocess image to [-1, 1], encode the prompt of a conditional UNet
-        x0 = self.prepare_image(image)
+        the caller encoded ``prompt`` already, is used as it is. The returned image is `None` when ``image`` held
+        latents (`image_latents`)."""  # fmt: skip
+        # 2. Preprocess image to [-1, 1] and encode it (or take the latents given as `image`)
+        given = self.image_latents(image)
+        x0 = self.prepare_image(image) if given is None else None
+        if given is None:
+            latents = self.encode_image(x0)
+        else:
+            latents = given.to(device=self._execution_device, dtype=self.denoiser.dtype)
         if encoding == "noise":  # EffDiff: closed-form forward noising, no UNet call
-            return self.noise_to(self.encode_image(x0), t0, generator), [int(t0)], x0
+            top = int(t0) if timesteps is None else self.custom_grid(timesteps)[-1]
+            return self.noise_to(latents, top, generator), [top], x0
         if condition is None:
-            condition = self.encode_prompt(prompt, x0.shape[0])
-        # 3. Inversion grid [0, ..., t0] on the family's inverse scheduler
-        timesteps = self.family.timesteps(t0, num_inversion_steps)
+            condition = self.encode_prompt(prompt, latents.shape[0])
+        # 3. Inversion grid [0, ..., t0] (or the caller's `timesteps`) on the family's inverse scheduler
+        timesteps = self.grid(t0, num_inversion_steps, timesteps)
         inverse_scheduler = self.family.inversion_scheduler(timesteps)
         # "official": the clean image is x at t = 0, so the first step (alpha 1 -> alphas_cumprod[0]) is skipped
         steps = inverse_scheduler.timesteps[1:] if inversion_start == "official" else inverse_scheduler.timesteps
         # 4. DDIM eq. (12) run forward from the image's latents, eps of the original model at the source level
-        latents = self.encode_image(x0)
         with self._original_model():  # once for the loop, not per call
             for t in self.progress_bar(steps, desc="inversion"):
                 source_t = max(inverse_scheduler.source_timestep(t), 0)
@@ -654,6 +591,12 @@ class DiffusionCLIPPipeline(
         num_images_per_prompt: int = 1,
         negative_prompt: str | list[str] | None = None,
         cross_attention_kwargs: dict | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> DiffusionCLIPPipelineOutput | tuple:
         r"""
@@ -718,6 +661,19 @@ class DiffusionCLIPPipeline(
                 ``set_adapters(names, s * weights)`` for the call. diffusers' other names for this argument,
                 ``attention_kwargs`` (Flux) and ``joint_attention_kwargs`` (SD3), are accepted. Other keys are
                 refused: the denoiser calls here take no attention arguments.
+            timesteps (`list[int]`, *optional*): A custom grid shared by the inversion and the generation, instead of
+                the ones ``t0``, ``num_inversion_steps`` and ``num_inference_steps`` build (as diffusers' ``timesteps``
+                replaces ``num_inference_steps``; here those three are then not used): distinct integer timesteps in
+                either order, the highest being the depth ``t0``; ``latents`` must be at that depth. Few-step
+                checkpoints distilled on a fixed grid (e.g. ``[999, 749, 499, 249]``) want theirs.
+            sigmas (`list[float]`, *optional*): Refused with an explanation: the grid is integer timesteps, which a
+                flow model's scheduler maps to sigmas through its shift; pass ``timesteps``.
+            prompt_embeds, pooled_prompt_embeds (`torch.Tensor`, *optional*): Precomputed conditioning instead of
+                ``prompt`` (see `invert`), used while inverting and regenerating.
+            negative_prompt_embeds, negative_pooled_prompt_embeds (`torch.Tensor`, *optional*): Precomputed
+                ``negative_prompt`` (needs ``guidance_scale`` > 1).
+            image: besides images, a latent family takes the autoencoder's latents as ``image`` (see
+                `image_latents`): they are inverted as they are, without encoding.
 
         Examples:
 
@@ -740,13 +696,23 @@ class DiffusionCLIPPipeline(
             output_type,
             callback_on_step_end_tensor_inputs,
             num_fixed_point_iterations,
+            timesteps,
+            sigmas,
+            prompt,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            negative_prompt,
+            negative_prompt_embeds,
+            negative_pooled_prompt_embeds,
         )
         check_choice(encoding, "encoding", ENCODINGS)
         check_choice(inversion_start, "inversion_start", self.family.inversion_starts)
         image, latents = self._repeat_inputs(image, latents, num_images_per_prompt, encoding, eta)
         batch_size = batch_size_of(image, latents)
         prompt = [p for p in prompt for _ in range(num_images_per_prompt)] if isinstance(prompt, list) else prompt
-        guidance_scale = self._check_guidance(guidance_scale, prompt, negative_prompt, lora_scale)
+        guidance_scale = self._check_guidance(
+            guidance_scale, prompt, negative_prompt, lora_scale, (prompt_embeds, negative_prompt_embeds)
+        )
         mix = build_mix(
             edit_strength, adapters, adapter_masks, self.lora_adapters, batch_size, self.family.sample_size
         )
@@ -765,18 +731,21 @@ class DiffusionCLIPPipeline(
             "crops_coords_top_left": crops_coords_top_left,
             "target_size": target_size,
         }
-        condition = self.encode_prompt(prompt, batch_size, **size)
+        condition = self.prepare_condition(prompt, prompt_embeds, pooled_prompt_embeds, batch_size, **size)
         unconditional = None
         if guidance_scale > 1:  # the family's unconditional input unless a negative prompt is given
-            negative = self.encode_prompt(negative_prompt, batch_size, **size) if negative_prompt is not None else None
-            unconditional = self.family.encode_negative(batch_size) if negative is None else negative
+            negative = (negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds)
+            if negative_prompt is None and negative_prompt_embeds is None:
+                unconditional = self.family.encode_negative(batch_size)
+            else:
+                unconditional = self.prepare_condition(*negative, batch_size, **size)
         if latents is None:
             inversion = (num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start)
-            latents, _, _ = self._invert(image, t0, *inversion, generator, condition=condition)
+            latents, _, _ = self._invert(image, t0, *inversion, generator, condition=condition, timesteps=timesteps)
         latents = latents.to(device=self._execution_device, dtype=self.denoiser.dtype)
         x_t0 = latents
-        # 3. Generation grid [t0, ..., 0] on the family's scheduler
-        scheduler = self.family.generation_scheduler(self.family.timesteps(t0, num_inference_steps))
+        # 3. Generation grid [t0, ..., 0] (or the caller's `timesteps`) on the family's scheduler
+        scheduler = self.family.generation_scheduler(self.grid(t0, num_inference_steps, timesteps))
         self._guidance_scale, self._interrupt, self._num_timesteps = guidance_scale, False, len(scheduler.timesteps)
         # 4. Denoising loop with the current (adapted) UNet, or the mix of original and adapted predictions
         with lora_state.lora_scaled(self.denoiser, lora_scale):  # cross_attention_kwargs={"scale": ...}

@@ -51,6 +51,7 @@ class ModelFamily:
     denoiser_name: ClassVar[str] = "unet"  # the pipeline component holding the denoiser
     inversion_starts: ClassVar[tuple[str, ...]] = INVERSION_STARTS  # `invert`'s `inversion_start` choices
     supports_eta: ClassVar[bool] = True  # stochastic generation steps (DDIM's eta > 0)
+    lowest_timestep: ClassVar[int] = 0  # the lowest point a grid may hold (a flow grid's 0 is the clean image)
 
     def __init__(self, pipe):
         self.pipe = pipe

@@ -47,6 +47,7 @@ class FlowMatchFamily(ModelFamily):
     # no flow analogue
     inversion_starts: ClassVar[tuple[str, ...]] = ("clean",)
     supports_eta: ClassVar[bool] = False  # deterministic Euler steps only
+    lowest_timestep: ClassVar[int] = 1  # t = 0 is the clean image, below the grid
 
     @classmethod
     def prepare_schedulers(cls, scheduler, inverse_scheduler):
