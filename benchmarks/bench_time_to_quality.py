@@ -1,25 +1,34 @@
 """Time to quality (issue 34): held-out edit success after every epoch, against fine-tuning wall time and UNet
 forward + backward count, one line per recipe.
 
-For each (recipe, pair, data seed ``s``): fine-tune on 16 rendered source images of seed ``s`` and, after every
-epoch (`finetune`'s validation, through ``callback_on_epoch_end``), score the edits of 32 others of seed ``s + 1``
-with the shape-aware `testbed.world.edit_success`, as `testbed.demo.run_edit_experiment` does. The per-epoch edit
-is the validation's: the run's ``t0`` and ``num_train_steps`` DDIM steps from the held-out images' latents (the
-run's own inversion, or its forward noise). After the last epoch the adapter is also scored with the edit its
-recipe publishes (``final_edit``: the test-bed's 32 + 32-step edit, or the fast 6-step edit), the figure comparable
-with docs/testbed.md and docs/fast.md. The training images are scored too each epoch (the early-stopping proxy,
-``early_stopping_on="training"`` with a patience that never stops), for the proxy-agreement table.
+For each (test-bed kind, recipe, pair, data seed ``s``): fine-tune on 16 rendered source images of seed ``s`` and,
+after every epoch (`finetune`'s validation, through ``callback_on_epoch_end``), score the edits of 32 others of seed
+``s + 1`` with the shape-aware `testbed.world.edit_success`, as `testbed.demo.run_edit_experiment` does. The
+per-epoch edit is the validation's: the run's ``t0`` and ``num_train_steps`` DDIM steps from the held-out images'
+latents (the run's own inversion, or its forward noise). After the last epoch the adapter is also scored with the
+edit its recipe publishes (``final_edit``: the test-bed's recommended DDIM edit, or the fast 6-step edit), the figure
+comparable with docs/testbed.md and docs/fast.md. The training images are scored too each epoch (the early-stopping
+proxy, ``early_stopping_on="training"`` with a patience that never stops), for the proxy-agreement table.
 
 Time: the run's wall time minus the time spent validating (`logs["validation_seconds"]`) and in this script's
 callback: training alone, inversion of the training latents included. Counts per training image: UNet forwards with
 gradients (each with its backward), by a forward hook; and the inversion's no-grad forwards
 (``num_inversion_steps * (1 + num_fixed_point_iterations)``, 0 for the noise encoding).
 
-Resumable: one JSON-lines file per run, ``<out>/<recipe>-<pair>-seed<s>.jsonl`` (one line per epoch, then a final
-line), written atomically when the run ends; runs whose file exists are skipped. ``--report`` prints the tables and
-draws the figure (lines drawn with PIL: matplotlib is not a dependency) from whatever files exist.
+``--kind``: the pixel test-bed (default) or the latent one (``load_pipeline(kind="latent")``, the VAE + text-
+conditioned UNet of docs/testbed-latent.md). Each recipe's overrides sit on top of the kind's recommended fine-tune
+(`testbed.settings.recommended(kind)`); the published edits are the kind's recommended edit (pixel: t0 400, 32 + 32
+DDIM steps; latent: t0 500, 40 + 40) and the fast edit (`FAST_EDIT`: forward noise and 6 DDIM steps) from the
+recommended edit's t0 (400 for pixels, as published; 500 for latents, the depth the latent adapters need).
+
+Resumable: one JSON-lines file per run, ``<out>/<recipe>-<pair>-seed<s>.jsonl`` for the pixel test-bed and
+``<out>/<recipe>-<pair>-seed<s>-latent.jsonl`` for the latent one (one line per epoch, then a final line), written
+atomically when the run ends; runs whose file exists are skipped. ``--report`` prints the tables, one set per kind,
+and draws the figure (lines drawn with PIL: matplotlib is not a dependency) from whatever files exist: one PNG per
+kind, the latent one at the ``--figure`` path with ``-latent`` before the extension.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_time_to_quality.py --recipes today one_step --seeds 5 0
+    OMP_NUM_THREADS=1 python benchmarks/bench_time_to_quality.py --kind latent --recipes today one_step --seeds 5
     python benchmarks/bench_time_to_quality.py --report --figure docs/time-to-quality.png
     python benchmarks/bench_time_to_quality.py --list
     python benchmarks/bench_time_to_quality.py --tiny --out /tmp/ttq         # smoke run (the tests)
@@ -36,7 +45,7 @@ import time
 import numpy as np
 import torch
 
-# name: (finetune overrides over RECOMMENDED_FINETUNE, the final edit, second CLIP)
+# name: (finetune overrides over the kind's recommended fine-tune, the final edit, second CLIP)
 NOISE_ONE_STEP = {"scheme": "one_step", "encoding": "noise"}
 RECIPES = {
     "today": ({}, "recommended", True),
@@ -53,6 +62,7 @@ RECIPES = {
     ),
 }
 NUM_TRAIN, NUM_TEST = 16, 32
+KINDS = ("pixel", "latent")
 
 
 def _pair(spec: str) -> tuple[str, str, str]:
@@ -88,14 +98,23 @@ def _success(sources: list[np.ndarray], edited: list[np.ndarray], target: str) -
     }
 
 
-def _final_edit(pipe, test, target, kind: str, seed: int) -> dict:
-    """The test-bed's two published edits (the recommended 32 + 32-step one and the fast 6-step one) on the held-out
-    images, with the adapter as it is now; ``*_final`` are the recipe's own (``kind``)."""
-    from diffusionclip_pipeline.testbed.settings import FAST_EDIT, RECOMMENDED_EDIT
+def published_edits(testbed: str) -> dict[str, dict]:
+    """The two published edits of the ``testbed`` kind: its recommended DDIM edit, and the fast edit (`FAST_EDIT`:
+    forward noise, 6 DDIM steps) from the recommended edit's t0 (pixel: 400, both as published)."""
+    from diffusionclip_pipeline.testbed.settings import FAST_EDIT, recommended
+
+    _, edit = recommended(testbed)
+    return {"recommended": edit, "fast": {**FAST_EDIT, "t0": edit["t0"]}}
+
+
+def _final_edit(pipe, test, target, kind: str, seed: int, testbed: str = "pixel") -> dict:
+    """The test-bed's two published edits (`published_edits`) on the held-out images, with the adapter as it is now;
+    ``*_final`` are the recipe's own (``kind``)."""
     from diffusionclip_pipeline.training.state import frozen
 
     out = {"final_edit": kind}
-    for name, settings in (("recommended", dict(RECOMMENDED_EDIT)), ("fast", dict(FAST_EDIT))):
+    for name, settings in published_edits(testbed).items():
+        settings = dict(settings)
         if settings.get("encoding") == "noise":
             settings["generator"] = torch.Generator().manual_seed(seed)
         unet = pipe.denoiser
@@ -113,23 +132,34 @@ def _final_edit(pipe, test, target, kind: str, seed: int) -> dict:
     return out
 
 
-def run_one(recipe: str, pair: str, seed: int, out_dir: str, tiny: bool = False, edit_epochs=()) -> str:
-    """One run; returns its file (already there: skipped). The recipe's published edit scores the adapter after the
-    last epoch and after each of ``edit_epochs``."""
+def run_path(out_dir: str, recipe: str, pair: str, seed: int, testbed: str = "pixel") -> str:
+    """A run's file: ``<recipe>-<pair>-seed<s>.jsonl`` (pixel, the names of the first runs) or ``...-latent.jsonl``."""
+    suffix = "" if testbed == "pixel" else f"-{testbed}"
+    return os.path.join(out_dir, f"{recipe}-{pair.replace(':', '-')}-seed{seed}{suffix}.jsonl")
+
+
+def run_one(
+    recipe: str, pair: str, seed: int, out_dir: str, tiny: bool = False, edit_epochs=(), testbed: str = "pixel"
+) -> str:
+    """One run on the ``testbed`` kind ("pixel" or "latent"); returns its file (already there: skipped). The recipe's
+    published edit scores the adapter after the last epoch and after each of ``edit_epochs``."""
     from diffusionclip_pipeline.testbed import load_pipeline, world
-    from diffusionclip_pipeline.testbed.settings import RECOMMENDED_FINETUNE
+    from diffusionclip_pipeline.testbed.settings import recommended
     from diffusionclip_pipeline.utils.io import atomic_write_text
 
-    path = os.path.join(out_dir, f"{recipe}-{pair.replace(':', '-')}-seed{seed}.jsonl")
+    if testbed not in KINDS:
+        raise ValueError(f"`testbed` must be one of {KINDS}, got {testbed!r}.")
+    path = run_path(out_dir, recipe, pair, seed, testbed)
     if os.path.exists(path):
         return path
     overrides, final_kind, second_clip = RECIPES[recipe]
-    settings = {**RECOMMENDED_FINETUNE, **overrides}
+    recommended_finetune, _ = recommended(testbed)
+    settings = {**recommended_finetune, **overrides}
     num_train, num_test = (4, 4) if tiny else (NUM_TRAIN, NUM_TEST)
     if tiny:
         settings.update(num_epochs=2, num_inversion_steps=4, num_train_steps=2)
     source, target, shape = _pair(pair)
-    pipe = load_pipeline(second_clip=second_clip)
+    pipe = load_pipeline(second_clip=second_clip, kind=testbed)
     train, _ = world.render_dataset(num_train, seed=seed, size=pipe.resolution, shape=shape, colour=source)
     test, _ = world.render_dataset(num_test, seed=seed + 1, size=pipe.resolution, shape=shape, colour=source)
     test_arrays = [np.asarray(im) for im in test]
@@ -145,16 +175,20 @@ def run_one(recipe: str, pair: str, seed: int, out_dir: str, tiny: bool = False,
         start = time.perf_counter()
         train_s = start - begin - logs["validation_seconds"] - spent["callback"]
         record = {
-            "recipe": recipe, "pair": pair, "seed": seed, "epoch": epoch, "train_s": round(train_s, 3),
+            "kind": testbed, "recipe": recipe, "pair": pair, "seed": seed, "epoch": epoch,
+            "train_s": round(train_s, 3),
             "fwd_bwd_per_image": counter.with_grad / num_train, "inversion_fwd_per_image": inversion,
             "loss": logs["loss"], **_success(test_arrays, _arrays(logs["validation_images"]), target),
             "held_out": logs["validation"], "training": logs["training_scores"],
             "validation_s": round(logs["validation_seconds"], 3), "callback_s": round(spent["callback"], 3),
         }  # fmt: skip
         if epoch == num_epochs or epoch in edit_epochs:
-            record.update(_final_edit(pipe, test, target, final_kind, seed))
+            record.update(_final_edit(pipe, test, target, final_kind, seed, testbed))
         records.append(record)
-        print(f"  {recipe} {pair} seed {seed} epoch {epoch}: {record['success']:.0%} at {train_s:.1f} s", flush=True)
+        print(
+            f"  {testbed} {recipe} {pair} seed {seed} epoch {epoch}: {record['success']:.0%} at {train_s:.1f} s",
+            flush=True,
+        )
         spent["callback"] += time.perf_counter() - start
 
     begin = time.perf_counter()
@@ -162,9 +196,11 @@ def run_one(recipe: str, pair: str, seed: int, out_dir: str, tiny: bool = False,
         f"{source} {shape}", f"{target} {shape}", images=train, validation_images=test, **settings,
         early_stopping_patience=10**6, early_stopping_on="training", callback_on_epoch_end=callback,
     )  # fmt: skip
-    meta = {"final": True, "recipe": recipe, "pair": pair, "seed": seed, "settings": _jsonable(settings),
+    meta = {"final": True, "kind": testbed, "recipe": recipe, "pair": pair, "seed": seed,
+            "settings": _jsonable(settings),
             "second_clip": second_clip, "load_at_start": load, "baseline": out.baseline,
-            "flat_warning": out.flat_warning, "num_train": num_train, "num_test": num_test}  # fmt: skip
+            "flat_warning": out.flat_warning, "num_train": num_train, "num_test": num_test,
+            "published_edits": published_edits(testbed)}  # fmt: skip
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in [*records, meta]))
     return path
 
@@ -174,13 +210,33 @@ def _jsonable(settings: dict) -> dict:
 
 
 def read_runs(out_dir: str) -> list[dict]:
-    """Every finished run: ``{"meta": final line, "epochs": [epoch lines]}``."""
+    """Every finished run: ``{"meta": final line, "epochs": [epoch lines]}``; files written before ``--kind`` existed
+    are the pixel test-bed's (``meta["kind"]`` is filled in)."""
     runs = []
     for path in sorted(glob.glob(os.path.join(out_dir, "*.jsonl"))):
         with open(path) as f:
             lines = [json.loads(line) for line in f if line.strip()]
-        runs.append({"meta": lines[-1], "epochs": lines[:-1]})
+        meta = {"kind": "pixel", **lines[-1]}
+        runs.append({"meta": meta, "epochs": lines[:-1]})
     return runs
+
+
+def report_by_kind(runs: list[dict]) -> str:
+    """`report` once per test-bed kind present, each under its own heading."""
+    parts = []
+    for kind in KINDS:
+        of_kind = [r for r in runs if r["meta"]["kind"] == kind]
+        if of_kind:
+            parts.append(f"## {kind} test-bed\n\n" + report(of_kind, heading="####"))
+    return "\n".join(parts)
+
+
+def figure_path(path: str, kind: str) -> str:
+    """The figure of ``kind``: ``path`` itself for pixels, ``-latent`` before the extension for latents."""
+    if kind == "pixel":
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}-{kind}{ext}"
 
 
 def _published(epochs: list[dict]) -> str:
@@ -210,8 +266,9 @@ def _pearson(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def report(runs: list[dict]) -> str:
-    """The markdown tables: each run's curve, its time to reach success levels, and the proxy's agreement."""
+def report(runs: list[dict], heading: str = "###") -> str:
+    """The markdown tables (each under a ``heading`` title): each run's curve, its time to reach success levels, and
+    the proxy's agreement."""
     lines = ["| recipe | pair | seed | epoch | train s | fwd+bwd / image | success | bg ok | held-out s_dir | "
              "training s_dir |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     summary = ["| recipe | pair | seed | epochs | train s | fwd+bwd / img | inversion fwd / img | best success "
@@ -245,9 +302,10 @@ def report(runs: list[dict]) -> str:
             f"{_pearson(train_dir, success):.2f} | {_pearson(held_dir, success):.2f} |"
         )
     stopping = early_stopping_table(runs)
-    return "\n".join(["### Summary", "", *summary, "", "### Proxy agreement (Pearson r over epochs)", "", *agreement,
-                      "", "### Early stopping, replayed on the curves", "", *stopping, "", "### Every epoch", "",
-                      *lines]) + "\n"  # fmt: skip
+    h = heading
+    return "\n".join([f"{h} Summary", "", *summary, "", f"{h} Proxy agreement (Pearson r over epochs)", "",
+                      *agreement, "", f"{h} Early stopping, replayed on the curves", "", *stopping, "",
+                      f"{h} Every epoch", "", *lines]) + "\n"  # fmt: skip
 
 
 def _replay(epochs: list[dict], scores: str, patience: int, metric: str = "s_dir") -> tuple[dict, dict]:
@@ -307,9 +365,10 @@ def _panel(draw, box, curves, x_key: str, x_label: str, title: str, font) -> Non
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
 
 
-def figure(runs: list[dict], path: str) -> None:
+def figure(runs: list[dict], path: str, kind: str = "pixel") -> None:
     """Success against training seconds and against forward + backward passes per image, one panel pair per
-    (pair, seed), one line per recipe, drawn with PIL."""
+    (pair, seed), one line per recipe, drawn with PIL; ``kind`` names the test-bed in the titles (latent only, so
+    the pixel figure stays as published)."""
     import PIL.Image
     import PIL.ImageDraw
     import PIL.ImageFont
@@ -327,7 +386,8 @@ def figure(runs: list[dict], path: str) -> None:
                   if (r["meta"]["pair"], r["meta"]["seed"]) == (pair, seed)]  # fmt: skip
         top = 40 + g * 300
         source, target, shape = _pair(pair)
-        title = f"{source} -> {target} {shape}, data seed {seed}: held-out success (validation edit)"
+        testbed = "" if kind == "pixel" else f"{kind} test-bed, "
+        title = f"{testbed}{source} -> {target} {shape}, data seed {seed}: held-out success (validation edit)"
         _panel(draw, (60, top + 20, 480, top + 240), curves, "train_s", "fine-tuning seconds", title, font)
         _panel(draw, (560, top + 20, 980, top + 240), curves, "fwd_bwd_per_image",
                "UNet forward+backward per training image", "", font)  # fmt: skip
@@ -351,6 +411,8 @@ def main(argv=None) -> list[str]:
     parser.add_argument("--edit-epochs", nargs="*", type=int, default=[],
                         help="also score the published edit after these epochs (the last always)")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="smoke run: 4 + 4 images, 2 epochs")
+    parser.add_argument("--kind", choices=KINDS, default="pixel",
+                        help="the test-bed: pixel (default) or latent (VAE + text-conditioned UNet)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.list:
         for name, (overrides, final, second_clip) in RECIPES.items():
@@ -358,17 +420,22 @@ def main(argv=None) -> list[str]:
         return []
     if args.report:
         runs = read_runs(args.out)
-        print(report(runs))
+        print(report_by_kind(runs))
+        written = []
         if args.figure:
-            figure(runs, args.figure)
-        return []
+            for kind in KINDS:
+                of_kind = [r for r in runs if r["meta"]["kind"] == kind]
+                if of_kind:
+                    figure(of_kind, figure_path(args.figure, kind), kind)
+                    written.append(figure_path(args.figure, kind))
+        return written
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     paths = []
     for seed in args.seeds:  # seed outer: every recipe at the choosing seed first
         for pair in args.pairs:
             for recipe in args.recipes:
-                paths.append(run_one(recipe, pair, seed, args.out, args.tiny, tuple(args.edit_epochs)))
+                paths.append(run_one(recipe, pair, seed, args.out, args.tiny, tuple(args.edit_epochs), args.kind))
     return paths
 
 
