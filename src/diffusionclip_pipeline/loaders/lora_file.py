@@ -59,6 +59,7 @@ __all__ = [
     "component_prefix",
     "atomic_save_file",
     "config_fingerprint",
+    "hotswap_adapter",
     "load_adapter",
     "load_adapters_folder",
     "read_adapter_file",
@@ -352,14 +353,9 @@ def _check_fits(model: nn.Module, adapter: AdapterFile) -> None:
             )
 
 
-def load_adapter(model: nn.Module, path: str, adapter_name: str) -> AdapterFile:
-    """Loads an adapter file into ``model`` under ``adapter_name`` with diffusers' `load_lora_adapter`.
-
-    The file is validated first (`read_adapter_file`), then checked against ``model``: the same base-UNet config
-    fingerprint (when the file records one), and LoRA pairs that match the modules and shapes of ``model``, all
-    before any layer is built. On any failure ``model`` is left as it was. The active set is not changed.
-    """
-    check_adapter_name(adapter_name)
+def _read_for(model: nn.Module, path: str) -> AdapterFile:
+    """`read_adapter_file`, then checked to be for ``model``'s kind of denoiser and (when the file records one) for
+    its config fingerprint."""
     adapter = read_adapter_file(path)
     if adapter.prefix != component_prefix(model):
         raise ValueError(
@@ -372,6 +368,20 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str) -> AdapterFile:
             f"The adapter at {adapter.path!r} was trained for another UNet (config fingerprint "
             f"{adapter.base_config_fingerprint[:12]}..., this UNet's is {fingerprint[:12]}...)."
         )
+    return adapter
+
+
+def load_adapter(model: nn.Module, path: str, adapter_name: str, low_cpu_mem_usage: bool = False) -> AdapterFile:
+    """Loads an adapter file into ``model`` under ``adapter_name`` with diffusers' `load_lora_adapter`.
+
+    The file is validated first (`read_adapter_file`), then checked against ``model``: the same base-UNet config
+    fingerprint (when the file records one), and LoRA pairs that match the modules and shapes of ``model``, all
+    before any layer is built. On any failure ``model`` is left as it was. The active set is not changed.
+    ``low_cpu_mem_usage=True`` is passed on to peft (`inject_adapter_in_model` / `set_peft_model_state_dict`): the
+    LoRA layers are created on the meta device, without a random initialisation, and the file's tensors assigned.
+    """
+    check_adapter_name(adapter_name)
+    adapter = _read_for(model, path)
     if adapter_name in adapter_names(model):
         raise ValueError(f"An adapter named {adapter_name!r} is already loaded; pass another `adapter_name`.")
     _check_fits(model, adapter)
@@ -382,7 +392,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str) -> AdapterFile:
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             with_adapter_api(model).load_lora_adapter(
                 {k: v.to(dtype) for k, v in adapter.state_dict.items()}, prefix=None, adapter_name=adapter_name,
-                metadata=_peft_metadata(adapter.settings),
+                metadata=_peft_metadata(adapter.settings), low_cpu_mem_usage=low_cpu_mem_usage,
             )  # fmt: skip
     except BaseException:
         if adapter_name in adapter_names(model):
@@ -390,6 +400,84 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str) -> AdapterFile:
         restore_active_state(model, state)
         raise
     restore_active_state(model, state)  # peft may have changed the active set; the caller decides
+    model.__dict__.setdefault("_diffusionclip_provenance", {})[adapter_name] = dict(adapter.provenance)
+    return adapter
+
+
+def hotswap_adapter(model: nn.Module, path: str, adapter_name: str) -> AdapterFile:
+    """Replaces the weights of the loaded adapter ``adapter_name`` with those of the file at ``path``, in place: the
+    LoRA layers, their modules and their parameters stay the same objects (diffusers' ``hotswap=True``), so a
+    compiled model runs the new weights without recompiling.
+
+    The file must have the loaded adapter's rank and adapt exactly its modules; its alpha may differ (then each
+    layer's ``lora_alpha`` and scaling are updated, keeping the weight `set_adapters` gave the layer). Everything is
+    checked before any tensor is written; a failure while writing puts the old tensors back. The active set and the
+    weights are not changed; the adapter's provenance becomes the file's.
+
+    The tensors are copied here rather than by peft's `hotswap_adapter_from_state_dict`, which finds the old
+    adapter's tensors by a substring of their names (an adapter ``"a"`` would zero the tensors of another adapter
+    whose keys contain "a" and that the file does not hold) and resets each layer's scaling to ``alpha / r``,
+    dropping the weight `set_adapters` gave it.
+    """
+    check_adapter_name(adapter_name)
+    if adapter_name not in adapter_names(model):
+        raise ValueError(
+            f"`hotswap=True` replaces a loaded adapter, and there is none named {adapter_name!r} (loaded: "
+            f"{adapter_names(model)}): load it first without `hotswap`, or pass the name of a loaded adapter."
+        )
+    adapter = _read_for(model, path)
+    _check_fits(model, adapter)
+    loaded = model.peft_config[adapter_name]
+    changed = {k: getattr(loaded, k) for k, d in _REQUIRED_DEFAULTS.items() if getattr(loaded, k, d) not in (d, None)}
+    if changed:
+        raise ValueError(f"Adapter {adapter_name!r} uses LoRA options {changed}, which hotswapping does not support.")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and adapter_name in m.lora_A}
+    if any(adapter_name in m.merged_adapters for m in layers.values()):
+        raise ValueError(
+            f"Adapter {adapter_name!r} is fused into the weights: call `unfuse_lora()` before hotswapping."
+        )
+    in_file = {_KEY.fullmatch(k)["module"] for k in adapter.state_dict}
+    if in_file != set(layers):
+        only_file, only_loaded = sorted(in_file - set(layers)), sorted(set(layers) - in_file)
+        raise ValueError(
+            f"The adapter at {adapter.path!r} cannot be hotswapped into {adapter_name!r}: their targets differ (it "
+            f"adapts {len(in_file)} modules, {adapter_name!r} {len(layers)}; only in the file: {only_file[:3]}, only "
+            f"in {adapter_name!r}: {only_loaded[:3]}). Load it under another name instead."
+        )
+    ranks = {int(m.r[adapter_name]) for m in layers.values()}
+    if ranks != {adapter.settings.rank}:
+        raise ValueError(
+            f"The adapter at {adapter.path!r} cannot be hotswapped into {adapter_name!r}: its rank is "
+            f"{adapter.settings.rank}, {adapter_name!r}'s is {sorted(ranks)[0] if len(ranks) == 1 else sorted(ranks)}."
+            " Load it under another name instead."
+        )
+    targets = {}
+    for key, value in adapter.state_dict.items():
+        match = _KEY.fullmatch(key)
+        parameter = getattr(layers[match["module"]], f"lora_{match['part']}")[adapter_name].weight
+        if tuple(parameter.shape) != tuple(value.shape):  # unreachable after the checks above; never a partial copy
+            raise ValueError(f"{key} has shape {tuple(value.shape)}, the loaded adapter's {tuple(parameter.shape)}.")
+        targets[key] = (parameter, value)
+    alpha = adapter.settings.alpha
+    old = {key: parameter.detach().clone() for key, (parameter, _) in targets.items()}
+    try:
+        with torch.no_grad():
+            for parameter, value in targets.values():
+                parameter.copy_(value)  # casts to the parameter's dtype and device
+    except BaseException:
+        with torch.no_grad():
+            for key, (parameter, _) in targets.items():
+                parameter.copy_(old[key])
+        raise
+    for layer in layers.values():  # the same weight, on the new alpha: w * alpha / r
+        factor = layer.scaling[adapter_name] / (layer.lora_alpha[adapter_name] / layer.r[adapter_name])
+        layer.lora_alpha[adapter_name] = alpha
+        scaling = factor * alpha / layer.r[adapter_name]
+        if isinstance(layer.scaling[adapter_name], torch.Tensor):
+            layer.scaling[adapter_name].fill_(float(scaling))
+        else:
+            layer.scaling[adapter_name] = float(scaling)
+    loaded.lora_alpha = alpha
     model.__dict__.setdefault("_diffusionclip_provenance", {})[adapter_name] = dict(adapter.provenance)
     return adapter
 

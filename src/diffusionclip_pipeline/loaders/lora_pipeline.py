@@ -2,12 +2,15 @@
 
 It declares ``_lora_loadable_modules = ["unet", "transformer"]`` (the denoiser, whichever the family has) and
 inherits from `LoraBaseMixin` what diffusers does the same way (`fuse_lora` / `unfuse_lora`, `fused_loras`,
-`set_lora_device`, `enable_lora_hotswap`, `lora_scale`). It overrides the methods where this package adds something
-on top: loading and saving (our file format with fit checks, fingerprints and provenance, atomic writes, the model
-card), and the adapter-state methods, which also take the denoiser's lock (`utils.locking`), check their arguments
-and roll back on failure. Each delegates to `lora_state` / `lora_file` (which delegate to diffusers'
-`PeftAdapterMixin` on the denoiser); the pipeline keeps no adapter state of its own, so
-``pipe.denoiser.set_adapters(...)`` and ``pipe.set_adapters(...)`` are interchangeable.
+`set_lora_device`, `lora_scale`); `enable_lora_hotswap` is refused (it pads adapters to a rank they do not have). It
+overrides the methods where this package adds something on top: loading and saving (our file format with fit checks,
+fingerprints and provenance, atomic writes, the model card, in-place hotswapping), and the adapter-state methods,
+which also take the denoiser's lock (`utils.locking`), check their arguments and roll back on failure. Each delegates
+to `lora_state` / `lora_file` (which delegate to diffusers' `PeftAdapterMixin` on the denoiser); the pipeline keeps
+no adapter state of its own, so ``pipe.denoiser.set_adapters(...)`` and ``pipe.set_adapters(...)`` are
+interchangeable for numeric weights. Per-block weight dicts go through ``pipe.set_adapters``, which expands them for
+the pixel `UNet2DModel` too (diffusers' mapping leaves it out) and notes the dict on the denoiser next to the
+provenance, only to report it back (`lora_state.adapter_weights`) while the layers still hold what it set.
 """
 
 from __future__ import annotations
@@ -334,34 +337,84 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         keep_active: bool = False,
         weight_name: str | None = None,
         lora_adapter_metadata: dict | None = None,
+        hotswap: bool = False,
+        low_cpu_mem_usage: bool = False,
     ) -> str:
-        """Loads an adapter (a folder with ``pytorch_lora_weights.safetensors``, or the file; a hub id, with
-        ``weight_name`` in it; or a state dict with ``unet.`` / ``transformer.`` keys, and optionally its `LoraConfig`
-        as ``lora_adapter_metadata``) and activates it.
-
-        By default it becomes the only active adapter (with a warning when that deactivates others); with
-        ``keep_active=True`` it joins the active ones at weight 1 (``set_adapters`` sets other weights).
+        r"""
+        Loads a LoRA adapter into the denoiser and activates it (diffusers' `load_lora_weights`).
 
         Files written by this package (both format versions) load; so does a diffusers LoRA file for the same UNet
         that records its `LoraConfig` (``lora_adapter_metadata``), or that does not (then ``alpha = rank``, as
         diffusers reads it), and a kohya / A1111 UNet LoRA (``lora_unet_...``, converted by diffusers' converter,
         with its ``alpha``). A file of another format, a truncated or corrupt file, non-finite weights, or an
-        adapter for a UNet of another config raises `ValueError` and leaves the pipeline unchanged. Returns the
-        adapter's name (default: ``"default"``, or ``"default_<k>"`` if taken).
+        adapter for a UNet of another config raises `ValueError` and leaves the pipeline unchanged.
+
+        Args:
+            path (`str`, `os.PathLike` or `dict`):
+                A folder with ``pytorch_lora_weights.safetensors``, or the file; a hub id (with ``weight_name`` in
+                it); or a state dict with ``unet.`` / ``transformer.`` keys.
+            adapter_name (`str`, *optional*, defaults to `"default"`, or `"default_<k>"` if taken):
+                The name to load the adapter under; with ``hotswap=True``, the loaded adapter to replace.
+            keep_active (`bool`, *optional*, defaults to `False`):
+                By default the adapter becomes the only active one (with a warning when that deactivates others);
+                with `True` it joins the active ones at weight 1 (`set_adapters` sets other weights).
+            weight_name (`str`, *optional*):
+                The file's name inside a folder or hub repository.
+            lora_adapter_metadata (`dict`, *optional*):
+                The `LoraConfig` of a state dict, as a dict.
+            hotswap (`bool`, *optional*, defaults to `False`):
+                diffusers' hotswapping: replace the weights of the loaded adapter ``adapter_name`` with the file's,
+                in place. No layer is created or removed and the LoRA modules and parameters stay the same objects,
+                so a `torch.compile`-d denoiser runs the new adapter without recompiling. The file must have the
+                loaded adapter's rank and adapt the same modules (else `ValueError`, saying what differs, before
+                anything is written); its alpha may differ (each layer keeps the weight `set_adapters` gave it; a
+                different alpha changes the layers' scaling numbers, which a compiled model may recompile for). The
+                active set and the weights stay as they are (``keep_active`` has no effect). Hotswapping adapters of
+                different ranks needs diffusers' `enable_lora_hotswap`, which this pipeline does not offer (see
+                there).
+            low_cpu_mem_usage (`bool`, *optional*, defaults to `False`):
+                diffusers' option, passed on to peft: the LoRA layers are created on the meta device, without the
+                random initialisation that loading overwrites, and the file's tensors are assigned to them; the
+                result is the same. diffusers' pipelines default to `True`; here the default is `False`, the file
+                being read and checked in memory before any layer is built anyway.
+
+        Returns:
+            `str`: the adapter's name.
+
+        Examples:
+
+        ```py
+        >>> pipe.load_lora_weights("me/smile-lora", adapter_name="edit")
+        >>> pipe.unet.compile()  # in place: the pipeline keeps the same module
+        >>> pipe.load_lora_weights("me/angry-lora", adapter_name="edit", hotswap=True)  # same rank: no recompile
+        ```
         """
+        check_bool(keep_active, "keep_active")
+        check_bool(hotswap, "hotswap")
+        check_bool(low_cpu_mem_usage, "low_cpu_mem_usage")
         names = lora_state.adapter_names(self.denoiser)
+        if hotswap:
+            if adapter_name is None:
+                raise ValueError(
+                    f"`hotswap=True` replaces a loaded adapter: pass its name as `adapter_name` (loaded: {names})."
+                )
+            with tempfile.TemporaryDirectory(prefix="diffusionclip-lora-") as tmp:
+                lora_file.hotswap_adapter(
+                    self.denoiser, _resolve_lora_file(path, weight_name, lora_adapter_metadata, tmp), adapter_name
+                )
+            return adapter_name
         if adapter_name is None:
             adapter_name, k = "default", 1
             while adapter_name in names:
                 adapter_name, k = f"default_{k}", k + 1
         check_adapter_name(adapter_name)
-        check_bool(keep_active, "keep_active")
         previous = self.get_active_adapters()
         weights = lora_state.adapter_weights(self.denoiser)
         with tempfile.TemporaryDirectory(prefix="diffusionclip-lora-") as tmp:
             lora_file.load_adapter(
-                self.denoiser, _resolve_lora_file(path, weight_name, lora_adapter_metadata, tmp), adapter_name
-            )
+                self.denoiser, _resolve_lora_file(path, weight_name, lora_adapter_metadata, tmp), adapter_name,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )  # fmt: skip
         if keep_active and previous:
             lora_state.set_adapters(self.denoiser, previous + [adapter_name], [weights[n] for n in previous] + [1.0])
             return adapter_name
@@ -375,17 +428,74 @@ class DiffusionCLIPLoraLoaderMixin(LoraBaseMixin):
         return adapter_name
 
     @holds_unet_lock
-    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
-        """Activates ``adapter_names`` with ``adapter_weights`` (1.0 each by default): their LoRA deltas are summed,
-        each scaled by its weight (scaling the LoRA weights is the cheap approximation of edit strength)."""
+    def set_adapters(
+        self,
+        adapter_names: str | list[str],
+        adapter_weights: float | dict | list[float | dict | None] | None = None,
+    ) -> None:
+        r"""
+        Activates ``adapter_names``: their LoRA deltas are summed, each scaled by its weight (diffusers'
+        `set_adapters`; scaling the LoRA weights is the cheap approximation of edit strength).
+
+        Args:
+            adapter_names (`str` or `list[str]`):
+                The loaded adapters to activate; the others are deactivated.
+            adapter_weights (`float`, `dict`, or `list[float | dict | None]`, *optional*, defaults to 1.0 each):
+                One weight for all the adapters, or one per adapter (`None` is 1.0). For a UNet (the pixel
+                `UNet2DModel`, Stable Diffusion and SDXL) a weight may be a dict of per-block weights, as diffusers
+                takes them: ``{"down": 0.5, "mid": 1.0, "up": {"block_0": 0.2, "block_1": [0, 1, 0.5]}}``.
+                ``"down"`` / ``"up"`` hold one number for all their blocks with attention layers, or a dict by
+                ``block_<i>`` of a number or of one number per attention layer of that block; ``"mid"`` holds a
+                number; what is left out is 1.0. The dict is expanded by diffusers' own `_maybe_expand_lora_scales`
+                and applied as diffusers applies it: to the LoRA layers inside the blocks' attention layers, and to
+                the block's other layers with the same index (``resnets.<j>`` with ``attentions.<j>``); LoRA layers
+                of blocks without attention layers keep 1.0. A flow-matching transformer (SD3, Flux) has no blocks
+                to name: a dict raises `ValueError` there, as does an unknown key or block.
+
+        Every argument is checked before any layer changes.
+
+        Examples:
+
+        ```py
+        >>> pipe.set_adapters(["smile", "old"], [1.0, 0.5])
+        >>> pipe.set_adapters("smile", {"down": 0.0, "up": {"block_1": [1.0, 0.5]}})  # a UNet: per-block weights
+        ```
+        """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if adapter_weights is None:
             weights = [1.0] * len(names)
         elif isinstance(adapter_weights, (list, tuple)):
-            weights = [check_number(w, f"adapter_weights[{i}]") for i, w in enumerate(adapter_weights)]
+            weights = [
+                lora_state.check_adapter_weight(self.denoiser, w, f"adapter_weights[{i}]")
+                for i, w in enumerate(adapter_weights)
+            ]
         else:
-            weights = [check_number(adapter_weights, "adapter_weights")] * len(names)
+            weights = [lora_state.check_adapter_weight(self.denoiser, adapter_weights, "adapter_weights")] * len(names)
         lora_state.set_adapters(self.denoiser, names, weights)
+
+    def enable_lora_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
+        r"""
+        Not offered: diffusers' `enable_lora_hotswap` prepares hotswapping adapters of *different* ranks or alphas
+        into a compiled model by padding the loaded adapter's LoRA weights with zeros to ``target_rank``, raising its
+        recorded rank to it, and turning each layer's scaling into a tensor. This pipeline's adapters are files with
+        their true rank and alpha (saved, fingerprinted, checked on load), which the padding would falsify: a
+        padded adapter saved and reloaded would be scaled by ``alpha / target_rank`` instead of ``alpha / rank``.
+        Hotswapping adapters of the same rank (`load_lora_weights` with ``hotswap=True``) needs no preparation.
+
+        Args:
+            target_rank (`int`, *optional*, defaults to 128):
+                diffusers' argument; not used.
+            check_compiled (`str`, *optional*, defaults to `"error"`):
+                diffusers' argument; not used.
+
+        Raises:
+            `NotImplementedError`: always.
+        """
+        raise NotImplementedError(
+            "`enable_lora_hotswap` (padding adapters to `target_rank` for hotswapping different ranks) is not "
+            "supported by DiffusionCLIPPipeline: it would falsify the adapters' recorded rank. Hotswap adapters of "
+            "the same rank with `load_lora_weights(..., adapter_name=..., hotswap=True)`, which needs no preparation."
+        )
 
     @holds_unet_lock
     def disable_lora(self) -> None:

@@ -6,6 +6,8 @@ added, each adapter's provenance (prompts and settings), kept next to ``peft_con
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -30,6 +32,7 @@ __all__ = [
     "adapters_disabled",
     "adapters_enabled",
     "add_adapter",
+    "check_adapter_weight",
     "get_provenance",
     "remove_adapter",
     "remove_all_adapters",
@@ -108,13 +111,23 @@ def adapters_enabled(model: nn.Module) -> bool:
     return any(not layer.disable_adapters for layer in tuner_layers(model))
 
 
-def adapter_weights(model: nn.Module) -> dict[str, float]:
-    """The weight of each active adapter (the factor `set_adapters` applied to ``alpha / r``)."""
+def adapter_weights(model: nn.Module) -> dict[str, float | dict]:
+    """The weight of each active adapter (the factor `set_adapters` applied to ``alpha / r``): a number when all its
+    layers share it; the per-block dict `set_adapters` was given while the layers still hold what it set (so that
+    passing the result back to `set_adapters` restores the same state); else the first layer's."""
     weights = {}
-    for layer in tuner_layers(model):
-        for name in layer.active_adapters:
-            if name not in weights and name in layer.scaling:
-                weights[name] = float(layer.scaling[name] / (layer.lora_alpha[name] / layer.r[name]))
+    records = model.__dict__.get("_diffusionclip_block_weights", {})
+    for name in active_adapters(model):
+        factors = _layer_factors(model, name)
+        if not factors:
+            continue
+        values = list(factors.values())
+        if all(math.isclose(v, values[0], rel_tol=1e-9, abs_tol=1e-12) for v in values):
+            weights[name] = values[0]
+        elif name in records and _same_factors(records[name][1], factors):
+            weights[name] = copy.deepcopy(records[name][0])
+        else:
+            weights[name] = values[0]
     return weights
 
 
@@ -137,19 +150,142 @@ def add_adapter(model: nn.Module, settings: LoraSettings, adapter_name: str) -> 
     model.enable_adapters()
 
 
-def set_adapters(model: nn.Module, names: list[str], weights: list[float]) -> None:
-    """Activates ``names``, each scaled by its weight, and enables the adapter layers (diffusers' `set_adapters`)."""
+def set_adapters(model: nn.Module, names: list[str], weights: list[float | dict]) -> None:
+    """Activates ``names``, each scaled by its weight, and enables the adapter layers (diffusers' `set_adapters`).
+
+    A weight is a number, or for a UNet a dict of per-block weights (see `check_adapter_weight`), expanded by
+    diffusers' own function and applied per LoRA layer by diffusers' `set_weights_and_activate_adapters`, as
+    `PeftAdapterMixin.set_adapters` does. Everything is checked before any layer changes.
+    """
     unknown = [n for n in names if n not in adapter_names(model)]
     if not names or unknown:
         raise ValueError(f"`adapter_names` must name loaded adapters {adapter_names(model)}, got {names}.")
     if len(weights) != len(names):
         raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
-    weights = [check_number(w, f"adapter_weights[{i}]") for i, w in enumerate(weights)]
-    model.set_adapters(list(names), weights)
+    weights = [check_adapter_weight(model, w, f"adapter_weights[{i}]") for i, w in enumerate(weights)]
+    expanded = _expand_block_weights(model, weights)
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+    set_weights_and_activate_adapters(model, list(names), expanded)
     model.enable_adapters()
     for name in names:  # peft marks active adapters trainable; only fine-tuning trains
         for p in adapter_parameters(model, name):
             p.requires_grad_(False)
+    records = model.__dict__.setdefault("_diffusionclip_block_weights", {})
+    for name, weight in zip(names, weights):
+        if isinstance(weight, dict):  # what `adapter_weights` reports while the layers still hold these weights
+            records[name] = (copy.deepcopy(weight), _layer_factors(model, name))
+
+
+# ---- per-block weights (diffusers' `set_adapters` with a dict, for UNets) -------------------------------------
+
+_BLOCK_KEYS = ("down", "mid", "up")
+
+
+def _block_weight_expander(model: nn.Module):
+    """diffusers' expansion of per-block weights for ``model``'s class (`_SET_ADAPTER_SCALE_FN_MAPPING`:
+    `UNet2DConditionModel`, `UNetMotionModel`), or `_maybe_expand_lora_scales` for the pixel `UNet2DModel`, which has
+    the same ``down_blocks`` / ``mid_block`` / ``up_blocks`` layout (diffusers' own mapping leaves it out because
+    diffusers gives `UNet2DModel` no adapter API); `None` for a model without blocks (SD3 / Flux transformers, where
+    diffusers' mapping is the identity and a dict is not expanded)."""
+    from diffusers import UNet2DModel
+    from diffusers.loaders.peft import _SET_ADAPTER_SCALE_FN_MAPPING
+    from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+
+    # a defaultdict, which diffusers' own `set_adapters` fills with the identity for every class it meets: an entry
+    # that is the default's identity (the same code) is no expansion
+    expand = dict.get(_SET_ADAPTER_SCALE_FN_MAPPING, type(model).__name__)
+    identity = _SET_ADAPTER_SCALE_FN_MAPPING.default_factory().__code__
+    if expand is not None and getattr(expand, "__code__", None) is not identity:
+        return expand
+    return _maybe_expand_lora_scales if isinstance(model, UNet2DModel) else None
+
+
+def _attention_blocks(model: nn.Module, side: str) -> list[str]:
+    """The ``block_<i>`` names that per-block weights may set on ``side`` ("down" or "up"): the blocks with attention
+    layers, as diffusers' `_maybe_expand_lora_scales` counts them."""
+    return [f"block_{i}" for i, block in enumerate(getattr(model, f"{side}_blocks")) if hasattr(block, "attentions")]
+
+
+def _check_scales(value, name: str) -> float | list[float]:
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"`{name}` must be a number or a non-empty list of numbers, got {value!r}.")
+        return [check_number(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    return check_number(value, name)
+
+
+def check_adapter_weight(model: nn.Module, weight, name: str = "adapter_weights") -> float | dict:
+    """One adapter's weight for `set_adapters`: a finite number, or (``None``) 1.0, or for a UNet a dict of
+    per-block weights as diffusers takes them, e.g. ``{"down": 0.5, "mid": 1.0, "up": {"block_0": 0.2,
+    "block_1": [0, 1, 0.5]}}``: ``"down"`` / ``"up"`` hold a number for all their attention blocks or a dict by
+    ``block_<i>`` (a number, or one per attention layer of the block), ``"mid"`` a number; what is left out is 1.0.
+    A weight applies to the LoRA layers of the blocks' attention layers, and, as in diffusers, to the other layers of
+    the block that have the same index (``resnets.<j>`` with ``attentions.<j>``); LoRA layers elsewhere keep 1.0.
+    Returns the checked weight (numbers as floats); `ValueError` / `TypeError` naming ``name`` otherwise."""
+    if weight is None:
+        return 1.0
+    if not isinstance(weight, dict):
+        return check_number(weight, name)
+    if _block_weight_expander(model) is None:
+        raise ValueError(
+            f"`{name}` is a dict of per-block weights, which diffusers' `set_adapters` expands for UNets only; "
+            f"this {type(model).__name__} has no down / mid / up blocks: pass one number per adapter."
+        )
+    unknown = [k for k in weight if k not in _BLOCK_KEYS]
+    if unknown:
+        raise ValueError(f"`{name}` has the key {unknown[0]!r}; per-block weights take 'down', 'mid' and 'up'.")
+    checked = {}
+    for side, value in weight.items():
+        if side == "mid" or not isinstance(value, dict):
+            checked[side] = _check_scales(value, f"{name}['{side}']")
+            continue
+        blocks = _attention_blocks(model, side)
+        for block in value:
+            if block not in blocks:
+                raise ValueError(
+                    f"`{name}['{side}']` has the key {block!r}; the {side} blocks of this {type(model).__name__} "
+                    f"that have attention layers are {blocks}."
+                )
+        checked[side] = {block: _check_scales(v, f"{name}['{side}'][{block!r}]") for block, v in value.items()}
+    return checked
+
+
+def _expand_block_weights(model: nn.Module, weights: list[float | dict]) -> list[float | dict]:
+    """Checked weights with the dicts expanded by diffusers into ``{"down_blocks.1.attentions.0": w, ...}``."""
+    if not any(isinstance(w, dict) for w in weights):
+        return list(weights)
+    try:
+        expanded = _block_weight_expander(model)(model, copy.deepcopy(weights))
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"`adapter_weights` does not fit this {type(model).__name__}: {error}") from None
+    keys = [k for w in expanded if isinstance(w, dict) for k in w]
+    outside = [
+        name for name, _ in _named_tuner_layers(model) if len(name.split(".")) < 4 and not any(k in name for k in keys)
+    ]
+    if outside:  # diffusers' `set_weights_and_activate_adapters` would fail on them with an IndexError
+        raise ValueError(
+            f"Per-block `adapter_weights` weight the LoRA layers inside down_blocks / mid_block / up_blocks; this "
+            f"{type(model).__name__} also has LoRA layers outside them ({outside[:3]}): pass one number per adapter."
+        )
+    return expanded
+
+
+def _same_factors(a: dict[str, float], b: dict[str, float]) -> bool:
+    return a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-9) for k in a)
+
+
+def _named_tuner_layers(model: nn.Module) -> list[tuple[str, BaseTunerLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _layer_factors(model: nn.Module, adapter_name: str) -> dict[str, float]:
+    """Each LoRA layer's weight for ``adapter_name``: its scaling over ``alpha / r``."""
+    return {
+        name: float(layer.scaling[adapter_name] / (layer.lora_alpha[adapter_name] / layer.r[adapter_name]))
+        for name, layer in _named_tuner_layers(model)
+        if adapter_name in layer.scaling
+    }
 
 
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
@@ -167,6 +303,7 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
         model.delete_adapters(adapter_name)
         _unwrap_empty_layers(model)
     model.__dict__.get("_diffusionclip_provenance", {}).pop(adapter_name, None)
+    model.__dict__.get("_diffusionclip_block_weights", {}).pop(adapter_name, None)
 
 
 def _unwrap_empty_layers(model: nn.Module) -> None:
@@ -181,6 +318,7 @@ def remove_all_adapters(model: nn.Module) -> None:
     if adapter_names(model):
         model.unload_lora()
     model.__dict__.pop("_diffusionclip_provenance", None)
+    model.__dict__.pop("_diffusionclip_block_weights", None)
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
