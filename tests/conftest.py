@@ -146,6 +146,15 @@ def add_random_adapter(pipe, name, rank=2, alpha=4.0, seed=0, targets=("to_q", "
     lora_state.set_provenance(denoiser, name, {"prompt_src": "red circle", "prompt_tar": "blue circle"})
 
 
+def adapted_pixel_pipeline(name: str = "smile") -> DiffusionCLIPPipeline:
+    """The toy pixel pipeline (no CLIP, quiet) with one random adapter ``name``, active."""
+    pipe = make_pipeline(with_clip=False)
+    pipe.set_progress_bar_config(disable=True)
+    add_random_adapter(pipe, name)
+    pipe.set_adapters([name])
+    return pipe
+
+
 def random_images(batch: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, size, size, generator=generator) * 2 - 1

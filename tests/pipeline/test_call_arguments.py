@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import add_random_adapter, make_pipeline, make_sd_components, random_images
+from conftest import adapted_pixel_pipeline, make_sd_components, random_images
 
 from diffusionclip_pipeline import DiffusionCLIPPipeline
 from diffusionclip_pipeline.loaders import lora_state
@@ -14,11 +14,7 @@ KWARGS = dict(t0=400, num_inversion_steps=3, num_inference_steps=3, output_type=
 
 
 def pixel_pipe():
-    pipe = make_pipeline(with_clip=False)
-    pipe.set_progress_bar_config(disable=True)
-    add_random_adapter(pipe, "smile")
-    pipe.set_adapters(["smile"])
-    return pipe
+    return adapted_pixel_pipeline("smile")
 
 
 def sd_pipe():

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
-    add_random_adapter,
-    make_pipeline,
+    adapted_pixel_pipeline,
     make_sd3_components,
     make_sd_components,
     make_sdxl_components,
@@ -22,11 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::diffusionclip_pipeline.NoAdapte
 
 
 def pixel_pipe():
-    pipe = make_pipeline(with_clip=False)
-    pipe.set_progress_bar_config(disable=True)
-    add_random_adapter(pipe, "smile")
-    pipe.set_adapters(["smile"])
-    return pipe
+    return adapted_pixel_pipeline("smile")
 
 
 def built(components):
