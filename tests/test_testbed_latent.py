@@ -121,7 +121,7 @@ def test_demo_latent_writes_grid_and_adapter(tmp_path, capsys):
 def test_demo_fast_edit_is_refused_on_the_latent_test_bed():
     from diffusionclip_pipeline.testbed.demo import run_demo
 
-    with pytest.raises(ValueError, match="`fast_edit` was measured on the pixel test-bed only"):
+    with pytest.raises(ValueError, match="`fast_edit` was measured on the pixel and flow test-beds only"):
         run_demo(kind="latent", fast_edit=True)
     with pytest.raises(TypeError, match="`fast_edit` must be a bool or None, got 'yes'"):
         run_demo(fast_edit="yes")

@@ -13,6 +13,7 @@ _EXPORTS = {
     "WEIGHTS_DIR": "pipeline",
     "load_pipeline": "pipeline",
     "FAST_EDIT": "settings",
+    "FAST_EDIT_FLOW": "settings",
     "FAST_FINETUNE": "settings",
     "LATENT_WEIGHTS_DIR": "pipeline",
     "RECOMMENDED_EDIT": "settings",
@@ -29,6 +30,7 @@ _EXPORTS = {
 
 __all__ = [
     "FAST_EDIT",
+    "FAST_EDIT_FLOW",
     "FAST_FINETUNE",
     "LATENT_WEIGHTS_DIR",
     "RECOMMENDED_EDIT",

@@ -25,8 +25,8 @@ NUM_THREADS = 1
 def register() -> None:
     """Registers the models ``testbed`` (with `RECOMMENDED_FINETUNE` / `RECOMMENDED_EDIT`, `FAST_FINETUNE` /
     `FAST_EDIT` for ``--fast``, one thread, and `render_training_images`) and ``testbed-latent`` (the latent
-    test-bed, with its own recommendations), ``testbed-flow`` (the flow-matching test-bed) and the ``demo``
-    command."""
+    test-bed, with its own recommendations), ``testbed-flow`` (the flow-matching test-bed; ``edit --fast`` with
+    `FAST_EDIT_FLOW`, no fast fine-tune) and the ``demo`` command."""
     register_model(
         "testbed", load=_load_pipeline, finetune_defaults=_recommended_finetune, edit_defaults=_recommended_edit,
         help="the offline test-bed shipped with the package, with its recommended settings",
@@ -42,6 +42,7 @@ def register() -> None:
         "testbed-flow", load=_load_flow_pipeline, finetune_defaults=_recommended_finetune_flow,
         edit_defaults=_recommended_edit_flow, render=render_training_images, num_threads=NUM_THREADS,
         help="the offline flow-matching test-bed (a tiny SD3-shaped model) shipped with the package",
+        fast_edit_defaults=_fast_edit_flow,
     )  # fmt: skip
     register_command(
         "demo", help="offline: fine-tune the test-bed for a colour edit, edit held-out images",
@@ -101,6 +102,12 @@ def _fast_edit() -> dict:
     from .settings import FAST_EDIT
 
     return FAST_EDIT
+
+
+def _fast_edit_flow() -> dict:
+    from .settings import FAST_EDIT_FLOW
+
+    return FAST_EDIT_FLOW
 
 
 def _recommended_finetune() -> dict:

@@ -13,7 +13,7 @@ from ..image_io import image_grid, save_atomic
 from ..utils.checks import check_choice, check_non_negative_int, check_positive_int
 from . import world
 from .pipeline import KINDS, load_pipeline
-from .settings import FAST_EDIT, recommended
+from .settings import FAST_EDIT, FAST_EDIT_FLOW, recommended
 
 DEMO_NUM_TRAIN = 12
 """Training images of the demo: 12, not the 16 of the reported experiments, so that the demo stays under 2 minutes on
@@ -97,7 +97,9 @@ def run_demo(output_dir: str = "diffusionclip-demo", source: str = "red", target
     ``fast_edit`` (default: on for the pixel test-bed, where it was measured) edits with `FAST_EDIT` (forward-noise
     encoding + 6 DDIM steps, seeded by ``seed``: 6 UNet calls per image instead of 64; on recommended adapters 81 /
     100 / 97 % of red -> blue circles at data seeds 0 / 7 / 13, against 97 / 91 / 94 % for the 32 + 32-step edit,
-    re-measured with the shape-aware measure, docs/remeasured.md) instead of the recommended edit. Returns
+    re-measured with the shape-aware measure, docs/remeasured.md) instead of the recommended edit; on the flow
+    test-bed ``fast_edit=True`` edits with `FAST_EDIT_FLOW` (off by default there: it edits less than the
+    recommended edit, docs/testbed-flow.md); the latent test-bed has no fast edit. Returns
     `run_edit_experiment`'s result."""
     for name, colour in (("source", source), ("target", target)):
         check_choice(colour, name, world.COLOURS)
@@ -109,9 +111,10 @@ def run_demo(output_dir: str = "diffusionclip-demo", source: str = "red", target
     fast_edit = kind == "pixel" if fast_edit is None else fast_edit
     if not isinstance(fast_edit, bool):
         raise TypeError(f"`fast_edit` must be a bool or None, got {fast_edit!r}.")
-    if fast_edit and kind != "pixel":
-        raise ValueError(f"`fast_edit` was measured on the pixel test-bed only, not with kind={kind!r}.")
-    edit_kwargs = dict(FAST_EDIT, generator=torch.Generator().manual_seed(seed)) if fast_edit else None
+    if fast_edit and kind == "latent":
+        raise ValueError(f"`fast_edit` was measured on the pixel and flow test-beds only, not with kind={kind!r}.")
+    fast = FAST_EDIT_FLOW if kind == "flow" else FAST_EDIT
+    edit_kwargs = dict(fast, generator=torch.Generator().manual_seed(seed)) if fast_edit else None
     pipe = load_pipeline(kind=kind)
     if progress_bars:
         pipe.set_progress_bar_config(disable=None, leave=False)  # None: on a terminal only
