@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import (
     adapted_pixel_pipeline,
+    make_flux_components,
     make_sd3_components,
     make_sd_components,
     make_sdxl_components,
@@ -106,7 +107,9 @@ def test_prompt_embeds_equal_the_prompt_stable_diffusion():
     torch.testing.assert_close(inverted.x_t0, by_prompt.x_t0, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("make", [make_sdxl_components, make_sd3_components], ids=["sdxl", "sd3"])
+@pytest.mark.parametrize(
+    "make", [make_sdxl_components, make_sd3_components, make_flux_components], ids=["sdxl", "sd3", "flux"]
+)
 def test_prompt_and_pooled_embeds_equal_the_prompt(make):
     pipe, x = built(make(0)), random_images(1)
     condition = pipe.encode_prompt("a dog", 1)
@@ -156,8 +159,11 @@ def test_prompt_embeds_errors():
 # ---- image latents as `image` -------------------------------------------------------------------------------------
 
 
-def test_image_latents_as_image_equal_the_image():
-    pipe, x = built(make_sd_components(0)), random_images(2)
+@pytest.mark.parametrize(
+    "make", [make_sd_components, make_sd3_components, make_flux_components], ids=["sd", "sd3", "flux"]
+)
+def test_image_latents_as_image_equal_the_image(make):
+    pipe, x = built(make(0)), random_images(2)
     latents = pipe.encode_image(pipe.prepare_image(x))
     kwargs = dict(t0=300, num_inversion_steps=3, num_inference_steps=3)
     from_latents = pipe.edit(latents, **kwargs, **PT)
@@ -166,7 +172,7 @@ def test_image_latents_as_image_equal_the_image():
     torch.testing.assert_close(inverted.image, pipe.decode_latents(latents).clamp(-1, 1), rtol=0, atol=0)
     noisy = pipe.edit(latents, encoding="noise", num_images_per_prompt=2, generator=torch.Generator().manual_seed(0),
                       **kwargs, **PT)  # fmt: skip
-    assert noisy.images.shape == (4, 3, 16, 16)
+    assert noisy.images.shape == (4, 3, *x.shape[-2:])
 
 
 def test_what_reads_as_latents():
