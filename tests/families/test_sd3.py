@@ -172,6 +172,16 @@ def test_one_fine_tuning_step_per_scheme_trains_only_the_adapter(scheme):
     assert all(torch.equal(after[k], v) for k, v in base.items())
 
 
+def test_training_finetune_without_a_config_takes_the_family_targets():
+    """`training.finetune` called directly with ``config=None`` (not through `pipe.finetune`) asks the family for the
+    LoRA targets too: the UNet list's convolution names would select nothing in a transformer."""
+    from diffusionclip_pipeline.training import finetune
+
+    pipe = make_pipe(with_clip=True)
+    out = finetune(pipe, "red circle", "blue circle", images=images(1))
+    assert out.config.lora_target_modules == ("to_q", "to_k", "to_v", "to_out.0")
+
+
 # ---- adapters: interop with the stock pipeline ------------------------------------------------------------------
 
 

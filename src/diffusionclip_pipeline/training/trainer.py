@@ -640,7 +640,8 @@ def finetune(
     ```
     """
     # 1. Check inputs, once: everything below trusts them. The checkpoint to resume from and its settings
-    config = FinetuneConfig() if config is None else config
+    if config is None:  # the family's LoRA targets (a flow transformer has no ResNet convolutions)
+        config = FinetuneConfig(lora_target_modules=pipe.family.default_lora_target_modules)
     _check_inputs(pipe, prompt_src, prompt_tar, config, adapter_name, identity_loss, source_images, target_images)
     check_checkpointing(checkpoint_dir, checkpoint_every, resume_from)
     keep_best_min_ssim = check_validation(
