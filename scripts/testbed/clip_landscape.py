@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
-from diffusionclip_pipeline.clip_loss import CLIPDirectionalLoss  # noqa: E402
 from diffusionclip_pipeline.testbed import load_pipeline, world  # noqa: E402
+from diffusionclip_pipeline.training.losses import CLIPDirectionalLoss  # noqa: E402
 
 EDITS = ["red:blue:circle", "blue:red:square", "green:yellow:triangle", "yellow:green:circle"]
 PATH = np.linspace(0.05, 1.0, 8)

@@ -37,10 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import parse_settings  # noqa: E402  (puts src/ on the path)
 
-from diffusionclip_pipeline.training.losses import CLIPDirectionalLoss  # noqa: E402
 from diffusionclip_pipeline.image_processing import preprocess_image  # noqa: E402
 from diffusionclip_pipeline.testbed import load_pipeline, world  # noqa: E402
 from diffusionclip_pipeline.testbed.demo import run_edit_experiment  # noqa: E402
+from diffusionclip_pipeline.training.losses import CLIPDirectionalLoss  # noqa: E402
 
 
 @torch.no_grad()
