@@ -303,9 +303,30 @@ def report(runs: list[dict], heading: str = "###") -> str:
         )
     stopping = early_stopping_table(runs)
     h = heading
-    return "\n".join([f"{h} Summary", "", *summary, "", f"{h} Proxy agreement (Pearson r over epochs)", "",
-                      *agreement, "", f"{h} Early stopping, replayed on the curves", "", *stopping, "",
-                      f"{h} Every epoch", "", *lines]) + "\n"  # fmt: skip
+    return "\n".join([f"{h} Summary", "", *summary, "", f"{h} Success by epoch", "", *curve_table(runs), "",
+                      f"{h} Proxy agreement (Pearson r over epochs)", "", *agreement, "",
+                      f"{h} Early stopping, replayed on the curves", "", *stopping, "", f"{h} Every epoch", "",
+                      *lines]) + "\n"  # fmt: skip
+
+
+def curve_table(runs: list[dict]) -> list[str]:
+    """One row per run: the validation edit's success (%) after each epoch, the training seconds and UNet forward +
+    backward passes per image at the end, and both published edits (recommended / fast) where they were scored."""
+    rows = ["| recipe | pair | seed | validation-edit success by epoch, % (1, 2, ...) | train s | fwd+bwd / img | "
+            "recommended / fast edit (epoch: %, s) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in runs:
+        m, epochs = run["meta"], run["epochs"]
+        curve = " ".join(f"{100 * e['success']:.0f}" for e in epochs)
+        edits = "; ".join(
+            f"e{e['epoch']}: {_pct(e['success_recommended'])} / {_pct(e['success_fast'])}, {e['train_s']:.0f} s"
+            for e in epochs
+            if "success_fast" in e
+        )
+        rows.append(
+            f"| {m['recipe']} | {m['pair']} | {m['seed']} | {curve} | {epochs[-1]['train_s']:.1f} | "
+            f"{epochs[-1]['fwd_bwd_per_image']:.0f} | {edits or '-'} |"
+        )
+    return rows
 
 
 def _replay(epochs: list[dict], scores: str, patience: int, metric: str = "s_dir") -> tuple[dict, dict]:
