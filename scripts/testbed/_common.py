@@ -1,13 +1,19 @@
-"""Shared helpers for the test-bed training / evaluation scripts (DDIM sampling, inversion, scoring).
+"""Shared helpers for the test-bed training / evaluation / export scripts.
 
 Not part of the package: the pipeline has its own DDIM code. These helpers exist so that training logs and
-`evaluate.py` measure the models the same way.
+`evaluate.py` measure the models the same way (DDIM sampling, inversion, scoring), and so that the training scripts
+share one copy of their run plumbing (stop on ``kill -TERM``, the wall-clock budget over resumes, progress lines,
+atomic checkpoints) and the export scripts one copy of staging, METRICS.md and shipping.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import signal
 import sys
+import time
 from collections import Counter
 
 import numpy as np
@@ -23,8 +29,6 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def parse_value(text: str):
     """A command-line setting's value: JSON where it parses (numbers, ``true``, lists), else the string itself."""
-    import json
-
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -48,9 +52,6 @@ def parse_settings(items, option: str = "--set") -> dict:
 
 def jsonl_logger(out_dir: str):
     """A ``log(dict)`` that appends the record, time-stamped, to ``out_dir/log.jsonl`` and prints it."""
-    import json
-    import time
-
     os.makedirs(out_dir, exist_ok=True)
     logf = open(os.path.join(out_dir, "log.jsonl"), "a")
 
@@ -71,6 +72,11 @@ def batch_to_tensor(arr: np.ndarray) -> torch.Tensor:
 def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """float images in [0, 1] (a pipeline's ``output_type="np"``) -> uint8."""
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
 def alphas(scheduler) -> torch.Tensor:
@@ -164,3 +170,135 @@ def save_grid(imgs_uint8: np.ndarray, path: str, ncol: int = 8) -> None:
         r, c = divmod(k, ncol)
         grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = im
     Image.fromarray(grid).save(path)
+
+
+# ------------------------------------------------------------------------------------------------ training runs
+BUDGET_HELP = "wall-clock budget over resumes; 0 = steps only"
+
+
+def add_schedule_args(p, *, lr, warmup: int, max_steps, lr_help=None, max_steps_help=None, budget_help=BUDGET_HELP):
+    """The options `lr_at` and `progress` read, in this order: ``--lr``, ``--min-lr-frac``, ``--warmup``,
+    ``--decay-frac``, ``--max-steps`` and (unless ``budget_help`` is None) ``--budget-minutes``."""
+    p.add_argument("--lr", type=float, default=lr, help=lr_help)
+    p.add_argument("--min-lr-frac", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--decay-frac", type=float, default=0.3)
+    p.add_argument("--max-steps", type=int, default=max_steps, help=max_steps_help)
+    if budget_help is not None:
+        p.add_argument("--budget-minutes", type=float, default=0, help=budget_help)
+
+
+def progress(step: int, wall_s: float, args) -> float:
+    """Fraction of the run done: by steps, or by wall-clock budget if that is reached first."""
+    f = step / args.max_steps
+    if args.budget_minutes > 0:
+        f = max(f, wall_s / 60 / args.budget_minutes)
+    return f
+
+
+def lr_at(step: int, frac: float, args) -> float:
+    """Linear warmup, constant, then cosine decay to `min_lr_frac` over the last `decay_frac` of the run."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    start = 1 - args.decay_frac
+    if frac < start:
+        return args.lr
+    p = min(1.0, (frac - start) / args.decay_frac)
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+class Stopper:
+    """``kill -TERM`` / ``-INT`` sets ``flag``; the training loop finishes its step, checkpoints and exits (the
+    DDPM script evaluates first)."""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self._on)
+        signal.signal(signal.SIGINT, self._on)
+
+    def _on(self, signum, frame):
+        self.flag = True
+
+
+class WallClock:
+    """Wall-clock seconds of the whole run: ``prev_s`` (the earlier runs', from the checkpoint) + this process's
+    since construction. Calling it gives the seconds; ``minutes()`` the logged ``wall_min``."""
+
+    def __init__(self, prev_s: float = 0.0):
+        self.prev_s, self.start = prev_s, time.time()
+
+    def __call__(self) -> float:
+        return self.prev_s + time.time() - self.start
+
+    def minutes(self) -> float:
+        return round(self() / 60, 2)
+
+
+class LossWindow:
+    """The losses since the last progress line and when that line was written (for ``s_per_step``)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.values, self.t_last = [], time.time()
+
+    def add(self, value: float) -> None:
+        self.values.append(float(value))
+
+    def restart_clock(self) -> None:
+        """After an evaluation: the next line's ``s_per_step`` leaves its time out."""
+        self.t_last = time.time()
+
+    def record(self, step: int, loss_name: str, wall: WallClock, *, stage=None, lr=None) -> dict:
+        """The ``{"kind": "train", ...}`` progress record: mean loss rounded to 5 digits, s/step to 3, wall_min."""
+        rec = {"kind": "train"} | ({"stage": stage} if stage is not None else {})
+        rec |= {"step": step, loss_name: round(float(np.mean(self.values)), 5)}
+        rec |= {"lr": lr} if lr is not None else {}
+        return rec | {"s_per_step": round((time.time() - self.t_last) / len(self.values), 3),
+                      "wall_min": wall.minutes()}  # fmt: skip
+
+
+def save_ckpt(path: str, **state) -> None:
+    """``torch.save(state)`` to a temporary sibling, then renamed over ``path``: a kill never leaves half a file."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str, model, opt, *, step: int, args, ema=None, gen=None, rng=None, **extra) -> None:
+    """The test-beds' checkpoint, saved atomically: ``model``, [``ema``], ``opt``, [``gen`` (a torch.Generator's
+    state)], [``np_rng`` and ``torch_rng`` (a numpy Generator's and torch's global state)], ``step``, ``extra`` (e.g.
+    ``wall_s``), ``args`` (``vars(args)``)."""
+    state = {"model": model.state_dict()}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    state["opt"] = opt.state_dict()
+    if gen is not None:
+        state["gen"] = gen.get_state()
+    if rng is not None:
+        state |= {"np_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+    save_ckpt(path, **state, step=step, **extra, args=vars(args))
+
+
+def restore_checkpoint(path: str, resume: bool, model, opt, *, ema=None, gen=None, rng=None) -> dict | None:
+    """With ``resume`` and a checkpoint at ``path``: load it into the parts `save_checkpoint` saved and return it
+    (the caller reads ``step``, ``wall_s``, ...). Otherwise None: a fresh start."""
+    if not (resume and os.path.exists(path)):
+        return None
+    ck = torch.load(path, weights_only=False)
+    model.load_state_dict(ck["model"])
+    if ema is not None:
+        ema.load_state_dict(ck["ema"])
+    opt.load_state_dict(ck["opt"])
+    if gen is not None:
+        gen.set_state(ck["gen"])
+    if rng is not None:
+        rng.bit_generator.state = ck["np_rng"]
+        torch.set_rng_state(ck["torch_rng"])
+    return ck

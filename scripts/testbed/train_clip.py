@@ -57,7 +57,9 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode  # the GPT-2 / 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, jsonl_logger, world  # noqa: E402
+from _common import (  # noqa: E402,I001
+    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, jsonl_logger, restore_checkpoint, save_checkpoint, set_lr, world,
+)  # fmt: skip
 
 TEMPLATE_WORDS = (
     "a",
@@ -399,12 +401,8 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     step = 0
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, weights_only=False)
-        clip.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        rng.bit_generator.state = ck["np_rng"]
-        torch.set_rng_state(ck["torch_rng"])
+    ck = restore_checkpoint(ckpt_path, args.resume, clip, opt, rng=rng)
+    if ck is not None:
         step = ck["step"]
         log({"kind": "resume", "step": step})
     else:
@@ -425,8 +423,7 @@ def main(argv=None):
 
     t_last, run_loss, run_n = time.time(), 0.0, 0
     while step < args.max_steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+        set_lr(opt, lr_at(step))
         imgs, col, shp, texts, tc, ts = make_batch(
             rng, args.batch, args.size, args.mix_frac, args.noise_frac, args.off_frac, args.tint_frac
         )
@@ -464,19 +461,7 @@ def main(argv=None):
             ev.update(colour_peak(clip, tok, args.size))
             ev.update(kind="eval", step=step)
             log(ev)
-            tmp = ckpt_path + ".tmp"
-            torch.save(
-                {
-                    "model": clip.state_dict(),
-                    "opt": opt.state_dict(),
-                    "np_rng": rng.bit_generator.state,
-                    "torch_rng": torch.get_rng_state(),
-                    "step": step,
-                    "args": vars(args),
-                },
-                tmp,
-            )
-            os.replace(tmp, ckpt_path)
+            save_checkpoint(ckpt_path, clip, opt, rng=rng, step=step, args=args)
             clip.save_pretrained(os.path.join(args.out, "clip"))
             tok.save_pretrained(os.path.join(args.out, "tokenizer"))
             t_last = time.time()

@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
-import signal
 import sys
 import time
 
@@ -53,7 +51,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402,I001
-    batch_to_tensor, ddim_sample, invert_regenerate, jsonl_logger, save_grid, score_samples, tensor_to_uint8, world,
+    Stopper, WallClock, add_schedule_args, batch_to_tensor, ddim_sample, invert_regenerate, jsonl_logger, lr_at,
+    progress, restore_checkpoint, save_checkpoint, save_grid, score_samples, set_lr, tensor_to_uint8, world,
 )  # fmt: skip
 
 
@@ -108,25 +107,6 @@ def build_scheduler():
     )
 
 
-def progress(step: int, wall_s: float, args) -> float:
-    """Fraction of the run done: by steps, or by wall-clock budget if that is reached first."""
-    f = step / args.max_steps
-    if args.budget_minutes > 0:
-        f = max(f, wall_s / 60 / args.budget_minutes)
-    return f
-
-
-def lr_at(step: int, frac: float, args) -> float:
-    """Linear warmup, constant, then cosine decay to `min_lr_frac` over the last `decay_frac` of the run."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    start = 1 - args.decay_frac
-    if frac < start:
-        return args.lr
-    p = min(1.0, (frac - start) / args.decay_frac)
-    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
 @torch.no_grad()
 def ema_update(ema, model, decay):
     for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -171,11 +151,7 @@ def main(argv=None):
     p.add_argument("--out", default="build/testbed/ddpm")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr-frac", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--decay-frac", type=float, default=0.3)
-    p.add_argument("--max-steps", type=int, default=20000)
+    add_schedule_args(p, lr=1e-3, warmup=300, max_steps=20000, budget_help=None)  # --budget-minutes: below
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR-gamma weighting; 0 disables")
     p.add_argument("--eval-every", type=int, default=1000)
@@ -206,13 +182,8 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     step, train_s, wall_prev = 0, 0.0, 0.0
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        rng.bit_generator.state = ck["np_rng"]
-        torch.set_rng_state(ck["torch_rng"])
+    ck = restore_checkpoint(ckpt_path, args.resume, model, opt, ema=ema, rng=rng)
+    if ck is not None:
         step, train_s, wall_prev = ck["step"], ck.get("train_s", 0.0), ck.get("wall_s", train_s)
         log({"kind": "resume", "step": step, "wall_min": round(wall_prev / 60, 2), "args": vars(args)})
     else:
@@ -223,37 +194,15 @@ def main(argv=None):
     snr = alphas_cumprod / (1 - alphas_cumprod)
     weight = torch.clamp(snr, max=args.snr_gamma) / snr if args.snr_gamma > 0 else torch.ones_like(snr)
 
-    def save_ckpt():
-        tmp = ckpt_path + ".tmp"
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "opt": opt.state_dict(),
-                "np_rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-                "step": step,
-                "train_s": train_s,
-                "wall_s": wall_prev + time.time() - start,
-                "args": vars(args),
-            },
-            tmp,
-        )
-        os.replace(tmp, ckpt_path)
+    def checkpoint():
+        save_checkpoint(ckpt_path, model, opt, ema=ema, rng=rng, step=step, args=args, train_s=train_s,
+                        wall_s=wall())  # fmt: skip
 
-    stopping = {"flag": False}
-
-    def on_signal(signum, frame):  # kill -TERM / -INT: finish the step, checkpoint, evaluate, exit
-        stopping["flag"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    start = time.time()
+    stopper, wall = Stopper(), WallClock(wall_prev)  # kill -TERM / -INT: finish the step, checkpoint, evaluate, exit
     run_loss, run_n, t_last = 0.0, 0, time.time()
-    while progress(step, wall_prev + time.time() - start, args) < 1:
+    while progress(step, wall(), args) < 1:
         t_step = time.time()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, progress(step, wall_prev + time.time() - start, args), args)
+        set_lr(opt, lr_at(step, progress(step, wall(), args), args))
         x0 = batch_to_tensor(world.render_batch(world.sample_batch(rng, args.batch, args.size), args.size))
         x0 = x0.contiguous(memory_format=torch.channels_last)
         noise = torch.randn_like(x0)
@@ -276,23 +225,16 @@ def main(argv=None):
                 }
             )
             run_loss, run_n, t_last = 0.0, 0, time.time()
-        stop = stopping["flag"] or progress(step, wall_prev + time.time() - start, args) >= 1
+        stop = stopper.flag or progress(step, wall(), args) >= 1
         if step % args.ckpt_every == 0 or stop:
-            save_ckpt()
+            checkpoint()
         if step % args.eval_every == 0 or stop:
             evaluate(ema, scheduler, step, args, log)
             t_last = time.time()
         if stop:
             break
-    save_ckpt()
-    log(
-        {
-            "kind": "done",
-            "step": step,
-            "wall_min": round((wall_prev + time.time() - start) / 60, 2),
-            "interrupted": stopping["flag"],
-        }
-    )
+    checkpoint()
+    log({"kind": "done", "step": step, "wall_min": wall.minutes(), "interrupted": stopper.flag})
 
 
 if __name__ == "__main__":

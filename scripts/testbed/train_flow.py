@@ -64,9 +64,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import batch_to_tensor, jsonl_logger, save_grid, score_samples, world  # noqa: E402
-from train_ddpm import ema_update, lr_at, progress  # noqa: E402
-from train_latent import Stopper, all_captions, latent_dataset, save_ckpt  # noqa: E402
+from _common import (  # noqa: E402,I001
+    LossWindow, Stopper, WallClock, add_schedule_args, batch_to_tensor, jsonl_logger, lr_at, progress,
+    restore_checkpoint, save_checkpoint, save_ckpt, save_grid, score_samples, set_lr, to_uint8, world,
+)  # fmt: skip
+from train_ddpm import ema_update  # noqa: E402
+from train_latent import all_captions, latent_dataset  # noqa: E402
 
 from diffusionclip_pipeline.testbed.pipeline import LATENT_WEIGHTS_DIR, WEIGHTS_DIR  # noqa: E402
 
@@ -213,10 +216,6 @@ def round_trip(transformer, z0, cond, pooled, shift: float, t0: int = 600, n: in
     return z
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-
-
 def score_captioned(imgs: np.ndarray, pairs: list) -> tuple[list[bool], list[bool]]:
     """Per image: right (one clean shape of the pair's colour and classified shape) and clean."""
     right, clean = [], []
@@ -293,31 +292,22 @@ def train(args, log):
     gen = torch.Generator().manual_seed(args.seed + 2)
     step, wall_prev = 0, 0.0
     ckpt = os.path.join(args.out, "ckpt.pt")
-    if args.resume and os.path.exists(ckpt):
-        ck = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["gen"])
+    ck = restore_checkpoint(ckpt, args.resume, model, opt, ema=ema, gen=gen)
+    if ck is not None:
         step, wall_prev = ck["step"], ck["wall_s"]
         log({"kind": "resume", "step": step, "wall_min": round(wall_prev / 60, 2)})
     else:
         log({"kind": "start", "args": vars(args), "params": sum(p.numel() for p in model.parameters()),
              "vae_shift_factor": sh, "vae_scaling_factor": sf})  # fmt: skip
-    stopper, start = Stopper(), time.time()
-
-    def wall():
-        return wall_prev + time.time() - start
+    stopper, wall = Stopper(), WallClock(wall_prev)
 
     def checkpoint():
-        save_ckpt(ckpt, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), gen=gen.get_state(),
-                  step=step, wall_s=wall(), args=vars(args))  # fmt: skip
+        save_checkpoint(ckpt, model, opt, ema=ema, gen=gen, step=step, args=args, wall_s=wall())
 
     model.train()
-    run, t_last, last = [], time.time(), None
+    window, last = LossWindow(), None
     while progress(step, wall(), args) < 1 and not stopper.flag:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, progress(step, wall(), args), args)
+        set_lr(opt, lr_at(step, progress(step, wall(), args), args))
         idx = torch.randint(0, len(means), (args.batch,), generator=gen)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen) - sh) * sf
         cap_idx = (colour_ids[idx] * len(world.SHAPES) + shape_ids[idx]) * n_t + torch.randint(
@@ -338,25 +328,22 @@ def train(args, log):
         opt.step()
         step += 1
         ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
-        run.append(float(loss.detach()))
+        window.add(loss.detach())
         if step % 100 == 0:
-            log({"kind": "train", "step": step, "mse": round(float(np.mean(run)), 5),
-                 "lr": opt.param_groups[0]["lr"], "s_per_step": round((time.time() - t_last) / len(run), 3),
-                 "wall_min": round(wall() / 60, 2)})  # fmt: skip
-            run, t_last = [], time.time()
+            log(window.record(step, "mse", wall, lr=opt.param_groups[0]["lr"]))
+            window.reset()
         if step % args.ckpt_every == 0:
             checkpoint()
         if step % args.eval_every == 0:
             last = evaluate(ema, vae, text_encoders, args, step, log)
-            t_last = time.time()
+            window.restart_clock()
     checkpoint()
     if stopper.flag:  # kill -TERM: checkpoint and exit now, no evaluation
-        log({"kind": "stopped", "step": step, "wall_min": round(wall() / 60, 2)})
+        log({"kind": "stopped", "step": step, "wall_min": wall.minutes()})
         return
     stats = last if last is not None and last["step"] == step else evaluate(ema, vae, text_encoders, args, step, log)
     vae.save_pretrained(os.path.join(args.out, "vae"))  # the latent test-bed's VAE with SD3's shift / scale
-    log({"kind": "done", "step": step, "wall_min": round(wall() / 60, 2), "interrupted": stopper.flag,
-         "final": stats})  # fmt: skip
+    log({"kind": "done", "step": step, "wall_min": wall.minutes(), "interrupted": stopper.flag, "final": stats})
 
 
 def main(argv=None):
@@ -366,12 +353,7 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--min-lr-frac", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--decay-frac", type=float, default=0.3)
-    p.add_argument("--max-steps", type=int, default=100000)
-    p.add_argument("--budget-minutes", type=float, default=0, help="wall-clock budget over resumes; 0 = steps only")
+    add_schedule_args(p, lr=5e-4, warmup=200, max_steps=100000)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--uniform-prob", type=float, default=0.2, help="share of uniform (not logit-normal) sigmas")

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import signal
 import sys
 import time
 
@@ -47,8 +46,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import batch_to_tensor, jsonl_logger, save_grid, score_samples, tensor_to_uint8, world  # noqa: E402
-from train_ddpm import build_scheduler, lr_at, optimise, progress  # noqa: E402
+from _common import (  # noqa: E402,I001
+    LossWindow, Stopper, WallClock, add_schedule_args, batch_to_tensor, jsonl_logger, lr_at, progress,
+    restore_checkpoint, save_checkpoint, save_grid, score_samples, set_lr, tensor_to_uint8, world,
+)  # fmt: skip
+from train_ddpm import build_scheduler, optimise  # noqa: E402
 
 from diffusionclip_pipeline.testbed.pipeline import WEIGHTS_DIR  # noqa: E402
 
@@ -108,22 +110,6 @@ def all_captions() -> list[str]:
     return [t.format(f"{c} {s}") for c in world.COLOURS for s in world.SHAPES for t in world.TEMPLATES]
 
 
-class Stopper:
-    def __init__(self):
-        self.flag = False
-        signal.signal(signal.SIGTERM, self._on)
-        signal.signal(signal.SIGINT, self._on)
-
-    def _on(self, signum, frame):
-        self.flag = True
-
-
-def save_ckpt(path: str, **state):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------------- VAE
 @torch.no_grad()
 def eval_vae(vae, n: int = 256, seed: int = 999) -> float:
@@ -142,29 +128,21 @@ def train_vae(args, log):
     rng = np.random.default_rng(args.seed)
     step, wall_prev = 0, 0.0
     ckpt = os.path.join(out, "ckpt.pt")
-    if args.resume and os.path.exists(ckpt):
-        ck = torch.load(ckpt, weights_only=False)
-        vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        rng.bit_generator.state, step, wall_prev = ck["np_rng"], ck["step"], ck["wall_s"]
-        torch.set_rng_state(ck["torch_rng"])
+    ck = restore_checkpoint(ckpt, args.resume, vae, opt, rng=rng)
+    if ck is not None:
+        step, wall_prev = ck["step"], ck["wall_s"]
         log({"kind": "resume", "stage": "vae", "step": step})
     else:
         log({"kind": "start", "stage": "vae", "args": vars(args), "params": sum(p.numel() for p in vae.parameters())})
-    stopper, start = Stopper(), time.time()
-
-    def wall():
-        return wall_prev + time.time() - start
+    stopper, wall = Stopper(), WallClock(wall_prev)
 
     def checkpoint():
-        save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), np_rng=rng.bit_generator.state,
-                  torch_rng=torch.get_rng_state(), step=step, wall_s=wall(), args=vars(args))  # fmt: skip
+        save_checkpoint(ckpt, vae, opt, rng=rng, step=step, args=args, wall_s=wall())
 
     vae.train()
-    run, t_last = [], time.time()
+    window = LossWindow()
     while progress(step, wall(), args) < 1 and not stopper.flag:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, progress(step, wall(), args), args)
+        set_lr(opt, lr_at(step, progress(step, wall(), args), args))
         x = batch_to_tensor(world.render_batch(world.sample_batch(rng, args.batch)))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
             post = vae.encode(x).latent_dist
@@ -176,12 +154,10 @@ def train_vae(args, log):
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        run.append(float(l1.detach()))
+        window.add(l1.detach())
         if step % 100 == 0:
-            log({"kind": "train", "stage": "vae", "step": step, "l1": round(float(np.mean(run)), 5),
-                 "s_per_step": round((time.time() - t_last) / len(run), 3),
-                 "wall_min": round(wall() / 60, 2)})  # fmt: skip
-            run, t_last = [], time.time()
+            log(window.record(step, "l1", wall, stage="vae"))
+            window.reset()
         if step % args.ckpt_every == 0:
             checkpoint()
         if step % args.eval_every == 0:
@@ -200,7 +176,7 @@ def train_vae(args, log):
     vae.save_pretrained(os.path.join(out, "export"))
     log({"kind": "done", "stage": "vae", "step": step, "rec_mae": round(eval_vae(vae), 5),
          "latent_std": float(z.std()), "latent_mean": float(z.mean()), "scaling_factor": vae.config.scaling_factor,
-         "wall_min": round(wall() / 60, 2), "interrupted": stopper.flag})  # fmt: skip
+         "wall_min": wall.minutes(), "interrupted": stopper.flag})  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------- UNet
@@ -306,40 +282,25 @@ def train_unet(args, log):
     gen = torch.Generator().manual_seed(args.seed + 2)
     step, wall_prev = 0, 0.0
     ckpt = os.path.join(out, "ckpt.pt")
-    if args.resume and os.path.exists(ckpt):
-        ck = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["gen"])
+    ck = restore_checkpoint(ckpt, args.resume, model, opt, ema=ema, gen=gen)
+    if ck is not None:
         step, wall_prev = ck["step"], ck["wall_s"]
         log({"kind": "resume", "stage": "unet", "step": step})
     else:
-        log(
-            {
-                "kind": "start",
-                "stage": "unet",
-                "args": vars(args),
-                "params": sum(p.numel() for p in model.parameters()),
-            }
-        )
+        log({"kind": "start", "stage": "unet", "args": vars(args),
+             "params": sum(p.numel() for p in model.parameters())})  # fmt: skip
     alphas_cumprod = scheduler.alphas_cumprod
     snr = alphas_cumprod / (1 - alphas_cumprod)
     weight = torch.clamp(snr, max=args.snr_gamma) / snr
-    stopper, start = Stopper(), time.time()
-
-    def wall():
-        return wall_prev + time.time() - start
+    stopper, wall = Stopper(), WallClock(wall_prev)
 
     def checkpoint():
-        save_ckpt(ckpt, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), gen=gen.get_state(),
-                  step=step, wall_s=wall(), args=vars(args))  # fmt: skip
+        save_checkpoint(ckpt, model, opt, ema=ema, gen=gen, step=step, args=args, wall_s=wall())
 
     model.train()
-    run, t_last = [], time.time()
+    window = LossWindow()
     while progress(step, wall(), args) < 1 and not stopper.flag:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, progress(step, wall(), args), args)
+        set_lr(opt, lr_at(step, progress(step, wall(), args), args))
         idx = torch.randint(0, len(means), (args.batch,), generator=gen)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * sf
         cap_idx = (colour_ids[idx] * len(world.SHAPES) + shape_ids[idx]) * n_t + torch.randint(
@@ -353,22 +314,20 @@ def train_unet(args, log):
         zt = scheduler.add_noise(z0, noise, t)
         step += 1
         per = optimise(model, ema, opt, args, step, zt, t, noise, weight, encoder_hidden_states=cond)
-        run.append(float(per.mean()))
+        window.add(per.mean())
         if step % 100 == 0:
-            log({"kind": "train", "stage": "unet", "step": step, "mse": round(float(np.mean(run)), 5),
-                 "lr": opt.param_groups[0]["lr"], "s_per_step": round((time.time() - t_last) / len(run), 3),
-                 "wall_min": round(wall() / 60, 2)})  # fmt: skip
-            run, t_last = [], time.time()
+            log(window.record(step, "mse", wall, stage="unet", lr=opt.param_groups[0]["lr"]))
+            window.reset()
         if step % args.ckpt_every == 0:
             checkpoint()
         if step % args.eval_every == 0:
             eval_unet(ema.eval(), vae, scheduler, text_encoder, tokenizer, step, out, log)
-            t_last = time.time()
+            window.restart_clock()
     checkpoint()
     stats = eval_unet(ema.eval(), vae, scheduler, text_encoder, tokenizer, step, out, log)
     scheduler.save_pretrained(os.path.join(out, "scheduler"))
-    log({"kind": "done", "stage": "unet", "step": step, "wall_min": round(wall() / 60, 2),
-         "interrupted": stopper.flag, "final": stats})  # fmt: skip
+    log({"kind": "done", "stage": "unet", "step": step, "wall_min": wall.minutes(), "interrupted": stopper.flag,
+         "final": stats})  # fmt: skip
 
 
 def main(argv=None):
@@ -376,12 +335,8 @@ def main(argv=None):
     p.add_argument("--stage", choices=("vae", "unet"), required=True)
     p.add_argument("--out", default="build/testbed/latent")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (vae), 5e-4 (unet)")
-    p.add_argument("--min-lr-frac", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--decay-frac", type=float, default=0.3)
-    p.add_argument("--max-steps", type=int, default=None, help="default: 4000 (vae), 12000 (unet)")
-    p.add_argument("--budget-minutes", type=float, default=0, help="wall-clock budget over resumes; 0 = steps only")
+    add_schedule_args(p, lr=None, warmup=200, max_steps=None, lr_help="default: 1e-3 (vae), 5e-4 (unet)",
+                      max_steps_help="default: 4000 (vae), 12000 (unet)")  # fmt: skip
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--snr-gamma", type=float, default=5.0)
