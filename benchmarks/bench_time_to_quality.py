@@ -364,7 +364,8 @@ COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 
 def _panel(draw, box, curves, x_key: str, x_label: str, title: str, font) -> None:
-    """One chart in ``box`` = (left, top, right, bottom): success (0-100 %) against ``x_key``, a line per curve."""
+    """One chart in ``box`` = (left, top, right, bottom): success (0-100 %) against ``x_key``, a line per curve (the
+    validation edit's, every epoch) and a hollow square where the recommended edit was scored (``--edit-epochs``)."""
     left, top, right, bottom = box
     x_max = max((e[x_key] for _, _, epochs in curves for e in epochs), default=1.0) * 1.05 or 1.0
     draw.rectangle(box, outline=(0, 0, 0))
@@ -384,12 +385,17 @@ def _panel(draw, box, curves, x_key: str, x_label: str, title: str, font) -> Non
             draw.line(points, fill=colour, width=2)
         for x, y in points:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+        for e in epochs:
+            if "success_recommended" in e:
+                x = left + e[x_key] / x_max * (right - left)
+                y = bottom - e["success_recommended"] * (bottom - top)
+                draw.rectangle((x - 5, y - 5, x + 5, y + 5), outline=colour, width=2)
 
 
 def figure(runs: list[dict], path: str, kind: str = "pixel") -> None:
     """Success against training seconds and against forward + backward passes per image, one panel pair per
-    (pair, seed), one line per recipe, drawn with PIL; ``kind`` names the test-bed in the titles (latent only, so
-    the pixel figure stays as published)."""
+    (pair, seed), one line per recipe (the validation edit) with squares for the recommended edit where it was
+    scored, drawn with PIL; ``kind`` names the test-bed in the titles (latent only: the pixel titles are unchanged)."""
     import PIL.Image
     import PIL.ImageDraw
     import PIL.ImageFont
@@ -416,6 +422,8 @@ def figure(runs: list[dict], path: str, kind: str = "pixel") -> None:
         x = 60 + i * 150
         draw.line((x, 15, x + 20, 15), fill=colour_of[name], width=3)
         draw.text((x + 25, 9), name, fill=(0, 0, 0), font=font)
+    note = "lines + dots: the validation edit, every epoch; hollow squares: the recommended edit, where scored"
+    draw.text((60, 24), note, fill=(90, 90, 90), font=font)
     save_atomic(image, path)
 
 
