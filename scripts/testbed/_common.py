@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -302,3 +303,78 @@ def restore_checkpoint(path: str, resume: bool, model, opt, *, ema=None, gen=Non
         rng.bit_generator.state = ck["np_rng"]
         torch.set_rng_state(ck["torch_rng"])
     return ck
+
+
+# ------------------------------------------------------------------------------------------------------- exports
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def subfolder_bytes(folder: str) -> dict:
+    """``{subfolder: bytes}`` of ``folder``'s sub-folders, sorted by name."""
+    return {d: dir_bytes(os.path.join(folder, d)) for d in sorted(os.listdir(folder))
+            if os.path.isdir(os.path.join(folder, d))}  # fmt: skip
+
+
+def export_folder(args, stage) -> str:
+    """The folder an export measures: ``--out`` as it is with ``--measure-only``, else ``--stage`` rebuilt from
+    scratch by ``stage()``."""
+    if args.measure_only:
+        return args.out
+    if os.path.exists(args.stage):
+        shutil.rmtree(args.stage)
+    stage()
+    return args.stage
+
+
+def read_log(path: str) -> list[dict] | None:
+    """The records of a training ``log.jsonl``; None without the file."""
+    if not os.path.exists(path):
+        return None
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def done_record(rows: list[dict]) -> dict:
+    """A training log's last ``"done"`` record, else its last record."""
+    return next((r for r in reversed(rows) if r.get("kind") == "done"), rows[-1])
+
+
+def met(targets: dict, key: str, value: float) -> bool:
+    op, target = targets[key]
+    return value <= target if op == "<=" else value >= target
+
+
+def metrics_table(res: dict, labels: dict, targets: dict, ok: dict) -> list[str]:
+    """METRICS.md's table of measurements against targets and its "All targets met" line."""
+    return [
+        "| measurement | value | target | ok |",
+        "|---|---|---|---|",
+        *(f"| {labels[k]} | {v:.4f} | {targets[k][0]} {targets[k][1]} | {'yes' if ok[k] else 'NO'} |"
+          for k, v in res.items()),
+        "",
+        f"All targets met: **{all(ok.values())}**.",
+    ]  # fmt: skip
+
+
+def command_line(script: str, argv) -> str:
+    """How ``script`` was run (``argv``, else the process's), for METRICS.md."""
+    return "python " + " ".join([os.path.relpath(script)] + (argv if argv is not None else sys.argv[1:]))
+
+
+def write_metrics(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)
+
+
+def ship(args, ok: dict) -> None:
+    """Copy the staged folder over ``--out`` when every target is met (or ``--force``); nothing with
+    ``--measure-only``."""
+    if args.measure_only:
+        return
+    if not (all(ok.values()) or args.force):
+        raise SystemExit(f"targets missed; staged in {args.stage}, not copied (use --force to ship anyway)")
+    if os.path.exists(args.out):
+        shutil.rmtree(args.out)
+    shutil.copytree(args.stage, args.out)
+    print(f"exported to {args.out}")

@@ -36,9 +36,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 import time
 
@@ -47,7 +45,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import batch_to_tensor, save_grid, world  # noqa: E402
+from _common import (  # noqa: E402,I001
+    batch_to_tensor, command_line, dir_bytes, done_record, export_folder, met, metrics_table, read_log, save_grid,
+    ship, subfolder_bytes, to_uint8, world, write_metrics,
+)  # fmt: skip
 from train_flow import (  # noqa: E402
     PAIRS,
     T5_TOKENS,
@@ -57,17 +58,12 @@ from train_flow import (  # noqa: E402
     make_pipeline,
     round_trip,
     score_captioned,
-    to_uint8,
 )
 
 import diffusionclip_pipeline.testbed as testbed  # noqa: E402
 
 FLOW_WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(testbed.__file__)), "weights_flow")
 MAX_FOLDER_BYTES = 10 * 1024 * 1024
-
-
-def dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
 def stage_folder(src: str, stage: str, shift: float) -> None:
@@ -157,24 +153,18 @@ def labels(args) -> dict:
     }
 
 
-def met(key: str, value: float) -> bool:
-    op, target = TARGETS[key]
-    return value <= target if op == "<=" else value >= target
-
-
 def provenance(src: str) -> dict:
-    path = os.path.join(src, "log.jsonl")
-    if not os.path.exists(path):
+    rows = read_log(os.path.join(src, "log.jsonl"))
+    if rows is None:
         return {}
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    done = next((r for r in reversed(rows) if r.get("kind") == "done"), rows[-1])
+    done = done_record(rows)
     start = next((r for r in rows if r.get("kind") == "start"), {})
     return {"step": done.get("step"), "wall_min": done.get("wall_min"), "args": start.get("args", {})}
 
 
 def metrics_md(res: dict, extra: dict, ok: dict, args, sizes: dict, seconds: float, argv) -> str:
     lab, prov = labels(args), provenance(args.src)
-    cmd = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    cmd = command_line(__file__, argv)
     a = prov.get("args", {})
     sweep = " | ".join(f"{s:g}: {c:.3f} / {u:.3f}" for s, (c, u) in extra["shift_sweep"].items())
     trips = ", ".join(f"{n}: {v:.4f}" for n, v in extra["round_trip"].items())
@@ -185,12 +175,7 @@ def metrics_md(res: dict, extra: dict, ok: dict, args, sizes: dict, seconds: flo
         f"exported files (stock `StableDiffusion3Pipeline`, float32 compute, {args.threads} CPU thread(s), "
         f"{seconds:.0f} s).",
         "",
-        "| measurement | value | target | ok |",
-        "|---|---|---|---|",
-        *(f"| {lab[k]} | {v:.4f} | {TARGETS[k][0]} {TARGETS[k][1]} | {'yes' if ok[k] else 'NO'} |"
-          for k, v in res.items()),
-        "",
-        f"All targets met: **{all(ok.values())}**.",
+        *metrics_table(res, lab, TARGETS, ok),
         "",
         f"- Scheduler shift: {extra['shift']:g}, chosen by the best (min, sum) of the two rates over the sweep on "
         f"other samples (seeds {SELECTION_SEEDS}; the table's are {tuple(args.report_seeds)}). Captioned right / "
@@ -233,31 +218,16 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    folder = args.out if args.measure_only else args.stage
-    if not args.measure_only:
-        if os.path.exists(args.stage):
-            shutil.rmtree(args.stage)
-        stage_folder(args.src, args.stage, 3.0 if args.shift is None else args.shift)
+    folder = export_folder(args, lambda: stage_folder(args.src, args.stage, 3.0 if args.shift is None else args.shift))
     t = time.time()
     res, extra, grid = measure(folder, args)
     save_grid(grid, os.path.join(os.path.dirname(os.path.abspath(args.stage)), "flow_samples.png"))
-    ok = {k: met(k, v) for k, v in res.items()}
-    sizes = {d: dir_bytes(os.path.join(folder, d)) for d in sorted(os.listdir(folder))
-             if os.path.isdir(os.path.join(folder, d))}  # fmt: skip
-    text = metrics_md(res, extra, ok, args, sizes, time.time() - t, argv)
-    with open(args.metrics_out or os.path.join(folder, "METRICS.md"), "w") as f:
-        f.write(text)
-    print(text)
+    ok = {k: met(TARGETS, k, v) for k, v in res.items()}
+    text = metrics_md(res, extra, ok, args, subfolder_bytes(folder), time.time() - t, argv)
+    write_metrics(args.metrics_out or os.path.join(folder, "METRICS.md"), text)
     if dir_bytes(folder) > MAX_FOLDER_BYTES:
         raise SystemExit(f"the folder would be {dir_bytes(folder)} bytes > {MAX_FOLDER_BYTES}")
-    if args.measure_only:
-        return
-    if not (all(ok.values()) or args.force):
-        raise SystemExit(f"targets missed; staged in {args.stage}, not copied (use --force to ship anyway)")
-    if os.path.exists(args.out):
-        shutil.rmtree(args.out)
-    shutil.copytree(args.stage, args.out)
-    print(f"exported to {args.out}")
+    ship(args, ok)
 
 
 if __name__ == "__main__":

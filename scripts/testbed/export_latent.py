@@ -32,9 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -44,17 +42,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import save_grid, world  # noqa: E402
+from _common import (  # noqa: E402,I001
+    command_line, dir_bytes, done_record, export_folder, met, metrics_table, read_log, save_grid, ship,
+    subfolder_bytes, to_uint8, world, write_metrics,
+)  # fmt: skip
 from train_latent import load_text_encoder  # noqa: E402
 
 from diffusionclip_pipeline.testbed.pipeline import LATENT_WEIGHTS_DIR, WEIGHTS_DIR  # noqa: E402
 
 MAX_PACKAGE_BYTES = 20 * 1024 * 1024
 PACKAGE_WEIGHTS = os.path.dirname(WEIGHTS_DIR)
-
-
-def dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
 def stage_folder(src: str, stage: str) -> None:
@@ -70,10 +67,6 @@ def stage_folder(src: str, stage: str) -> None:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.save_pretrained(stage, safe_serialization=True)
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
 @torch.no_grad()
@@ -133,11 +126,6 @@ LABELS = {
 }
 
 
-def met(key: str, value: float) -> bool:
-    op, target = TARGETS[key]
-    return value <= target if op == "<=" else value >= target
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--src", default="build/testbed/latent")
@@ -148,38 +136,27 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    folder = args.out if args.measure_only else args.stage
-    if not args.measure_only:
-        if os.path.exists(args.stage):
-            shutil.rmtree(args.stage)
-        stage_folder(args.src, args.stage)
+    folder = export_folder(args, lambda: stage_folder(args.src, args.stage))
     t = time.time()
     res = measure(folder)
     save_grid(res.pop("samples"), os.path.join(os.path.dirname(os.path.abspath(folder)), "latent_samples.png"))
-    ok = {k: met(k, v) for k, v in res.items()}
-    sizes = {d: dir_bytes(os.path.join(folder, d)) for d in sorted(os.listdir(folder))
-             if os.path.isdir(os.path.join(folder, d))}  # fmt: skip
+    ok = {k: met(TARGETS, k, v) for k, v in res.items()}
+    sizes = subfolder_bytes(folder)
     pixel_bytes = dir_bytes(WEIGHTS_DIR)
     total = pixel_bytes + sum(sizes.values())
     logs = {}
     for stage in ("vae", "unet"):
-        path = os.path.join(args.src, stage, "log.jsonl")
-        if os.path.exists(path):
-            rows = [json.loads(line) for line in open(path) if line.strip()]
-            logs[stage] = next((r for r in reversed(rows) if r.get("kind") == "done"), rows[-1])
-    cmd = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+        rows = read_log(os.path.join(args.src, stage, "log.jsonl"))
+        if rows is not None:
+            logs[stage] = done_record(rows)
+    cmd = command_line(__file__, argv)
     lines = [
         "# Latent test-bed weights: measured metrics",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `scripts/testbed/export_latent.py` on the "
         f"exported files (float32 compute, {args.threads} CPU thread(s), {time.time() - t:.0f} s).",
         "",
-        "| measurement | value | target | ok |",
-        "|---|---|---|---|",
-        *(f"| {LABELS[k]} | {v:.4f} | {TARGETS[k][0]} {TARGETS[k][1]} | {'yes' if ok[k] else 'NO'} |"
-          for k, v in res.items()),
-        "",
-        f"All targets met: **{all(ok.values())}**.",
+        *metrics_table(res, LABELS, TARGETS, ok),
         "",
         "## Provenance",
         f"- VAE: {logs.get('vae', {}).get('step', '?')} steps of `scripts/testbed/train_latent.py --stage vae`, "
@@ -198,19 +175,10 @@ def main(argv=None):
         "```",
         "",
     ]  # fmt: skip
-    with open(os.path.join(folder, "METRICS.md"), "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+    write_metrics(os.path.join(folder, "METRICS.md"), "\n".join(lines))
     if total > MAX_PACKAGE_BYTES:
         raise SystemExit(f"shipped weights would be {total} bytes > {MAX_PACKAGE_BYTES}")
-    if args.measure_only:
-        return
-    if not (all(ok.values()) or args.force):
-        raise SystemExit(f"targets missed; staged in {args.stage}, not copied (use --force to ship anyway)")
-    if os.path.exists(args.out):
-        shutil.rmtree(args.out)
-    shutil.copytree(args.stage, args.out)
-    print(f"exported to {args.out}")
+    ship(args, ok)
 
 
 if __name__ == "__main__":
