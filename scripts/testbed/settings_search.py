@@ -69,8 +69,10 @@ def main() -> None:
     first = next(iter(edits))
     for pair in args.pairs:
         source, target, shape = pair.split(":")
-        result = run_edit_experiment(pipe, source, target, shape=shape, num_test=args.num_test, seed=args.seed,
-                                     finetune_kwargs=overrides, edit_kwargs=seeded(edits[first], args.seed))  # fmt: skip
+        result = run_edit_experiment(
+            pipe, source, target, shape=shape, num_test=args.num_test, seed=args.seed, finetune_kwargs=overrides,
+            edit_kwargs=seeded(edits[first], args.seed),
+        )  # fmt: skip
         for name, edit in edits.items():
             start = time.perf_counter()
             if name == first:
@@ -80,10 +82,12 @@ def main() -> None:
                 reports = [edit_success(s, e, target_colour=target) for s, e in zip(result["sources"], edited)]
                 edit_s = time.perf_counter() - start
             criteria = {k: float(np.mean([bool(r[k]) for r in reports])) for k in reports[0] if k.endswith("_ok")}
-            record = dict(kind=args.kind, tag=args.tag, settings=overrides, edit=name, edit_settings=edit, pair=pair,
-                          seed=args.seed, num_test=args.num_test, success=float(np.mean([r["success"] for r in reports])),
-                          criteria=criteria, background=float(np.mean([r["background"] for r in reports])),
-                          train_seconds=round(result["train_seconds"], 1), edit_seconds=round(edit_s, 1))  # fmt: skip
+            record = dict(
+                kind=args.kind, tag=args.tag, settings=overrides, edit=name, edit_settings=edit, pair=pair,
+                seed=args.seed, num_test=args.num_test, success=float(np.mean([r["success"] for r in reports])),
+                criteria=criteria, background=float(np.mean([r["background"] for r in reports])),
+                train_seconds=round(result["train_seconds"], 1), edit_seconds=round(edit_s, 1),
+            )  # fmt: skip
             with open(args.json, "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"{args.tag} / {pair} / {name}: success {record['success']:.0%} {criteria}", flush=True)
