@@ -134,7 +134,14 @@ LAYERS = [
     ("adapters", ("loaders", "lora", "model_card")),
     (
         "pipeline",
-        ("pipeline_diffusionclip", "pipeline_utils", "pipeline_conveniences", "pipeline_clip", "pipeline_translate"),
+        (
+            "pipeline_diffusionclip",
+            "pipeline_utils",
+            "pipeline_conveniences",
+            "pipeline_clip",
+            "pipeline_translate",
+            "pipeline_inputs",
+        ),  # fmt: skip
     ),
     (
         "training and evaluation",

@@ -19,6 +19,7 @@ MANY_PARAMETERS_ALLOWED = {
     ("pipeline_diffusionclip.py", "edit"),
     ("pipeline_diffusionclip.py", "__call__"),
     ("pipeline_diffusionclip.py", "invert"),
+    ("pipeline_inputs.py", "check_inputs"),  # diffusers' check_inputs takes the call's arguments, as SDXL's does
     ("pipeline_translate.py", "translate"),
     ("pipeline_diffusionclip.py", "finetune"),
     ("training/trainer.py", "finetune"),

@@ -686,25 +686,10 @@ class DiffusionCLIPPipeline(
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(
-            image,
-            t0,
-            num_inversion_steps,
-            num_inference_steps,
-            eta,
-            generator,
-            latents,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-            num_fixed_point_iterations,
-            timesteps,
-            sigmas,
-            prompt,
-            prompt_embeds,
-            pooled_prompt_embeds,
-            negative_prompt,
-            negative_prompt_embeds,
-            negative_pooled_prompt_embeds,
-        )
+            image, t0, num_inversion_steps, num_inference_steps, eta, generator, latents, output_type,
+            callback_on_step_end_tensor_inputs, num_fixed_point_iterations, timesteps, sigmas, prompt, prompt_embeds,
+            pooled_prompt_embeds, negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds,
+        )  # fmt: skip
         check_choice(encoding, "encoding", ENCODINGS)
         check_choice(inversion_start, "inversion_start", self.family.inversion_starts)
         image, latents = self._repeat_inputs(image, latents, num_images_per_prompt, encoding, eta)

@@ -341,7 +341,7 @@ def test_every_option_has_help_and_the_real_defaults(capsys):
     )
     assert "Adam learning rate of the LoRA weights (default: 0.0005)" in texts["finetune"]
     assert "--seed SEED Seed of LoRA init, shuffling and sampled images" in texts["finetune"]
-    assert "(default: 500; --model testbed: 400; --model testbed-flow: 400)" in texts["edit"]
+    assert "(default: 500; --model testbed: 400) --num-inversion-steps" in texts["edit"]  # testbed-flow: 500
     assert "images edited at once (default: 8)" in texts["edit"]
     assert "--seed SEED seed of the noise the rounds add (default: 0)" in texts["translate"]
     assert (

@@ -469,7 +469,15 @@ def hotswap_adapter(model: nn.Module, path: str, adapter_name: str) -> AdapterFi
             for key, (parameter, _) in targets.items():
                 parameter.copy_(old[key])
         raise
-    for layer in layers.values():  # the same weight, on the new alpha: w * alpha / r
+    _set_alpha(layers.values(), adapter_name, alpha)
+    loaded.lora_alpha = alpha
+    model.__dict__.setdefault("_diffusionclip_provenance", {})[adapter_name] = dict(adapter.provenance)
+    return adapter
+
+
+def _set_alpha(layers, adapter_name: str, alpha: float) -> None:
+    """Each LoRA layer's alpha set to ``alpha``, its scaling rescaled so that it keeps its weight: w * alpha / r."""
+    for layer in layers:
         factor = layer.scaling[adapter_name] / (layer.lora_alpha[adapter_name] / layer.r[adapter_name])
         layer.lora_alpha[adapter_name] = alpha
         scaling = factor * alpha / layer.r[adapter_name]
@@ -477,9 +485,6 @@ def hotswap_adapter(model: nn.Module, path: str, adapter_name: str) -> AdapterFi
             layer.scaling[adapter_name].fill_(float(scaling))
         else:
             layer.scaling[adapter_name] = float(scaling)
-    loaded.lora_alpha = alpha
-    model.__dict__.setdefault("_diffusionclip_provenance", {})[adapter_name] = dict(adapter.provenance)
-    return adapter
 
 
 # ---- a pipeline folder's adapters ------------------------------------------------------------------------------
