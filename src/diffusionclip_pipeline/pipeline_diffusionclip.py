@@ -723,7 +723,7 @@ class DiffusionCLIPPipeline(
             if negative_prompt is None and negative_prompt_embeds is None:
                 unconditional = self.family.encode_negative(batch_size)
             else:
-                unconditional = self.prepare_condition(*negative, batch_size, **size)
+                unconditional = self.prepare_condition(*negative, batch_size, "negative_prompt", **size)
         if latents is None:
             inversion = (num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start)
             latents, _, _ = self._invert(image, t0, *inversion, generator, condition=condition, timesteps=timesteps)

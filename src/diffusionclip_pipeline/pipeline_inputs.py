@@ -159,29 +159,33 @@ class DiffusionCLIPInputsMixin:
 
     # ---- conditioning ----------------------------------------------------------------------------------------
 
-    def prepare_condition(self, prompt, prompt_embeds, pooled_prompt_embeds, batch_size: int, **conditioning):
+    def prepare_condition(
+        self, prompt, prompt_embeds, pooled_prompt_embeds, batch_size: int, prefix: str = "prompt", **conditioning
+    ):
         """What the denoiser is conditioned on: `encode_prompt`'s output for ``prompt``, or the same structure from
         precomputed embeddings (diffusers' ``prompt_embeds`` and, for SDXL / SD3 / Flux, ``pooled_prompt_embeds``),
-        each of batch 1 or ``batch_size``. ``conditioning``: SDXL's size conditioning."""
+        each of batch 1 or ``batch_size``. ``prefix``: the arguments' names in errors (``"negative_prompt"`` for the
+        negative side). ``conditioning``: SDXL's size conditioning."""
         if prompt_embeds is None:
             return self.encode_prompt(prompt, batch_size, **conditioning)
+        embeds_name, pooled_name = f"{prefix}_embeds", _pooled_name(prefix)
         template = self.family.encode_prompt(None, 1, **conditioning)
         if template is None:
             raise ValueError(
-                f"`prompt_embeds` needs a text-conditioned denoiser; this {self.family.name} model is unconditional."
+                f"`{embeds_name}` needs a text-conditioned denoiser; this {self.family.name} model is unconditional."
             )
-        hidden = _expanded(prompt_embeds, "prompt_embeds", _hidden(template), batch_size)
+        hidden = _expanded(prompt_embeds, embeds_name, _hidden(template), batch_size)
         pooled_key = next((k for k in POOLED_KEYS if isinstance(template, dict) and k in template), None)
         if pooled_key is None:
             if pooled_prompt_embeds is not None:
-                raise ValueError(f"`pooled_prompt_embeds` is not used by a {self.family.name} model: leave it out.")
+                raise ValueError(f"`{pooled_name}` is not used by a {self.family.name} model: leave it out.")
             return hidden if not isinstance(template, dict) else {**template, "encoder_hidden_states": hidden}
         if pooled_prompt_embeds is None:
             raise ValueError(
-                f"A {self.family.name} model needs `pooled_prompt_embeds` with `prompt_embeds` (as diffusers' "
-                "pipeline computes them in `encode_prompt`)."
+                f"A {self.family.name} model needs `{pooled_name}` with `{embeds_name}` (as diffusers' pipeline "
+                "computes them in `encode_prompt`)."
             )
-        pooled = _expanded(pooled_prompt_embeds, "pooled_prompt_embeds", template[pooled_key], batch_size)
+        pooled = _expanded(pooled_prompt_embeds, pooled_name, template[pooled_key], batch_size)
         extra = {k: v.expand(batch_size, *v.shape[1:]) for k, v in template.items() if k not in (pooled_key,)}
         return {**extra, "encoder_hidden_states": hidden, pooled_key: pooled}
 

@@ -121,6 +121,9 @@ def test_prompt_and_pooled_embeds_equal_the_prompt(make):
     torch.testing.assert_close(by_embeds.images, pipe.edit(x, prompt="a dog", **kwargs).images, rtol=0, atol=0)
     with pytest.raises(ValueError, match="needs `pooled_prompt_embeds`"):
         pipe.edit(x, prompt_embeds=condition["encoder_hidden_states"], **kwargs)
+    with pytest.raises(ValueError, match="needs `negative_pooled_prompt_embeds` with `negative_prompt_embeds`"):
+        pipe.edit(x, prompt="a dog", guidance_scale=2.0, negative_prompt_embeds=condition["encoder_hidden_states"],
+                  **kwargs)  # fmt: skip
 
 
 def test_negative_prompt_embeds_equal_the_negative_prompt():
