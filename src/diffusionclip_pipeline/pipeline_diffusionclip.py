@@ -719,10 +719,10 @@ class DiffusionCLIPPipeline(
         condition = self.prepare_condition(prompt, prompt_embeds, pooled_prompt_embeds, batch_size, **size)
         unconditional = None
         if guidance_scale > 1:  # the family's unconditional input unless a negative prompt is given
-            negative = (negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds)
             if negative_prompt is None and negative_prompt_embeds is None:
                 unconditional = self.family.encode_negative(batch_size)
             else:
+                negative = (negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds)
                 unconditional = self.prepare_condition(*negative, batch_size, "negative_prompt", **size)
         if latents is None:
             inversion = (num_inversion_steps, num_fixed_point_iterations, prompt, encoding, inversion_start)

@@ -186,7 +186,7 @@ class DiffusionCLIPInputsMixin:
                 "computes them in `encode_prompt`)."
             )
         pooled = _expanded(pooled_prompt_embeds, pooled_name, template[pooled_key], batch_size)
-        extra = {k: v.expand(batch_size, *v.shape[1:]) for k, v in template.items() if k not in (pooled_key,)}
+        extra = {k: v.expand(batch_size, *v.shape[1:]) for k, v in template.items() if k != pooled_key}
         return {**extra, "encoder_hidden_states": hidden, pooled_key: pooled}
 
     def _check_guidance(self, guidance_scale, prompt, negative_prompt, lora_scale: float, embeds=None) -> float:

@@ -37,6 +37,7 @@ from .lora_state import (
     adapter_weights,
     adapters_enabled,
     get_provenance,
+    layer_weight,
     remove_adapter,
     require_adapter,
     restore_active_state,
@@ -478,7 +479,7 @@ def hotswap_adapter(model: nn.Module, path: str, adapter_name: str) -> AdapterFi
 def _set_alpha(layers, adapter_name: str, alpha: float) -> None:
     """Each LoRA layer's alpha set to ``alpha``, its scaling rescaled so that it keeps its weight: w * alpha / r."""
     for layer in layers:
-        factor = layer.scaling[adapter_name] / (layer.lora_alpha[adapter_name] / layer.r[adapter_name])
+        factor = layer_weight(layer, adapter_name)
         layer.lora_alpha[adapter_name] = alpha
         scaling = factor * alpha / layer.r[adapter_name]
         if isinstance(layer.scaling[adapter_name], torch.Tensor):

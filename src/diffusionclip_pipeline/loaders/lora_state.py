@@ -34,6 +34,7 @@ __all__ = [
     "add_adapter",
     "check_adapter_weight",
     "get_provenance",
+    "layer_weight",
     "remove_adapter",
     "remove_all_adapters",
     "require_adapter",
@@ -279,10 +280,15 @@ def _named_tuner_layers(model: nn.Module) -> list[tuple[str, BaseTunerLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
 
 
+def layer_weight(layer: BaseTunerLayer, adapter_name: str) -> float:
+    """The weight `set_adapters` gave ``layer`` for ``adapter_name``: its scaling over ``alpha / r``."""
+    return float(layer.scaling[adapter_name] / (layer.lora_alpha[adapter_name] / layer.r[adapter_name]))
+
+
 def _layer_factors(model: nn.Module, adapter_name: str) -> dict[str, float]:
-    """Each LoRA layer's weight for ``adapter_name``: its scaling over ``alpha / r``."""
+    """Each LoRA layer's weight for ``adapter_name`` (`layer_weight`)."""
     return {
-        name: float(layer.scaling[adapter_name] / (layer.lora_alpha[adapter_name] / layer.r[adapter_name]))
+        name: layer_weight(layer, adapter_name)
         for name, layer in _named_tuner_layers(model)
         if adapter_name in layer.scaling
     }
