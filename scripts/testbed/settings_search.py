@@ -87,17 +87,18 @@ def main() -> None:
     for spec in args.edits:
         name, _, rest = spec.partition(":")
         edits[name] = parse_pairs(rest, "--edits")
+    pairs = []
+    for pair in args.pairs:  # all checked before any fine-tuning
+        parts = pair.split(":")
+        if len(parts) not in (3, 4):
+            p.error(f"--pairs takes source:target:shape[:target_shape], got {pair!r}")
+        pairs.append((pair, *parts[:3], parts[3] if len(parts) == 4 else None))
     pipe = load_pipeline(args.weights, kind=args.kind, second_clip=not args.single_clip)
     pipe.set_progress_bar_config(disable=True)
     _, recommended_edit = recommended(args.kind)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     first = next(iter(edits))
-    for pair in args.pairs:
-        parts = pair.split(":")
-        if len(parts) not in (3, 4):
-            p.error(f"--pairs takes source:target:shape[:target_shape], got {pair!r}")
-        source, target, shape = parts[:3]
-        target_shape = parts[3] if len(parts) == 4 else None
+    for pair, source, target, shape, target_shape in pairs:
         target_colour = None if target == source and target_shape else target
         result = run_edit_experiment(
             pipe, source, target_colour, shape=shape, target_shape=target_shape, num_test=args.num_test,
