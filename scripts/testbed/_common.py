@@ -51,6 +51,16 @@ def parse_settings(items, option: str = "--set") -> dict:
     return out
 
 
+def save_edits(folder: str, name: str, sources, edited) -> None:
+    """Edits kept to score again without fine-tuning (`rescore.py`): ``sources`` / ``edited`` (images) as uint8
+    arrays ``sources`` and ``edited`` in ``folder/name.npz``."""
+    os.makedirs(folder, exist_ok=True)
+    np.savez_compressed(
+        os.path.join(folder, f"{name}.npz"),
+        sources=np.stack([np.asarray(im) for im in sources]), edited=np.stack([np.asarray(im) for im in edited]),
+    )  # fmt: skip
+
+
 def jsonl_logger(out_dir: str):
     """A ``log(dict)`` that appends the record, time-stamped, to ``out_dir/log.jsonl`` and prints it."""
     os.makedirs(out_dir, exist_ok=True)

@@ -26,12 +26,11 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import parse_settings  # noqa: E402  (puts src/ on the path)
+from _common import parse_settings, save_edits  # noqa: E402  (puts src/ on the path)
 
 from diffusionclip_pipeline.testbed import load_pipeline  # noqa: E402
 from diffusionclip_pipeline.testbed.demo import run_edit_experiment  # noqa: E402
@@ -90,12 +89,8 @@ def main() -> None:
         )  # fmt: skip
         c = result["criteria"]
         if args.save_images:
-            os.makedirs(args.save_images, exist_ok=True)
-            np.savez_compressed(
-                os.path.join(args.save_images, f"{spec.replace(':', '-')}-{args.kind}-seed{args.seed}.npz"),
-                sources=np.stack([np.asarray(im) for im in result["sources"]]),
-                edited=np.stack([np.asarray(im) for im in result["edited"]]),
-            )
+            name = f"{spec.replace(':', '-')}-{args.kind}-seed{args.seed}"
+            save_edits(args.save_images, name, result["sources"], result["edited"])
         bg = sum(r["background"] for r in result["reports"]) / len(result["reports"])
 
         def pct(key, c=c):

@@ -33,7 +33,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import save_edits  # noqa: E402  (puts src/ on the path)
 
 from diffusionclip_pipeline.testbed import RECOMMENDED_EDIT, RECOMMENDED_FINETUNE, load_pipeline, world  # noqa: E402
 
@@ -130,12 +132,7 @@ def run(pipe, counter, ft_name, edit_names, seed, pair, num_train, num_test, out
         reports = [world.edit_success(s, e, target_colour=target) for s, e in zip(test, out_e.images)]
         criteria = [k for k in reports[0] if k.endswith("_ok")]
         if save_images:  # to score the same edits again without fine-tuning
-            os.makedirs(save_images, exist_ok=True)
-            np.savez_compressed(
-                os.path.join(save_images, f"{ft_name}-{e_name}-seed{seed}-{pair.replace(':', '-')}.npz"),
-                sources=np.stack([np.asarray(im) for im in test]),
-                edited=np.stack([np.asarray(im) for im in out_e.images]),
-            )
+            save_edits(save_images, f"{ft_name}-{e_name}-seed{seed}-{pair.replace(':', '-')}", test, out_e.images)
         # the unedited round trip: the same x_t0, the same generation grid, the original UNet (edit_strength 0)
         rt_kwargs = {k: v for k, v in ek.items() if k not in ("num_inversion_steps", "encoding", "inversion_start")}
         counter.reset()

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import parse_settings  # noqa: E402  (puts src/ on the path)
+from _common import parse_settings, save_edits  # noqa: E402  (puts src/ on the path)
 
 from diffusionclip_pipeline.testbed import edit_success, load_pipeline  # noqa: E402
 from diffusionclip_pipeline.testbed.demo import run_edit_experiment  # noqa: E402
@@ -56,15 +56,6 @@ def edit_arguments(edit: dict, seed: int) -> dict:
     if min_t is not None:
         edit["adapters"] = {"default": lambda t, min_t=min_t: 1.0 if int(t) >= min_t else 0.0}
     return seeded(edit, seed)
-
-
-def save_images(folder: str, name: str, sources, edited) -> None:
-    """``sources`` / ``edited`` (PIL images) as uint8 arrays in ``folder/name.npz``."""
-    os.makedirs(folder, exist_ok=True)
-    np.savez_compressed(
-        os.path.join(folder, f"{name}.npz"),
-        sources=np.stack([np.asarray(im) for im in sources]), edited=np.stack([np.asarray(im) for im in edited]),
-    )  # fmt: skip
 
 
 def main() -> None:
@@ -117,7 +108,7 @@ def main() -> None:
                 edit_s = time.perf_counter() - start
             if args.save_images:
                 stem = f"{pair.replace(':', '-')}-{args.kind}-seed{args.seed}-{args.tag}-{name}"
-                save_images(args.save_images, stem, result["sources"], edited)
+                save_edits(args.save_images, stem, result["sources"], edited)
             criteria = {
                 k: float(np.mean([bool(r[k]) for r in reports]))
                 for k in reports[0]

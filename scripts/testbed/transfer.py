@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import parse_settings  # noqa: E402  (puts src/ on the path)
+from _common import parse_settings, save_edits  # noqa: E402  (puts src/ on the path)
 
 from diffusionclip_pipeline.image_processing import preprocess_image  # noqa: E402
 from diffusionclip_pipeline.testbed import load_pipeline, world  # noqa: E402
@@ -112,12 +112,8 @@ def main() -> None:
                                                 colour=source)  # fmt: skip
                 ideal = [world.render_shape(shape, target, m["cx"], m["cy"], m["r"], m["size"]) for m in metas]
                 if args.save_images:  # to score the same edits again without fine-tuning
-                    os.makedirs(args.save_images, exist_ok=True)
-                    np.savez_compressed(
-                        os.path.join(args.save_images, f"{name}-{args.tag}-{pair.replace(':', '-')}-seed{seed}.npz"),
-                        sources=np.stack([np.asarray(im) for im in result["sources"]]),
-                        edited=np.stack([np.asarray(im) for im in result["edited"]]),
-                    )
+                    stem = f"{name}-{args.tag}-{pair.replace(':', '-')}-seed{seed}"
+                    save_edits(args.save_images, stem, result["sources"], result["edited"])
                 record = dict(
                     model=name, pair=pair, seed=seed, tag=args.tag, settings=overrides, edit_settings=edit_overrides,
                     clip_models=len(pipe.clip_models), success=result["success_rate"], criteria=result["criteria"],
